@@ -117,6 +117,8 @@ def test_training_moves_scales_and_records_losses():
     assert outcome["scale_min"] < 1.0 < outcome["scale_max"]
     assert len(outcome["loss_trace"]) >= 2
     assert not any(isinstance(m, TEQLinear) for m in model.modules())
+    # only the scales trained: the model's own weights got no gradient and keep their requires_grad flags
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 def test_best_of_both_keeps_the_lower_loss():

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from lowbit.engine import BlockContext, BlockStage
 from lowbit.errors import LowbitError
+from lowbit.methods.frozen import frozen
 from lowbit.methods.signround_opt import TunedLinear, TuneSettings, block_forward, split_holdout, tune_block
 from lowbit.presets import RecipePreset
 
@@ -123,8 +124,6 @@ class SignRound(BlockStage):
         if self.options.target_from == "student_input":
             targets = ctx.run(ctx.inputs)
         block = ctx.block
-        saved_flags = {name: p.requires_grad for name, p in block.named_parameters()}
-        block.requires_grad_(False)  # gradients flow only into V, alpha, beta
         prefix = {layer.name: f"{layer.name}.weight" for layer in layers}
         forward = block_forward(block, prefix, ctx.device_kwargs())
         inputs, targets = ctx.inputs.to(ctx.device), targets.to(ctx.device)
@@ -137,22 +136,21 @@ class SignRound(BlockStage):
             torch.set_num_threads(self.options.num_threads)
         bar = tqdm(total=settings.iters, desc=f"signround {ctx.name}", unit="it", leave=False, disable=None)
         try:
-            result = tune_block(
-                layers,
-                forward,
-                inputs,
-                targets,
-                all_indices,
-                holdout,
-                settings,
-                ctx.generator(),
-                progress=lambda _t, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3g}")),
-            )
+            with frozen(block):  # gradients flow only into V, alpha, beta
+                result = tune_block(
+                    layers,
+                    forward,
+                    inputs,
+                    targets,
+                    all_indices,
+                    holdout,
+                    settings,
+                    ctx.generator(),
+                    progress=lambda _t, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3g}")),
+                )
         finally:
             bar.close()
             torch.set_num_threads(threads)
-            for name, param in block.named_parameters():
-                param.requires_grad_(saved_flags[name])
         ctx.metrics.update(
             {
                 "loss_first": result.losses[0] if result.losses else None,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lowbit.engine import BlockContext, BlockStage, ModelContext, ModelStage, call_block
 from lowbit.errors import LowbitError
+from lowbit.methods.frozen import frozen
 from lowbit.methods.teq_train import (
     CheckpointedBlocks,
     TrainingCheckpoint,
@@ -85,15 +86,16 @@ class TEQ(BlockStage, ModelStage):
         windows = self._windows(ctx.calibration)
         blocks = ctx.arch.blocks(ctx.model)
         outcomes = {}
-        for init in self.inits:
-            sets = [make_scale_set(ctx.arch, block, self.options.groups, init) for block in blocks]
-            for scale_set in sets:
-                wrap_block(ctx.arch, scale_set, self.scheme)
-            try:
-                outcomes[init] = self._train_ce(ctx, sets, windows, init)
-            finally:
-                for block in blocks:
-                    unwrap_block(ctx.arch, block)
+        with frozen(ctx.model):  # entered before wrapping: gradients flow only into the scales
+            for init in self.inits:
+                sets = [make_scale_set(ctx.arch, block, self.options.groups, init) for block in blocks]
+                for scale_set in sets:
+                    wrap_block(ctx.arch, scale_set, self.scheme)
+                try:
+                    outcomes[init] = self._train_ce(ctx, sets, windows, init)
+                finally:
+                    for block in blocks:
+                        unwrap_block(ctx.arch, block)
         best = min(outcomes, key=lambda init: outcomes[init]["final_loss"])
         for scale_set in outcomes[best].pop("sets"):
             fold_scale_set(scale_set)
@@ -150,13 +152,14 @@ class TEQ(BlockStage, ModelStage):
 
     def process_block(self, ctx: BlockContext) -> None:
         outcomes = {}
-        for init in self.inits:
-            scale_set = make_scale_set(ctx.arch, ctx.block, self.options.groups, init)
-            wrap_block(ctx.arch, scale_set, self.scheme)
-            try:
-                outcomes[init] = (self._train_block(ctx, scale_set), scale_set)
-            finally:
-                unwrap_block(ctx.arch, ctx.block)
+        with frozen(ctx.block):  # entered before wrapping, so the scales stay trainable
+            for init in self.inits:
+                scale_set = make_scale_set(ctx.arch, ctx.block, self.options.groups, init)
+                wrap_block(ctx.arch, scale_set, self.scheme)
+                try:
+                    outcomes[init] = (self._train_block(ctx, scale_set), scale_set)
+                finally:
+                    unwrap_block(ctx.arch, ctx.block)
         best = min(outcomes, key=lambda init: outcomes[init][0]["final_loss"])
         fold_scale_set(outcomes[best][1])
         ctx.metrics["teq"] = {"method": "teq-blockwise", "chosen_init": best, **{k: v[0] for k, v in outcomes.items()}}
