@@ -20,8 +20,10 @@ import torch
 
 
 def build_recipe(method: str, bits: int, group_size: int, symmetric: bool, actorder: str | None, duo: bool):
+    """llmcompressor 0.14 recipes; its AWQModifier only scales, a quantizing modifier follows (RTN or GPTQ)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     def scheme() -> dict:
@@ -30,15 +32,15 @@ def build_recipe(method: str, bits: int, group_size: int, symmetric: bool, actor
         )
         return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
+    def gptq() -> GPTQModifier:
+        return GPTQModifier(config_groups=scheme(), ignore=["lm_head"], dampening_frac=0.01, actorder=actorder)
+
     if method == "gptq":
-        return [GPTQModifier(config_groups=scheme(), ignore=["lm_head"], dampening_frac=0.01, actorder=actorder)]
+        return [gptq()]
     if method == "awq":
-        return [AWQModifier(config_groups=scheme(), ignore=["lm_head"], duo_scaling=duo)]
+        return [AWQModifier(duo_scaling=duo), QuantizationModifier(config_groups=scheme(), ignore=["lm_head"])]
     if method == "awq+gptq":
-        return [
-            AWQModifier(config_groups=scheme(), ignore=["lm_head"], duo_scaling=duo),
-            GPTQModifier(config_groups=scheme(), ignore=["lm_head"], dampening_frac=0.01, actorder=actorder),
-        ]
+        return [AWQModifier(duo_scaling=duo), gptq()]
     raise ValueError(method)
 
 
