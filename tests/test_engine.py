@@ -7,6 +7,7 @@ from lowbit.arch import arch_for
 from lowbit.engine import EngineOptions, call_block, capture_block_inputs, run_block_stages
 from lowbit.engine.stage import NoOptions
 from lowbit.methods.rtn import RTN, rtn_quantize_model
+from lowbit.quantizer import quantize_weight
 from lowbit.scheme import parse_scheme
 from stages_for_tests import RecordingRTN
 
@@ -84,6 +85,26 @@ def test_block_inputs_follow_the_requested_chain(tiny_model, quantized_input):
         assert not torch.allclose(second["inputs"], second["fp_inputs"])
     else:
         assert torch.equal(second["inputs"], second["fp_inputs"])
+
+
+def test_a_stage_that_reads_only_its_inputs_skips_the_float_chain(tiny_model):
+    class InputsOnlyRTN(RecordingRTN):
+        uses_float_chain = False
+
+        def process_block(self, ctx):
+            self.seen.append({"inputs": ctx.inputs.clone(), "fp_inputs": ctx.fp_inputs, "targets": ctx.targets})
+            for name, linear in ctx.linears().items():
+                ctx.quantized[name] = quantize_weight(linear.weight.detach(), self.scheme)
+
+    ids = calibration_ids()
+    arch = arch_for(tiny_model)
+    options = EngineOptions(batch_size=4, progress=False)
+    reference, skipping = RecordingRTN(NoOptions(), SCHEME), InputsOnlyRTN(NoOptions(), SCHEME)
+    run_block_stages(copy.deepcopy(tiny_model), arch, [reference], SCHEME, ids, options, seed=0)
+    run_block_stages(tiny_model, arch, [skipping], SCHEME, ids, options, seed=0)
+    for want, got in zip(reference.seen, skipping.seen, strict=True):
+        assert got["fp_inputs"] is None and got["targets"] is None
+        assert torch.equal(got["inputs"], want["inputs"])  # the quantized chain is unchanged
 
 
 def test_engine_is_deterministic(tiny_model):

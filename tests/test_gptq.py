@@ -187,3 +187,27 @@ def test_gptq_recipe_through_the_api(tiny_llama_dir, text_file):
         options={"gptq": {"act_order": True, "static_groups": True}, "engine": {"progress": False}},
     )
     assert len(result.weights) == 14
+
+
+@pytest.mark.parametrize("make_name", ["make_llama", "make_opt"])
+def test_early_stopped_hessians_equal_those_of_a_full_block_forward(make_name):
+    import conftest
+    from lowbit.engine import BlockContext, capture_block_inputs
+    from lowbit.methods.gptq import collect_hessians
+
+    model = getattr(conftest, make_name)()
+    arch = arch_for(model)
+    captured = capture_block_inputs(model, arch, calibration_ids(n=5), batch_size=2, device=torch.device("cpu"))
+    ctx = BlockContext(0, arch.block_name(0), arch.blocks(model)[0], arch, parse_scheme("w4g32"), captured.kwargs,
+                       torch.device("cpu"), batch_size=2, seed=0, inputs=captured.hidden)  # fmt: skip
+    for subset in arch.sequential:
+        early = collect_hessians(ctx, subset)
+        full = {name: HessianAccumulator(ctx.linears()[name].in_features) for name in subset}
+        handles = [ctx.linears()[name].register_forward_hook(lambda _m, a, _o, acc=full[name]: acc.add_batch(a[0]))
+                   for name in subset]  # fmt: skip
+        ctx.run(ctx.inputs)
+        for handle in handles:
+            handle.remove()
+        for name in subset:
+            assert early[name].nsamples == full[name].nsamples > 0
+            torch.testing.assert_close(early[name].H, full[name].H, rtol=0, atol=0)

@@ -81,6 +81,9 @@ def run_block_stages(
     quantized_input = _chain_choice(stages, options.quantized_input)
     has_quantizer = any(stage.kind == "quantizer" for stage in stages)
     needs_data = any(stage.needs_data for stage in stages)
+    float_chain = needs_data and (
+        not (quantized_input and has_quantizer) or any(stage.uses_float_chain for stage in stages)
+    )
     fp_in = q_in = None
     kwargs: dict[str, Any] = {}
     if needs_data:
@@ -109,9 +112,9 @@ def run_block_stages(
             batch_size=options.batch_size,
             seed=seed,
             inputs=q_in,
-            fp_inputs=fp_in,
+            fp_inputs=fp_in if float_chain else None,
         )
-        if needs_data:
+        if float_chain:
             ctx.targets = ctx.run(fp_in)
         for stage in stages:
             stage.process_block(ctx)

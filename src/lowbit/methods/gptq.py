@@ -7,6 +7,7 @@ subsets of the block are already quantized at that point. The math lives in `met
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -14,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lowbit.engine import BlockContext, BlockStage
+from lowbit.engine import BlockContext, BlockStage, call_block
 from lowbit.errors import LowbitError
 from lowbit.methods.hessian import HessianAccumulator, gptq_quantize
 
@@ -37,23 +38,39 @@ class GPTQOptions:
     mse: bool = field(default=False, metadata={"help": "shrink-grid search of the group range (|err|^2.4)"})
 
 
+class _SubsetSeen(Exception):
+    """Raised by the last hook of a subset: the rest of the block cannot change these Hessians, so skip it."""
+
+
+@torch.no_grad()
 def collect_hessians(ctx: BlockContext, names: tuple[str, ...]) -> dict[str, HessianAccumulator]:
-    """Run the block (current weights) on `ctx.inputs` and accumulate the input Hessian of each named linear."""
+    """Run the block (current weights) on `ctx.inputs` and accumulate the input Hessian of each named linear.
+
+    Each batch stops as soon as every named linear has seen its input (the true-sequential subsets of the early
+    linears then cost a fraction of a block forward); the Hessians are those of a full forward.
+    """
     if ctx.inputs is None:
         raise LowbitError("GPTQ needs calibration data; pass --dataset (or 'builtin' for the offline default)")
     linears = ctx.linears()
-    accumulators: dict[str, HessianAccumulator] = {}
-    handles = []
-    for name in names:
-        linear = linears[name]
-        accumulators[name] = HessianAccumulator(linear.in_features, device=ctx.device)
+    accumulators = {name: HessianAccumulator(linears[name].in_features, device=ctx.device) for name in names}
+    pending: set[str] = set()
 
-        def hook(_module: nn.Module, args: tuple, _out: torch.Tensor, acc: HessianAccumulator = accumulators[name]):
-            acc.add_batch(args[0].detach())
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            accumulators[name].add_batch(args[0].detach())
+            pending.discard(name)
+            if not pending:
+                raise _SubsetSeen
 
-        handles.append(linear.register_forward_hook(hook))
+        return hook
+
+    handles = [linears[name].register_forward_hook(hook_for(name)) for name in names]
+    kwargs = ctx.device_kwargs()
     try:
-        ctx.run(ctx.inputs)
+        for part in ctx.batches():
+            pending.update(names)
+            with contextlib.suppress(_SubsetSeen):
+                call_block(ctx.block, ctx.batch(ctx.inputs, part), kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -67,6 +84,7 @@ class GPTQ(BlockStage):
     kind: ClassVar[str] = "quantizer"
     needs_data: ClassVar[bool] = True
     summary: ClassVar[str] = "GPTQ: Hessian-based error compensation, true-sequential, act-order option"
+    uses_float_chain: ClassVar[bool] = False
     Options: ClassVar[type] = GPTQOptions
 
     def process_block(self, ctx: BlockContext) -> None:
