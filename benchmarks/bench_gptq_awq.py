@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--g128-methods", default="rtn,gptq,awq+rtn,awq+gptq", help="lowbit-only g128 rows")
+    parser.add_argument("--side-methods", default="gptq,awq,awq+gptq", help="g64 rows run by both tools")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gptq_awq.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -97,11 +98,11 @@ def main() -> None:
         g128, g64 = f"w{bits}g128", f"w{bits}g64"
         for method in filter(None, args.g128_methods.split(",")):
             jobs.append(("lowbit", method, g128, {"gptq": GPTQ_OPTS} if "gptq" in method else {}))
-        jobs += [("lowbit", "rtn", g64, {}),
-                 ("lowbit", "gptq", g64, {"gptq": GPTQ_OPTS}), ("llmcompressor", "gptq", g64, None),
-                 ("lowbit", "awq+rtn", g64, {}), ("llmcompressor", "awq", g64, None),
-                 ("lowbit", "awq+gptq", g64, {"gptq": GPTQ_OPTS}),
-                 ("llmcompressor", "awq+gptq", g64, None)]  # fmt: skip
+        jobs.append(("lowbit", "rtn", g64, {}))
+        for method in filter(None, args.side_methods.split(",")):
+            ours = "awq+rtn" if method == "awq" else method
+            jobs += [("lowbit", ours, g64, {"gptq": GPTQ_OPTS} if "gptq" in method else {}),
+                     ("llmcompressor", method, g64, None)]  # fmt: skip
     rows = []
     payload = {
         "benchmark": "gptq_awq",

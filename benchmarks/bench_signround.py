@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=6)
     parser.add_argument("--extra", default="", help="extra lowbit option sets to measure, e.g. best_select=holdout")
+    parser.add_argument("--rows", default="float,rtn,signround,auto-round", help="which base rows to run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/signround.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -136,12 +137,17 @@ def main() -> None:
         payload["rows"].append(row)
         write_json(args.out, payload)  # partial results survive an interrupted run
 
-    add(run_isolated(measure_lowbit, None, None, settings, {}))
+    rows = set(args.rows.split(","))
+    if "float" in rows:
+        add(run_isolated(measure_lowbit, None, None, settings, {}))
     for scheme in args.schemes.split(","):
         bits = int(scheme[1])
-        add(run_isolated(measure_lowbit, "rtn", scheme, settings, {}))
-        add(run_isolated(measure_lowbit, "signround", scheme, settings, {"signround": sr_options}))
-        add(measure_autoround(bits, settings))
+        if "rtn" in rows:
+            add(run_isolated(measure_lowbit, "rtn", scheme, settings, {}))
+        if "signround" in rows:
+            add(run_isolated(measure_lowbit, "signround", scheme, settings, {"signround": sr_options}))
+        if "auto-round" in rows:
+            add(measure_autoround(bits, settings))
         for extra in extras if scheme in args.extra_schemes.split(",") else []:
             row = run_isolated(measure_lowbit, "signround", scheme, settings, {"signround": sr_options | extra})
             row["recipe"] = "signround " + ",".join(f"{k}={v}" for k, v in extra.items())

@@ -99,7 +99,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--teq-steps", type=int, default=100, help="per initialisation (paper: 1000)")
     parser.add_argument("--teq-eval-samples", type=int, default=8)
-    parser.add_argument("--signround-iters", type=int, default=50)
+    parser.add_argument("--signround-iters", type=int, default=30)
+    parser.add_argument("--signround-schemes", default="w3g128", help="schemes that also run the SignRound pair")
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/teq.json"))
@@ -128,6 +129,8 @@ def main() -> None:
             trained = run_isolated(train_teq, scheme, settings, state_path)
             add({"scheme": scheme, "method": "teq (training only)", **trained})
             for quantizer in args.quantizers.split(","):
+                if quantizer == "signround" and scheme not in args.signround_schemes.split(","):
+                    continue
                 options = quantizer_options[quantizer]
                 base = run_isolated(quantize_row, quantizer, scheme, settings, options, None)
                 add({"scheme": scheme, "method": quantizer, **base, "wall_seconds": base["quantize_seconds"]})

@@ -93,6 +93,12 @@ def main() -> None:
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     actorder = None if args.actorder == "none" else args.actorder
     recipe = build_recipe(args.method, args.bits, args.group_size, args.symmetric, actorder, args.duo_scaling)
+    if not torch.cuda.is_available():
+        # llmcompressor 0.14's AWQ pins its activation cache (pin_memory needs CUDA and raises on a CPU-only
+        # machine); pinning only speeds host->GPU copies, so skipping it changes no number.
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
     started = time.perf_counter()
     oneshot(
         model=model,

@@ -52,7 +52,10 @@ class SignRoundOptions:
     )
     best_select: Literal["minibatch", "holdout"] = field(
         default="minibatch",
-        metadata={"help": "pick the best iteration by the current minibatch loss (paper) or a fixed held-out subset"},
+        metadata={
+            "help": "best iteration by the current minibatch loss (paper) or a held-out subset (experimental: "
+            "W3G128 SmolLM2 ppl 639 vs 16.2, see benchmarks/RESULTS.md)"
+        },
     )
     holdout: int = field(default=16, metadata={"help": "held-out calibration samples when best_select=holdout"})
     holdout_every: int = field(default=10, metadata={"help": "evaluate the holdout loss every K iterations"})
