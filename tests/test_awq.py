@@ -188,3 +188,36 @@ def test_awq_recipes_run_and_are_deterministic(tiny_llama_dir, text_file, recipe
     for name, record in results[0].weights.items():
         record.validate()
         assert torch.equal(record.codes, results[1].weights[name].codes)
+
+
+def test_awq_scales_and_clips_are_saved_with_the_export(tiny_llama_dir, text_file, tmp_path):
+    """awq.md §8: the scales (with their linears in the run record) and clips land in the output directory."""
+    import json
+
+    from lowbit.export import RECORD_FILE, read_artifacts
+    from lowbit.models import load_model
+
+    result = lowbit.quantize(
+        load_model(str(tiny_llama_dir)),
+        recipe="awq+rtn",
+        scheme="w3g32",
+        dataset=str(text_file),
+        nsamples=4,
+        seqlen=32,
+        options={"engine": {"progress": False}},
+    )
+    out = result.save(tmp_path / "out")
+    saved = read_artifacts(out)
+    assert set(saved) == set(result.artifacts) and saved
+    block = "model.layers.0"
+    scale = saved[f"awq.scale.{block}.post_attention_layernorm"]
+    assert scale.shape == (result.model.config.hidden_size,) and bool((scale > 0).all())
+    clip = saved[f"awq.clip.{block}.mlp.down_proj"]
+    down = result.model.get_submodule(f"{block}.mlp.down_proj")
+    assert clip.shape == (down.out_features, down.in_features // 32)
+    assert not any(".q_proj" in name or ".k_proj" in name for name in saved if name.startswith("awq.clip"))
+    record = json.loads((out / RECORD_FILE).read_text())
+    assert record["artifacts"]["tensors"] == len(saved)
+    stage_metrics = record["stages"]
+    assert "post_attention_layernorm" in json.dumps(stage_metrics) and "gate_proj" in json.dumps(stage_metrics)
+    assert read_artifacts(tmp_path) == {}

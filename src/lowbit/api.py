@@ -12,6 +12,7 @@ from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_calibration
 from lowbit.engine.pipeline import run_stages
+from lowbit.export import ARTIFACTS_FILE
 from lowbit.models import LoadedModel, load_model
 from lowbit.record import package_versions, peak_rss_mb
 from lowbit.result import QuantizedModel
@@ -84,4 +85,7 @@ def run_quantization(loaded: LoadedModel, config: QuantizeConfig) -> QuantizedMo
         "stages": metrics,
         "quantized_linears": len(records),
     }
-    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record)
+    artifacts = {name: t for stage in stages for name, t in stage.artifacts().items()}
+    if artifacts:
+        record["artifacts"] = {"file": ARTIFACTS_FILE, "tensors": len(artifacts)}
+    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts)

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.config import QuantizeConfig
 from lowbit.data import load_eval
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import PerplexityResult, perplexity
-from lowbit.export import FORMATS, PACKED_FORMATS, atomic_output_dir, prepare_packed, write_fake
+from lowbit.export import FORMATS, PACKED_FORMATS, atomic_output_dir, prepare_packed, write_artifacts, write_fake
 from lowbit.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ class QuantizedModel:
     """A model whose block linears hold their dequantized (fake-quant) weights, plus the integer records.
 
     `weights` maps each quantized linear's full module name to its codes/scale/zero record; exports are built
-    from these records, never re-derived from floats.
+    from these records, never re-derived from floats. `artifacts` holds what stages kept for reuse (AWQ's
+    scales and clips); every export writes them to `lowbit_artifacts.safetensors`.
     """
 
     model: nn.Module
@@ -32,6 +33,7 @@ class QuantizedModel:
     weights: dict[str, QuantizedWeight]
     config: QuantizeConfig
     record: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, Tensor] = field(default_factory=dict)
 
     def perplexity(
         self, dataset: str | None = "auto", *, seqlen: int = 2048, max_windows: int | None = None
@@ -78,5 +80,6 @@ class QuantizedModel:
                 write_fake(temp, self.model, self.tokenizer, record)
             else:
                 prepared.write(temp, self.tokenizer, record)
+            write_artifacts(temp, self.artifacts)
         log.info("wrote %s export to %s", format, out)
         return Path(out)

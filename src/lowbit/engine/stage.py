@@ -37,6 +37,10 @@ class Stage:
         self.options = options
         self.scheme = scheme
 
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        """Tensors worth keeping after the run (e.g. AWQ's scales and clips), saved next to every export."""
+        return {}
+
 
 class BlockStage(Stage):
     """A stage trained or searched one decoder block at a time on cached block inputs."""

@@ -1,5 +1,6 @@
 """Exports of a QuantizedModel. Real packed formats (compressed-tensors, GPTQ) come with their own issue."""
 
+from lowbit.export.artifacts import ARTIFACTS_FILE, read_artifacts, write_artifacts
 from lowbit.export.atomic import atomic_output_dir, check_output_dir
 from lowbit.export.fake import RECORD_FILE, write_fake
 from lowbit.export.packed import PACKED_FORMATS, prepare_packed
@@ -8,6 +9,7 @@ from lowbit.export.validate import TARGETS
 FORMATS = ("fake", *PACKED_FORMATS)
 
 __all__ = [
+    "ARTIFACTS_FILE",
     "FORMATS",
     "PACKED_FORMATS",
     "RECORD_FILE",
@@ -15,5 +17,7 @@ __all__ = [
     "atomic_output_dir",
     "check_output_dir",
     "prepare_packed",
+    "read_artifacts",
+    "write_artifacts",
     "write_fake",
 ]

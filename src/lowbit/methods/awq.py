@@ -125,6 +125,17 @@ class AWQ(BlockStage):
         self.search_scheme = dataclasses.replace(scheme, include_zero=options.include_zero)
         self.results: dict[str, dict[str, Any]] = {}  # block name -> scales and clips (awq.md §8), on CPU
 
+    def artifacts(self) -> dict[str, Tensor]:
+        """awq.md §8: every scale (`awq.scale.<block>.<previous op>`, its linears are in the run record) and
+        every clip threshold per (row, group) (`awq.clip.<block>.<linear>`), so a later run can reuse them."""
+        out: dict[str, Tensor] = {}
+        for block, result in self.results.items():
+            for prev, _linears, s in result["scales"]:
+                out[f"awq.scale.{block}.{prev}"] = s
+            for name, t in result["clips"].items():
+                out[f"awq.clip.{block}.{name}"] = t.cpu()
+        return out
+
     # -- the inspected module f(x) ---------------------------------------------------------------------
     def _call(self, ctx: BlockContext, module: nn.Module, call: tuple | None, x: Tensor) -> Tensor:
         if call is None:
@@ -174,7 +185,12 @@ class AWQ(BlockStage):
                 linear.weight.copy_(w)
         if best[2] is None:
             raise LowbitError(f"AWQ scale search for {ctx.name}.{group.prev} produced no finite loss: check the model")
-        info = {"ratio": best[1] / self.options.n_grid, "loss": best[0], "loss_r0": losses[0]}
+        info = {
+            "ratio": best[1] / self.options.n_grid,
+            "loss": best[0],
+            "loss_r0": losses[0],
+            "linears": list(group.linears),
+        }
         return best[2], info
 
     def process_block(self, ctx: BlockContext) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.engine import BlockContext, BlockStage, call_block
 from lowbit.errors import LowbitError
-from lowbit.methods.hessian import HessianAccumulator, gptq_quantize
+from lowbit.methods.hessian import HessianAccumulator, gptq_quantize, input_gram
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +47,23 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...]) -> dict[str, Hes
     """Run the block (current weights) on `ctx.inputs` and accumulate the input Hessian of each named linear.
 
     Each batch stops as soon as every named linear has seen its input (the true-sequential subsets of the early
-    linears then cost a fraction of a block forward); the Hessians are those of a full forward.
+    linears then cost a fraction of a block forward); the Hessians are those of a full forward. Linears called on
+    the same input tensor in a batch (q/k/v, gate/up) share one X^T X product.
     """
     if ctx.inputs is None:
         raise LowbitError("GPTQ needs calibration data; pass --dataset (or 'builtin' for the offline default)")
     linears = ctx.linears()
     accumulators = {name: HessianAccumulator(linears[name].in_features, device=ctx.device) for name in names}
     pending: set[str] = set()
+    grams: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(input) -> (input, X^T X, n), per batch
 
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple, _out: torch.Tensor) -> None:
-            accumulators[name].add_batch(args[0].detach())
+            x = args[0].detach()
+            cached = grams.get(id(args[0]))
+            if cached is None or cached[0] is not args[0]:
+                cached = grams[id(args[0])] = (args[0], *input_gram(x))
+            accumulators[name].add_gram(cached[1], cached[2])
             pending.discard(name)
             if not pending:
                 raise _SubsetSeen
@@ -69,6 +75,7 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...]) -> dict[str, Hes
     try:
         for part in ctx.batches():
             pending.update(names)
+            grams.clear()
             with contextlib.suppress(_SubsetSeen):
                 call_block(ctx.block, ctx.batch(ctx.inputs, part), kwargs)
     finally:

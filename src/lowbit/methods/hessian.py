@@ -25,11 +25,22 @@ MSE_MAX_SHRINK = 0.8
 MSE_NORM = 2.4
 
 
+def input_gram(x: Tensor) -> tuple[Tensor, int]:
+    """(X^T X in fp32 over every token of a batch of layer inputs [batch, ..., k], sequences in the batch).
+
+    A 2-D input counts as one sequence per row. Linears fed the same tensor (q/k/v, gate/up) can share it.
+    """
+    n = x.shape[0] if x.dim() > 2 else 1 if x.dim() == 1 else x.shape[0]
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    return rows.t() @ rows, n
+
+
 class HessianAccumulator:
     """H = (2/N) * sum_t x_t^T x_t over N sequences, accumulated batch by batch in fp32 (§2).
 
-    Each batch rescales the old H by N/(N + n) and adds its rows times sqrt(2/N_new), exactly as the reference's
-    `GPTQ.add_batch`, so the damping (relative to mean(diag H)) behaves identically.
+    Each batch rescales the old H by N/(N + n) and adds its Gram matrix times 2/N_new, as the reference's
+    `GPTQ.add_batch` (which scales the rows by sqrt(2/N_new) first), so the damping (relative to mean(diag H))
+    behaves identically.
     """
 
     def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
@@ -38,12 +49,13 @@ class HessianAccumulator:
 
     def add_batch(self, x: Tensor) -> None:
         """Add one batch of layer inputs [batch, ..., k]; a 2-D input counts as one sequence per row."""
-        n = x.shape[0] if x.dim() > 2 else 1 if x.dim() == 1 else x.shape[0]
-        rows = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        self.add_gram(*input_gram(x))
+
+    def add_gram(self, gram: Tensor, n: int) -> None:
+        """Add a batch given as its Gram matrix X^T X and its number of sequences `n`."""
         self.H *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        rows = rows * (2.0 / self.nsamples) ** 0.5
-        self.H.addmm_(rows.t(), rows)
+        self.H.add_(gram.to(self.H.device), alpha=2.0 / self.nsamples)
 
 
 @dataclass
