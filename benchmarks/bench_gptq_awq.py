@@ -33,6 +33,20 @@ PEER_PYTHON = "/work/venvs/llmcompressor/bin/python"
 GPTQ_OPTS = {"act_order": True, "static_groups": True, "percdamp": 0.01}  # = llmcompressor actorder="static"
 
 
+VARIANTS = {  # lowbit-only row variants, as a method suffix (e.g. awq+gptq:noclip)
+    "noclip": {"awq": {"clip": False}},
+    "onepass": {"gptq": {**GPTQ_OPTS, "true_sequential": False}},  # llmcompressor's one Hessian pass per block
+    "zero": {"awq": {"include_zero": True}},  # search quantizer = compressed-tensors' min-max (zero in range)
+    "zeronoclip": {"awq": {"include_zero": True, "clip": False}},
+}
+
+
+def lowbit_options(method: str) -> dict:
+    """Stage options of a lowbit row: GPTQ as llmcompressor's actorder="static", plus the suffix's variant."""
+    options: dict = {"gptq": GPTQ_OPTS} if "gptq" in method else {}
+    return options | VARIANTS.get(method.partition(":")[2], {})
+
+
 def lowbit_row(recipe: str, scheme: str, options: dict, data_path: str, eval_seqlen: int, windows: int) -> dict:
     """Quantize the embedded model with lowbit on the shared calibration ids, then evaluate."""
     import lowbit
@@ -44,6 +58,7 @@ def lowbit_row(recipe: str, scheme: str, options: dict, data_path: str, eval_seq
 
     data = torch.load(data_path)
     loaded = load_model(None)
+    recipe = recipe.partition(":")[0]
     config = build_config(recipe=recipe, scheme=scheme, options={**options, "engine": {"progress": False}})
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
     started = time.perf_counter()
@@ -80,6 +95,11 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--g128-methods", default="rtn,gptq,awq+rtn,awq+gptq", help="lowbit-only g128 rows")
     parser.add_argument("--side-methods", default="gptq,awq,awq+gptq", help="g64 rows run by both tools")
+    parser.add_argument(
+        "--g64-lowbit-methods",
+        default="",
+        help="extra lowbit-only g64 rows; with a variant suffix from VARIANTS, e.g. awq+gptq:noclip",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gptq_awq.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -97,12 +117,13 @@ def main() -> None:
     for bits in args.bits.split(","):
         g128, g64 = f"w{bits}g128", f"w{bits}g64"
         for method in filter(None, args.g128_methods.split(",")):
-            jobs.append(("lowbit", method, g128, {"gptq": GPTQ_OPTS} if "gptq" in method else {}))
+            jobs.append(("lowbit", method, g128, lowbit_options(method)))
         jobs.append(("lowbit", "rtn", g64, {}))
         for method in filter(None, args.side_methods.split(",")):
             ours = "awq+rtn" if method == "awq" else method
-            jobs += [("lowbit", ours, g64, {"gptq": GPTQ_OPTS} if "gptq" in method else {}),
-                     ("llmcompressor", method, g64, None)]  # fmt: skip
+            jobs += [("lowbit", ours, g64, lowbit_options(ours)), ("llmcompressor", method, g64, None)]
+        for method in filter(None, args.g64_lowbit_methods.split(",")):
+            jobs.append(("lowbit", method, g64, lowbit_options(method)))
     rows = []
     payload = {
         "benchmark": "gptq_awq",
