@@ -38,6 +38,8 @@ VARIANTS = {  # lowbit-only row variants, as a method suffix (e.g. awq+gptq:nocl
     "onepass": {"gptq": {**GPTQ_OPTS, "true_sequential": False}},  # llmcompressor's one Hessian pass per block
     "zero": {"awq": {"include_zero": True}},  # search quantizer = compressed-tensors' min-max (zero in range)
     "zeronoclip": {"awq": {"include_zero": True, "clip": False}},
+    "student": {"awq": {"search_inputs": "student"}},  # AWQ searched on the quantized chain (llmcompressor's)
+    "studentnoclip": {"awq": {"search_inputs": "student", "clip": False}},
 }
 
 

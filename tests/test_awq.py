@@ -221,3 +221,42 @@ def test_awq_scales_and_clips_are_saved_with_the_export(tiny_llama_dir, text_fil
     stage_metrics = record["stages"]
     assert "post_attention_layernorm" in json.dumps(stage_metrics) and "gate_proj" in json.dumps(stage_metrics)
     assert read_artifacts(tmp_path) == {}
+
+
+def test_awq_can_search_on_the_student_chain(tiny_llama_dir, text_file):
+    """search_inputs=student: block 0 sees the same inputs either way (same scales); the run stays valid."""
+    from lowbit.models import load_model
+
+    def run(search_inputs):
+        return lowbit.quantize(
+            load_model(str(tiny_llama_dir)),
+            recipe="awq+gptq",
+            scheme="w3g32",
+            dataset=str(text_file),
+            nsamples=4,
+            seqlen=32,
+            options={"awq": {"search_inputs": search_inputs}, "engine": {"progress": False}},
+        )
+
+    float_run, student_run = run("float"), run("student")
+    assert student_run.record["config"]["options"]["awq"]["search_inputs"] == "student"
+    first = "awq.scale.model.layers.0.input_layernorm"
+    torch.testing.assert_close(float_run.artifacts[first], student_run.artifacts[first], rtol=0, atol=0)
+
+    def search_loss(run, block):
+        return run.record["stages"]["awq+gptq"][block]["awq_scale"]["post_attention_layernorm"]["loss_r0"]
+
+    assert search_loss(float_run, 0) == search_loss(student_run, 0)
+    assert search_loss(float_run, 1) != search_loss(student_run, 1)  # block 1 saw the quantized block 0's outputs
+    for record in student_run.weights.values():
+        record.validate()
+
+
+def test_awq_student_preset_expands_to_student_chain_without_clip():
+    from lowbit.config import build_config
+
+    config = build_config(recipe="awq-student+gptq", scheme="w3g64", options={"awq": {"clip": True}})
+    assert config.recipe == "awq+gptq"
+    options = config.to_dict()["options"]["awq"]
+    assert options["search_inputs"] == "student" and options["clip"] is True  # explicit options win over the preset
+    assert build_config(recipe="awq+gptq", scheme="w3g64").to_dict()["options"]["awq"]["search_inputs"] == "float"

@@ -2,6 +2,7 @@
 
 from lowbit.engine import Stage
 from lowbit.methods.awq import AWQ
+from lowbit.methods.awq import RECIPES as AWQ_RECIPES
 from lowbit.methods.gptq import GPTQ
 from lowbit.methods.rtn import RTN
 from lowbit.methods.signround import RECIPES as SIGNROUND_RECIPES
@@ -12,6 +13,6 @@ from lowbit.presets import RecipePreset
 STAGES: dict[str, type[Stage]] = {stage.name: stage for stage in (RTN, SignRound, GPTQ, TEQ, AWQ)}
 
 # Named presets (`--recipe signround-fast`): a stage plus option overrides and calibration size.
-RECIPE_PRESETS: dict[str, RecipePreset] = {**SIGNROUND_RECIPES}
+RECIPE_PRESETS: dict[str, RecipePreset] = {**SIGNROUND_RECIPES, **AWQ_RECIPES}
 
 __all__ = ["RECIPE_PRESETS", "STAGES"]

@@ -1,9 +1,10 @@
 """AWQ as a block-scope transform stage (spec: awq.md): activation-aware scale search, exact fold, auto-clip.
 
 Per block: record the group inputs (and the inspected modules' call arguments) on the *float* chain
-(`ctx.fp_inputs`), search a scale per `ArchSpec` scale group against the block's original weights, fold every
-scale exactly into the previous op (`methods/fold.py`), then clamp the float weights per (row, group)
-(`methods/awq_clip.py`). Any quantizer stage follows (awq+rtn, awq+gptq, awq+signround).
+(`ctx.fp_inputs`, as llm-awq; `search_inputs=student` uses the quantized chain, as llm-compressor), search a scale
+per `ArchSpec` scale group against the block's original weights, fold every scale exactly into the previous op
+(`methods/fold.py`), then clamp the float weights per (row, group) (`methods/awq_clip.py`). Any quantizer stage
+follows (awq+rtn, awq+gptq, awq+signround).
 
 The quantizer inside the search is the run's scheme with `include_zero` set by the `include_zero` option
 (default False: llm-awq's raw min/max asymmetric preset, quantizer.md §3).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,7 @@ from lowbit.engine.context import move_to
 from lowbit.errors import LowbitError
 from lowbit.methods.awq_clip import apply_clip, clip_applies, fake_quant_rows, sample_tokens, search_clip
 from lowbit.methods.fold import fold_group
+from lowbit.presets import RecipePreset
 from lowbit.quantizer import fake_quant
 from lowbit.scheme import QuantScheme
 
@@ -43,6 +45,10 @@ class AWQOptions:
     clip_tokens: int = field(default=512, metadata={"help": "tokens sub-sampled for the clip search"})
     include_zero: bool = field(
         default=False, metadata={"help": "the search quantizer's include_zero (False = AWQ's raw min/max preset)"}
+    )
+    search_inputs: Literal["float", "student"] = field(
+        default="float",
+        metadata={"help": "block inputs of the search: float chain (llm-awq) or the student's (quantized) chain"},
     )
 
 
@@ -194,14 +200,15 @@ class AWQ(BlockStage):
         return best[2], info
 
     def process_block(self, ctx: BlockContext) -> None:
-        if ctx.fp_inputs is None:
+        inputs = ctx.fp_inputs if self.options.search_inputs == "float" else ctx.inputs
+        if inputs is None:
             raise LowbitError("AWQ needs calibration data; pass --dataset (or 'builtin' for the offline default)")
         groups = ctx.arch.groups_for(ctx.block)
         skipped = [g.prev for g in ctx.arch.scale_groups if g not in groups]
         keys = _feature_keys(ctx)
         recorder = _Inputs(ctx.block, keys, sorted({g.inspect for g in groups}))
         try:
-            ctx.run(ctx.fp_inputs)  # float chain, current (float) weights
+            ctx.run(inputs)  # current (float) weights; the float chain unless search_inputs=student
         finally:
             features = recorder.remove()
 
@@ -248,5 +255,16 @@ class AWQ(BlockStage):
         ctx.metrics["awq_clip"] = clip_metrics
         return clips
 
+
+# `--recipe awq-student+gptq`: AWQ searched on the inputs the following quantizer sees, without clip (measured for
+# awq+gptq at W3/W4 g64 on SmolLM2 in benchmarks/RESULTS.md; not the default, which follows llm-awq).
+RECIPES: dict[str, RecipePreset] = {
+    "awq-student": RecipePreset(
+        "awq-student",
+        "awq",
+        {"search_inputs": "student", "clip": False},
+        summary="AWQ on the quantized chain without clip (as llm-compressor), for awq-student+gptq",
+    )
+}
 
 __all__ = ["AWQ", "AWQOptions", "fake_quant_rows", "normalised_scales", "weight_mean"]
