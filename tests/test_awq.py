@@ -168,22 +168,24 @@ def test_clip_leaves_q_and_k_untouched_and_is_deterministic(tiny_model):
         assert not any(k in metrics[1][index]["awq_clip"] for k in ("self_attn.q_proj", "self_attn.k_proj"))
 
 
-@pytest.mark.parametrize("recipe", ["awq+rtn", "awq+gptq"])
-def test_awq_recipes_run_and_are_deterministic(tiny_llama_dir, text_file, recipe):
+def quantize_tiny(model_dir, text_file, recipe, awq_options=None):
+    """lowbit.quantize on the tiny Llama with a tiny calibration set (4 x 32 tokens, w3g32)."""
     from lowbit.models import load_model
 
-    results = [
-        lowbit.quantize(
-            load_model(str(tiny_llama_dir)),
-            recipe=recipe,
-            scheme="w3g32",
-            dataset=str(text_file),
-            nsamples=4,
-            seqlen=32,
-            options={"engine": {"progress": False}},
-        )
-        for _ in range(2)
-    ]
+    return lowbit.quantize(
+        load_model(str(model_dir)),
+        recipe=recipe,
+        scheme="w3g32",
+        dataset=str(text_file),
+        nsamples=4,
+        seqlen=32,
+        options={"awq": awq_options or {}, "engine": {"progress": False}},
+    )
+
+
+@pytest.mark.parametrize("recipe", ["awq+rtn", "awq+gptq"])
+def test_awq_recipes_run_and_are_deterministic(tiny_llama_dir, text_file, recipe):
+    results = [quantize_tiny(tiny_llama_dir, text_file, recipe) for _ in range(2)]
     assert len(results[0].weights) == 14
     for name, record in results[0].weights.items():
         record.validate()
@@ -195,17 +197,8 @@ def test_awq_scales_and_clips_are_saved_with_the_export(tiny_llama_dir, text_fil
     import json
 
     from lowbit.export import RECORD_FILE, read_artifacts
-    from lowbit.models import load_model
 
-    result = lowbit.quantize(
-        load_model(str(tiny_llama_dir)),
-        recipe="awq+rtn",
-        scheme="w3g32",
-        dataset=str(text_file),
-        nsamples=4,
-        seqlen=32,
-        options={"engine": {"progress": False}},
-    )
+    result = quantize_tiny(tiny_llama_dir, text_file, "awq+rtn")
     out = result.save(tmp_path / "out")
     saved = read_artifacts(out)
     assert set(saved) == set(result.artifacts) and saved
@@ -225,20 +218,8 @@ def test_awq_scales_and_clips_are_saved_with_the_export(tiny_llama_dir, text_fil
 
 def test_awq_can_search_on_the_student_chain(tiny_llama_dir, text_file):
     """search_inputs=student: block 0 sees the same inputs either way (same scales); the run stays valid."""
-    from lowbit.models import load_model
-
-    def run(search_inputs):
-        return lowbit.quantize(
-            load_model(str(tiny_llama_dir)),
-            recipe="awq+gptq",
-            scheme="w3g32",
-            dataset=str(text_file),
-            nsamples=4,
-            seqlen=32,
-            options={"awq": {"search_inputs": search_inputs}, "engine": {"progress": False}},
-        )
-
-    float_run, student_run = run("float"), run("student")
+    runs = [quantize_tiny(tiny_llama_dir, text_file, "awq+gptq", {"search_inputs": x}) for x in ("float", "student")]
+    float_run, student_run = runs
     assert student_run.record["config"]["options"]["awq"]["search_inputs"] == "student"
     first = "awq.scale.model.layers.0.input_layernorm"
     torch.testing.assert_close(float_run.artifacts[first], student_run.artifacts[first], rtol=0, atol=0)
