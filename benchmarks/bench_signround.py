@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, run_isolated, write_json  # noqa: E402
+from common import machine, quantize_builtin, run_isolated, write_json  # noqa: E402
 
 PEER_PYTHON = "/work/venvs/autoround/bin/python"
 PEER_VERSION = "0.16.1"
@@ -29,7 +29,6 @@ def measure_lowbit(recipe: str | None, scheme: str | None, settings: dict, optio
     """Quantize the embedded model with lowbit (None = float), then evaluate perplexity."""
     import torch
 
-    import lowbit
     from lowbit.data import load_eval
     from lowbit.eval import perplexity
     from lowbit.models import load_model
@@ -44,18 +43,7 @@ def measure_lowbit(recipe: str | None, scheme: str | None, settings: dict, optio
         "scheme": scheme or "float",
     }
     if recipe is not None:
-        started = time.perf_counter()
-        result = lowbit.quantize(
-            loaded,
-            recipe=recipe,
-            scheme=scheme,
-            dataset="builtin",
-            nsamples=settings["nsamples"],
-            seqlen=settings["seqlen"],
-            seed=settings["seed"],
-            options={"engine": {"progress": False}, **options},
-        )
-        row["quantize_seconds"] = round(time.perf_counter() - started, 3)
+        result, row["quantize_seconds"] = quantize_builtin(loaded, recipe, scheme, settings, options)
         row["linears"] = len(result.weights)
         row["calibration_sha256"] = result.record["calibration"].get("sha256")
     data = load_eval(loaded.tokenizer, settings["eval_dataset"])

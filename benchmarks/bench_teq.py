@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, run_isolated, write_json  # noqa: E402
+from common import machine, quantize_builtin, run_isolated, write_json  # noqa: E402
 
 
 def _calibration(loaded, settings: dict) -> torch.Tensor:
@@ -70,24 +70,13 @@ def train_teq(scheme: str, settings: dict, state_path: str) -> dict:
 
 def quantize_row(recipe: str, scheme: str, settings: dict, options: dict, state_path: str | None) -> dict:
     """Quantize the float (or TEQ-folded) model with one quantizer, then evaluate."""
-    import lowbit
     from lowbit.models import load_model
 
     loaded = load_model(None)
     if state_path is not None:
         loaded.model.load_state_dict(torch.load(state_path))
-    started = time.perf_counter()
-    lowbit.quantize(
-        loaded,
-        recipe=recipe,
-        scheme=scheme,
-        dataset="builtin",
-        nsamples=settings["nsamples"],
-        seqlen=settings["seqlen"],
-        seed=settings["seed"],
-        options={"engine": {"progress": False}, **options},
-    )
-    return {"quantize_seconds": round(time.perf_counter() - started, 3), **_perplexity(loaded, settings)}
+    _, seconds = quantize_builtin(loaded, recipe, scheme, settings, options)
+    return {"quantize_seconds": seconds, **_perplexity(loaded, settings)}
 
 
 def main() -> None:

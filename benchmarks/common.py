@@ -56,3 +56,21 @@ def run_isolated(target: Callable[..., dict], *args: Any) -> dict:
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+def quantize_builtin(loaded: Any, recipe: str, scheme: str, settings: dict, options: dict) -> tuple[Any, float]:
+    """lowbit.quantize on the builtin calibration text with the benchmark's nsamples/seqlen/seed; (result, seconds)."""
+    import lowbit
+
+    started = time.perf_counter()
+    result = lowbit.quantize(
+        loaded,
+        recipe=recipe,
+        scheme=scheme,
+        dataset="builtin",
+        nsamples=settings["nsamples"],
+        seqlen=settings["seqlen"],
+        seed=settings["seed"],
+        options={"engine": {"progress": False}, **options},
+    )
+    return result, round(time.perf_counter() - started, 3)

@@ -241,3 +241,9 @@ def test_awq_student_preset_expands_to_student_chain_without_clip():
     options = config.to_dict()["options"]["awq"]
     assert options["search_inputs"] == "student" and options["clip"] is True  # explicit options win over the preset
     assert build_config(recipe="awq+gptq", scheme="w3g64").to_dict()["options"]["awq"]["search_inputs"] == "float"
+
+
+def test_awq_needs_the_float_chain_only_when_it_searches_on_it():
+    scheme = parse_scheme("w3g64")
+    assert AWQ(AWQOptions(), scheme).uses_float_chain
+    assert not AWQ(AWQOptions(search_inputs="student"), scheme).uses_float_chain

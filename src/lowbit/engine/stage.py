@@ -47,8 +47,9 @@ class BlockStage(Stage):
 
     scope: ClassVar[str] = "block"
     # False when the stage reads only `ctx.inputs`: with the quantized chain the engine then skips the float
-    # chain (`fp_inputs` and `targets` are None), one block forward per block saved.
-    uses_float_chain: ClassVar[bool] = True
+    # chain (`fp_inputs` and `targets` are None), one block forward per block saved. A stage whose need depends
+    # on its options sets it per instance.
+    uses_float_chain: bool = True
 
     def preferred_quantized_input(self) -> bool | None:
         """The input chain this stage wants for the next block (True: quantized, False: float); None = engine's."""

@@ -129,6 +129,7 @@ class AWQ(BlockStage):
         if options.n_grid < 1 or options.clip_grid < 1 or not 0 < options.clip_max_shrink < 1:
             raise LowbitError("awq needs n_grid >= 1, clip_grid >= 1 and 0 < clip_max_shrink < 1")
         self.search_scheme = dataclasses.replace(scheme, include_zero=options.include_zero)
+        self.uses_float_chain = options.search_inputs == "float"
         self.results: dict[str, dict[str, Any]] = {}  # block name -> scales and clips (awq.md §8), on CPU
 
     def artifacts(self) -> dict[str, Tensor]:
@@ -139,7 +140,7 @@ class AWQ(BlockStage):
             for prev, _linears, s in result["scales"]:
                 out[f"awq.scale.{block}.{prev}"] = s
             for name, t in result["clips"].items():
-                out[f"awq.clip.{block}.{name}"] = t.cpu()
+                out[f"awq.clip.{block}.{name}"] = t
         return out
 
     # -- the inspected module f(x) ---------------------------------------------------------------------

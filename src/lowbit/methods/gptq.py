@@ -59,10 +59,10 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...]) -> dict[str, Hes
 
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple, _out: torch.Tensor) -> None:
-            x = args[0].detach()
-            cached = grams.get(id(args[0]))
-            if cached is None or cached[0] is not args[0]:
-                cached = grams[id(args[0])] = (args[0], *input_gram(x))
+            x = args[0]
+            cached = grams.get(id(x))
+            if cached is None or cached[0] is not x:  # the identity check guards against a reused id
+                cached = grams[id(x)] = (x, *input_gram(x.detach()))
             accumulators[name].add_gram(cached[1], cached[2])
             pending.discard(name)
             if not pending:
@@ -91,7 +91,7 @@ class GPTQ(BlockStage):
     kind: ClassVar[str] = "quantizer"
     needs_data: ClassVar[bool] = True
     summary: ClassVar[str] = "GPTQ: Hessian-based error compensation, true-sequential, act-order option"
-    uses_float_chain: ClassVar[bool] = False
+    uses_float_chain: bool = False
     Options: ClassVar[type] = GPTQOptions
 
     def process_block(self, ctx: BlockContext) -> None:

@@ -18,7 +18,7 @@ class RTN(BlockStage):
     name: ClassVar[str] = "rtn"
     kind: ClassVar[str] = "quantizer"
     needs_data: ClassVar[bool] = False
-    uses_float_chain: ClassVar[bool] = False
+    uses_float_chain: bool = False
     summary: ClassVar[str] = "round-to-nearest with min-max scales (no data)"
 
     def process_block(self, ctx: BlockContext) -> None:
