@@ -75,3 +75,12 @@ def test_scheme_mapping_and_bad_scheme():
         build_config(scheme="w9g128")
     with pytest.raises(LowbitError):
         build_config(scheme="w4g0")
+
+
+def test_w_a_scheme_needs_stages_that_support_activation_quantization():
+    assert build_config(recipe="rtn", scheme="w4a4").scheme.act_bits == 4
+    assert build_config(recipe="gptq", scheme="w6a6").scheme.act_bits == 6
+    for recipe in ("signround", "awq+rtn", "teq+gptq"):
+        with pytest.raises(LowbitError, match=f"stage '{recipe.split('+')[0]}' does not support weight-activation"):
+            build_config(recipe=recipe, scheme="w4a4")
+    assert build_config(recipe="signround", scheme="w4a16g128").scheme.act_bits == 16

@@ -145,6 +145,7 @@ def test_dict_round_trip():
             "kind": kind,
             "include_zero": False,
             "scale_dtype": "bfloat16",
+            "act_bits": 16,
         }
         assert QuantScheme.from_dict(data) == scheme
 
@@ -155,3 +156,51 @@ def test_from_dict_defaults_missing_keys_and_rejects_unknown_ones():
         QuantScheme.from_dict({"bits": 4, "sym": True})
     with pytest.raises(LowbitError):
         QuantScheme.from_dict({"bits": 12})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# weight-activation schemes (omniquant.md §7)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected", "name"),
+    [
+        ("w4a4", QuantScheme(4, -1, act_bits=4), "w4a4"),
+        ("w4a6", QuantScheme(4, -1, act_bits=6), "w4a6"),
+        ("w6a6", QuantScheme(6, -1, act_bits=6), "w6a6"),
+        ("w3a4", QuantScheme(3, -1, act_bits=4), "w3a4"),
+        ("w8a8", QuantScheme(8, -1, "sym", act_bits=8), "w8a8"),  # served int8 weights are symmetric
+        ("w8a8-asym", QuantScheme(8, -1, "asym", act_bits=8), "w8a8-asym"),
+        ("W4A4G128-SYM", QuantScheme(4, 128, "sym", act_bits=4), "w4a4g128-sym"),
+        ("w4a8g-1", QuantScheme(4, -1, act_bits=8), "w4a8"),
+        ("w2a16g128", QuantScheme(2, 128), "w2g128"),  # a16 = float activations
+        ("w4a16", QuantScheme(4, -1), "w4g-1"),
+    ],
+)
+def test_parse_w_a_schemes_and_round_trip_their_names(text, expected, name):
+    scheme = parse_scheme(text)
+    assert scheme == expected
+    assert scheme.name == name
+    assert parse_scheme(scheme.name) == scheme
+    assert scheme.quantizes_activations == (scheme.act_bits < 16)
+
+
+def test_w_a_presets_and_dict_round_trip():
+    for name in ("w4a4", "w4a6", "w6a6", "w3a4", "w8a8"):
+        assert PRESETS[name].quantizes_activations
+        assert PRESETS[name].group_size == -1
+        assert QuantScheme.from_dict(PRESETS[name].to_dict()) == PRESETS[name]
+    assert parse_scheme("w2a16g128") == parse_scheme("w2g128")
+    assert QuantScheme.from_dict({"bits": 4}).act_bits == 16  # records written before act_bits existed
+
+
+@pytest.mark.parametrize("act_bits", [0, 1, 9, 12, 32, 4.0, True])
+def test_invalid_act_bits_are_refused(act_bits):
+    with pytest.raises(LowbitError, match="act_bits"):
+        QuantScheme(4, -1, act_bits=act_bits)
+
+
+@pytest.mark.parametrize("text", ["w4a1", "w4a9", "w4a12"])
+def test_parse_rejects_unsupported_activation_widths(text):
+    with pytest.raises(LowbitError, match="act_bits"):
+        parse_scheme(text)

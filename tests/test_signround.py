@@ -11,14 +11,12 @@ from conftest import make_llama
 from lowbit.arch import arch_for
 from lowbit.config import build_config
 from lowbit.engine import EngineOptions, call_block, capture_block_inputs, run_block_stages
+from lowbit.engine.block_train import IndexSampler, block_forward, block_mse
 from lowbit.errors import LowbitError
 from lowbit.methods.signround import SignRound, SignRoundOptions
 from lowbit.methods.signround_opt import (
-    IndexSampler,
     TunedLinear,
     TuneSettings,
-    block_forward,
-    block_mse,
     linear_schedule,
     sign_step,
     tune_block,

@@ -4,7 +4,9 @@ Never imports lowbit. For each directory given, writes `thirdparty.pt` there: lo
 greedy continuation. Asymmetric exports load with `CompressedTensorsConfig(dequantize=True)`: transformers 5.23's
 default (compressed) path builds the zero point with its unpacked shape on the meta device and then rejects the
 packed tensor every compressed-tensors writer produces (size mismatch), for lowbit's exports and llm-compressor's
-alike; the dequantize path runs compressed-tensors' own decompressor.
+alike; the dequantize path runs compressed-tensors' own decompressor. W8A8 `int-quantized` exports load on the
+default path (int8 weights, dynamic per-token int8 input activations) and, as `dequantized_logits`, once more with
+`dequantize=True` (decompressed weights, no activation quantization).
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ def main(directories: list[str]) -> None:
         with torch.no_grad():
             logits = model(ids).logits
             generated = model.generate(ids[:, :8], max_new_tokens=16, do_sample=False, pad_token_id=0)
-        torch.save(
-            {"logits": logits, "generated": generated, "dequantize": not symmetric}, Path(directory) / "thirdparty.pt"
-        )
+        result = {"logits": logits, "generated": generated, "dequantize": not symmetric}
+        if qc["format"] == "int-quantized":  # W8A8: also the decompressed weights without activation quantization
+            plain = AutoModelForCausalLM.from_pretrained(
+                directory, quantization_config=CompressedTensorsConfig(dequantize=True)
+            ).eval()
+            with torch.no_grad():
+                result["dequantized_logits"] = plain(ids).logits
+        torch.save(result, Path(directory) / "thirdparty.pt")
     assert "lowbit" not in sys.modules, "the third-party check must not import lowbit"
 
 

@@ -8,10 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lowbit.actquant import activation_record, install_activation_quant, installed_act_bits
 from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_calibration
 from lowbit.engine.pipeline import run_stages
+from lowbit.errors import LowbitError
 from lowbit.export import ARTIFACTS_FILE
 from lowbit.models import LoadedModel, load_model
 from lowbit.record import package_versions, peak_rss_mb
@@ -56,6 +58,10 @@ def run_quantization(loaded: LoadedModel, config: QuantizeConfig) -> QuantizedMo
     """Run a validated config on a loaded model (in place) and assemble the result with its run record."""
     started = time.perf_counter()
     arch = arch_for(loaded.model)
+    if installed_act_bits(loaded.model, arch) != 16:
+        raise LowbitError(
+            "this model runs with activation quantization installed (a reloaded W-A export): quantize the float model"
+        )
     calibration = None
     data_meta: dict[str, Any] = {}
     if config.needs_data:
@@ -70,6 +76,12 @@ def run_quantization(loaded: LoadedModel, config: QuantizeConfig) -> QuantizedMo
     records, metrics = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed)
     quantize_seconds = time.perf_counter() - tuned
     log.info("quantized %d linears with %s in %.1fs", len(records), config.recipe, quantize_seconds)
+    # A W-A result *is* a W-A model: its activation quantizers stay installed for every later forward (perplexity,
+    # generate, lm-eval), so it is never evaluated weight-only by accident.
+    act_handle = None
+    if config.scheme.quantizes_activations:
+        act_handle = install_activation_quant(loaded.model, arch, config.scheme.act_bits)
+        log.info("activation quantization installed: %d-bit per-token asymmetric", config.scheme.act_bits)
     record = {
         "model": loaded.name,
         "model_path": str(loaded.path),
@@ -84,8 +96,9 @@ def run_quantization(loaded: LoadedModel, config: QuantizeConfig) -> QuantizedMo
         },
         "stages": metrics,
         "quantized_linears": len(records),
+        "activation": activation_record(config.scheme.act_bits),
     }
     artifacts = {name: t for stage in stages for name, t in stage.artifacts().items()}
     if artifacts:
         record["artifacts"] = {"file": ARTIFACTS_FILE, "tensors": len(artifacts)}
-    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts)
+    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts, act_handle)

@@ -87,6 +87,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from lowbit.api import run_quantization
     from lowbit.config import build_config, opts_to_mapping
     from lowbit.export import FORMATS, TARGETS, check_output_dir
+    from lowbit.export.validate import check_act_format
     from lowbit.models import load_model
 
     config = build_config(
@@ -103,6 +104,7 @@ def _quantize(args: argparse.Namespace) -> int:
         raise LowbitError(f"unknown --format '{args.format}'; available: {', '.join(FORMATS)}")
     if args.target not in TARGETS:
         raise LowbitError(f"unknown --target '{args.target}'; available: {', '.join(TARGETS)}")
+    check_act_format(args.format, config.scheme)  # W-A schemes a packed format cannot hold: before any work
     if args.out is not None:
         check_output_dir(args.out, args.overwrite)
     loaded = load_model(args.model)
@@ -139,18 +141,24 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from lowbit.actquant import act_bits_of, activation_record
     from lowbit.export.load import load, packed_method
     from lowbit.models import load_model
 
     method = packed_method(args.model) if args.model is not None else None
-    loaded = load(args.model) if method is not None else load_model(args.model)
+    # lowbit.load also reads a fake export's run record and installs its activation quantizers (W-A schemes)
+    loaded = load(args.model) if args.model is not None else load_model(None)
     if method is not None:
         print(f"loaded {method} export {args.model} on lowbit's packed CPU runtime")
+    activation = activation_record(act_bits_of(loaded.model))
+    if activation is not None:
+        print(f"activation quantization on: {activation['bits']}-bit {activation['kind']} (from the export's record)")
     results = _evaluate(loaded.model, loaded.tokenizer, args.ppl, args.eval_seqlen, args.eval_windows)
     for name, result in results.items():
         print(f"perplexity {name} ({result['windows']} x {result['seqlen']} tokens): {result['ppl']:.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": loaded.name, "perplexity": results}, indent=2))
+        report = {"model": loaded.name, "activation": activation, "perplexity": results}
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 
@@ -176,11 +184,15 @@ def _recipes() -> int:
     print("Engine options:")
     for option, type_name, default, help_text in describe_options(EngineOptions):
         print(f"      --opt engine.{option}={default!s:<10} ({type_name}) {help_text}")
-    print("Schemes (also any w<bits>g<group>[-sym|-sym_full|-sym_omni], group -1 = per channel):")
+    print(
+        "Schemes (also any w<bits>g<group>[-sym|-sym_full|-sym_omni], group -1 = per channel; weight-activation "
+        "w<bits>a<act>[g<group>][-kind], per channel unless g is given, w8a8 = 8-bit sym weights):"
+    )
     print("  " + ", ".join(PRESETS))
     print("Formats: " + ", ".join(FORMATS))
-    print("  fake               dequantized float checkpoint (research, W-A simulations)")
-    print("  compressed-tensors pack-quantized weight-only INT, 1-8 bits (vLLM, transformers + compressed-tensors)")
+    print("  fake               dequantized float checkpoint (research, W-A simulations; reloads with act quant)")
+    print("  compressed-tensors pack-quantized weight-only INT, 1-8 bits (vLLM, transformers + compressed-tensors);")
+    print("                     int-quantized W8A8 (int8 weights, dynamic per-token int8 activations)")
     print("  gptq               GPTQ v1 (qweight/qzeros/scales/g_idx), 2/4/8 bits; no asymmetric zero of 0")
     print("Export targets (--target): " + ", ".join(TARGETS) + "; packed exports load with `lowbit eval DIR`")
     return 0

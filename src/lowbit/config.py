@@ -162,6 +162,10 @@ def parse_recipe(recipe: str) -> tuple[str, ...]:
             f"recipe '{recipe}' combines teq and awq, which both set per-channel scales on the same groups; keep one"
         )
     kinds = [STAGES[name].kind for name in names]
+    for name in dict.fromkeys(names):  # a stage may refuse the recipe around it (invarexplore's placement)
+        check = getattr(STAGES[name], "check_recipe", None)
+        if check is not None:
+            check(names, kinds)
     if kinds[-1] != "quantizer" or kinds.count("quantizer") != 1:
         raise LowbitError(
             f"recipe '{recipe}' must end with exactly one quantizer stage "
@@ -203,6 +207,20 @@ def _positive(name: str, value: int) -> int:
     if value < 1:
         raise LowbitError(f"--{name} must be at least 1, got {value}")
     return value
+
+
+def _check_act_support(names: tuple[str, ...], scheme: QuantScheme) -> None:
+    """A W-A scheme needs every stage to handle quantized activations; refuse before any model is loaded."""
+    if not scheme.quantizes_activations:
+        return
+    unsupported = [name for name in names if not STAGES[name].supports_act_quant]
+    if unsupported:
+        able = ", ".join(name for name, stage in STAGES.items() if stage.supports_act_quant)
+        raise LowbitError(
+            f"stage '{unsupported[0]}' does not support weight-activation scheme {scheme.name} "
+            f"({scheme.act_bits}-bit activations): use a recipe of stages that do ({able}), or a weight-only "
+            f"scheme such as w{scheme.bits}g{scheme.group_size}"
+        )
 
 
 def build_config(
@@ -252,9 +270,13 @@ def build_config(
     )
     engine = build_options(EngineOptions, option_values.get(ENGINE, {}), ENGINE)
     _positive("engine.batch_size", engine.batch_size)
+    quant_scheme = _scheme_from(merged["scheme"])
+    _check_act_support(names, quant_scheme)
+    for spec in stages:
+        spec.stage_class.validate(spec.options, quant_scheme)
     return QuantizeConfig(
         stages=stages,
-        scheme=_scheme_from(merged["scheme"]),
+        scheme=quant_scheme,
         dataset=str(merged["dataset"]),
         nsamples=_positive("nsamples", int(merged["nsamples"])),
         seqlen=_positive("seqlen", int(merged["seqlen"])),

@@ -9,11 +9,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lowbit.actquant import ActQuantHandle, activation_quant
+from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig
 from lowbit.data import load_eval
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import PerplexityResult, perplexity
 from lowbit.export import FORMATS, PACKED_FORMATS, atomic_output_dir, prepare_packed, write_artifacts, write_fake
+from lowbit.export.validate import check_act_format
 from lowbit.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -25,7 +28,9 @@ class QuantizedModel:
 
     `weights` maps each quantized linear's full module name to its codes/scale/zero record; exports are built
     from these records, never re-derived from floats. `artifacts` holds what stages kept for reuse (AWQ's
-    scales and clips); every export writes them to `lowbit_artifacts.safetensors`.
+    scales and clips); every export writes them to `lowbit_artifacts.safetensors`. For a weight-activation scheme
+    `act_quant` holds the activation quantizers installed on `model` (`act_quant.remove()` gives the weight-only
+    twin; `perplexity` applies them again regardless).
     """
 
     model: nn.Module
@@ -34,13 +39,15 @@ class QuantizedModel:
     config: QuantizeConfig
     record: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Tensor] = field(default_factory=dict)
+    act_quant: ActQuantHandle | None = None
 
     def perplexity(
         self, dataset: str | None = "auto", *, seqlen: int = 2048, max_windows: int | None = None
     ) -> PerplexityResult:
-        """Fake-quant perplexity on `dataset` (specs/evaluation.md §1)."""
+        """Fake-quant perplexity on `dataset` (specs/evaluation.md §1), with the scheme's activation quantization."""
         data = load_eval(self.tokenizer, dataset)
-        return perplexity(self.model, data.input_ids, seqlen=seqlen, max_windows=max_windows)
+        with activation_quant(self.model, arch_for(self.model), self.config.scheme.act_bits):
+            return perplexity(self.model, data.input_ids, seqlen=seqlen, max_windows=max_windows)
 
     def save(
         self,
@@ -61,6 +68,7 @@ class QuantizedModel:
         """
         if format not in FORMATS:
             raise LowbitError(f"unknown format '{format}'; available: {', '.join(FORMATS)}")
+        check_act_format(format, self.config.scheme)
         record = {**self.record, "format": format}
         prepared = None
         if format in PACKED_FORMATS:
@@ -73,6 +81,7 @@ class QuantizedModel:
                 ct_packing=ct_packing,
                 packer=packer,
                 run_record=self.record,
+                act_bits=self.config.scheme.act_bits,
             )
             record["export"] = {"target": target, "tp": tp, "ct_packing": ct_packing, "warnings": prepared.warnings}
         with atomic_output_dir(out, overwrite) as temp:

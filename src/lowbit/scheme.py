@@ -1,7 +1,8 @@
 """Quantization schemes: bit width, grouping, quantizer kind and scale dtype (spec: quantizer.md).
 
 A `QuantScheme` is validated when it is built, so every later stage can trust it. Named presets and
-the `w<bits>g<group>[-kind]` pattern map user strings onto schemes.
+the `w<bits>[a<act bits>][g<group>][-kind]` pattern map user strings onto schemes. `act_bits` < 16 makes a
+weight-activation scheme: dynamic per-token asymmetric activations (quantizer.md §9, omniquant.md §7).
 """
 
 from __future__ import annotations
@@ -17,8 +18,19 @@ from lowbit.errors import LowbitError
 SCHEME_KINDS = ("asym", "sym", "sym_full", "sym_omni")
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_NAME_PATTERN = re.compile(r"w(\d)g(-1|\d+)(?:-(sym|sym_full|sym_omni|asym))?")
-_PATTERN_HELP = "w<bits>g<group>[-sym|-sym_full|-sym_omni|-asym], e.g. w4g128, w4g-1 (per channel), w2g64-sym_full"
+_NAME_PATTERN = re.compile(r"w(\d)(?:a(\d+))?(?:g(-1|\d+))?(?:-(sym|sym_full|sym_omni|asym))?")
+_PATTERN_HELP = (
+    "w<bits>g<group>[-sym|-sym_full|-sym_omni|-asym], e.g. w4g128, w4g-1 (per channel), w2g64-sym_full, or "
+    "w<bits>a<act bits>[g<group>][-kind] for weight-activation schemes, e.g. w4a4, w6a6, w8a8 (per channel)"
+)
+ACT_BITS_OFF = 16  # activations stay in float
+_ACT_BITS = (*range(2, 9), ACT_BITS_OFF)
+W_A_PRESETS = ("w4a4", "w4a6", "w6a6", "w3a4", "w8a8")
+
+
+def default_kind(bits: int, act_bits: int) -> str:
+    """The weight kind a name without `-kind` means: asym, except W8A8, whose served int8 format is symmetric."""
+    return "sym" if (bits, act_bits) == (8, 8) else "asym"
 
 
 def _is_int(value: Any) -> bool:
@@ -34,6 +46,7 @@ class QuantScheme:
     kind: str = "asym"
     include_zero: bool = True
     scale_dtype: str = "float16"
+    act_bits: int = ACT_BITS_OFF
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -51,6 +64,16 @@ class QuantScheme:
             raise LowbitError(f"include_zero={self.include_zero!r} is not a bool: use True or False")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise LowbitError(f"unknown scale_dtype {self.scale_dtype!r}: use one of {', '.join(_SCALE_DTYPES)}")
+        if not _is_int(self.act_bits) or self.act_bits not in _ACT_BITS:
+            raise LowbitError(
+                f"act_bits={self.act_bits!r} is not supported: use 2 to 8 for quantized activations, or 16 to keep "
+                "them in float"
+            )
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """Whether block-linear inputs and attention operands are fake-quantized too (a W-A scheme)."""
+        return self.act_bits < ACT_BITS_OFF
 
     @property
     def qmax(self) -> int:
@@ -76,9 +99,16 @@ class QuantScheme:
 
     @property
     def name(self) -> str:
-        """Short name that `parse_scheme` reads back; include_zero and scale_dtype are not part of it."""
-        suffix = "" if self.kind == "asym" else f"-{self.kind}"
-        return f"w{self.bits}g{self.group_size}{suffix}"
+        """Short name that `parse_scheme` reads back; include_zero and scale_dtype are not part of it.
+
+        W-A schemes read `w4a4` (per channel) or `w4a4g128`; `-kind` is left out when it is `default_kind`.
+        """
+        if not self.quantizes_activations:
+            suffix = "" if self.kind == "asym" else f"-{self.kind}"
+            return f"w{self.bits}g{self.group_size}{suffix}"
+        group = "" if self.group_size == -1 else f"g{self.group_size}"
+        suffix = "" if self.kind == default_kind(self.bits, self.act_bits) else f"-{self.kind}"
+        return f"w{self.bits}a{self.act_bits}{group}{suffix}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able fields, for run records and checkpoint metadata."""
@@ -106,21 +136,35 @@ def _build_presets() -> dict[str, QuantScheme]:
             for group_size in (32, 64, 128, -1):
                 scheme = QuantScheme(bits=bits, group_size=group_size, kind=kind)
                 presets[scheme.name] = scheme
+    for name in W_A_PRESETS:
+        scheme = parse_scheme(name)
+        presets[scheme.name] = scheme
     return presets
 
 
-PRESETS: dict[str, QuantScheme] = _build_presets()
-
-
 def parse_scheme(text: str) -> QuantScheme:
-    """Read a preset name or any `w<bits>g<group>[-kind]` string (case-insensitive)."""
+    """Read a preset name or any `w<bits>g<group>[-kind]` / `w<bits>a<act>[g<group>][-kind]` string.
+
+    Case-insensitive. With `a<act>` the group defaults to -1 (per channel, as OmniQuant's W-A settings);
+    `a16` means float activations, so `w2a16g128` is `w2g128`.
+    """
     key = str(text).strip().lower()
     if key in PRESETS:
         return PRESETS[key]
     match = _NAME_PATTERN.fullmatch(key)
-    if match is None:
+    if match is None or (match.group(2) is None and match.group(3) is None):
         raise LowbitError(
             f"unknown scheme {text!r}: use a preset ({', '.join(PRESETS)}) or the pattern {_PATTERN_HELP}"
         )
-    bits, group_size, kind = match.groups()
-    return QuantScheme(bits=int(bits), group_size=int(group_size), kind=kind or "asym")
+    bits, act_bits, group_size, kind = match.groups()
+    act = ACT_BITS_OFF if act_bits is None else int(act_bits)
+    return QuantScheme(
+        bits=int(bits),
+        group_size=-1 if group_size is None else int(group_size),
+        kind=kind or default_kind(int(bits), act),
+        act_bits=act,
+    )
+
+
+PRESETS: dict[str, QuantScheme] = {}
+PRESETS.update(_build_presets())

@@ -24,6 +24,12 @@ class ScaleGroup:
     inspect: str  # module whose output measures the effect of the scales (AWQ's loss module)
     needs_same_shape: bool = False
     in_paper_teq: bool = True  # one of TEQ's Table-9 groups
+    key: str | None = None  # linear whose input statistics initialise OmniQuant's LET scale (None: the first)
+
+    @property
+    def key_linear(self) -> str:
+        """The pair's *key* linear (omniquant.md §2): q_proj, o_proj/out_proj, up_proj/fc1."""
+        return self.key or self.linears[0]
 
     def applies_to(self, block: nn.Module) -> bool:
         """Whether the pair is exact on this block (v->o only when v's output width equals o's input)."""
@@ -53,6 +59,12 @@ class ArchSpec:
     scale_groups: tuple[ScaleGroup, ...]
     ffn: FFNNeurons
     norms: tuple[str, ...]
+    attention: str = "self_attn"  # the block's attention module (W-A schemes quantize its q/k/v operands)
+    # how W-A schemes quantize the attention operands (omniquant.md §7): "head" per (head, token) over head_dim,
+    # q and k after RoPE (LLaMA); "token" per token across all heads, q after its 1/sqrt(d) scaling (OPT)
+    attention_operands: str = "head"
+    query_key: tuple[str, str] | None = None  # (q_proj, k_proj): OmniQuant's q<->k scaling pair
+    rotary: bool = False  # q and k pass through RoPE after the projections (ties q<->k scales, omniquant.md §4)
 
     @property
     def linear_names(self) -> tuple[str, ...]:

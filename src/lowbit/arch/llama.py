@@ -32,6 +32,7 @@ LLAMA_LIKE = ArchSpec(
             linears=("mlp.gate_proj", "mlp.up_proj"),
             prev_kind="norm",
             inspect="mlp",
+            key="mlp.up_proj",
         ),
         ScaleGroup(
             prev="mlp.up_proj",
@@ -43,4 +44,6 @@ LLAMA_LIKE = ArchSpec(
     ),
     ffn=FFNNeurons(expand=("mlp.gate_proj", "mlp.up_proj"), contract="mlp.down_proj", activation="swiglu"),
     norms=("input_layernorm", "post_attention_layernorm"),
+    query_key=("self_attn.q_proj", "self_attn.k_proj"),
+    rotary=True,
 )

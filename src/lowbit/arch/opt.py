@@ -32,4 +32,6 @@ OPT = ArchSpec(
     ),
     ffn=FFNNeurons(expand=("fc1",), contract="fc2", activation="relu"),
     norms=("self_attn_layer_norm", "final_layer_norm"),
+    query_key=("self_attn.q_proj", "self_attn.k_proj"),
+    attention_operands="token",
 )

@@ -122,7 +122,11 @@ def run_block_stages(
             records.update(_write_quantized(ctx))
         if needs_data:
             fp_in = ctx.targets
-            q_in = ctx.run(q_in) if quantized_input and has_quantizer else fp_in
+            if quantized_input and has_quantizer:
+                with ctx.act_quant():  # the student chain runs W-A; the float targets above never do
+                    q_in = ctx.run(q_in)
+            else:
+                q_in = fp_in
         ctx.metrics["seconds"] = round(time.perf_counter() - start, 3)
         metrics.append({"block": index, **ctx.metrics})
         log.debug("block %d done in %.2fs", index, ctx.metrics["seconds"])

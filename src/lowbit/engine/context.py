@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.actquant import activation_quant
 from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
@@ -62,6 +64,13 @@ class BlockContext:
     def linears(self) -> dict[str, nn.Linear]:
         """The block's linears by relative name, in true-sequential order."""
         return self.arch.linears(self.block)
+
+    def act_quant(self) -> contextlib.AbstractContextManager:
+        """This block's activation quantizers for a W-A scheme (omniquant.md §7); a no-op for weight-only schemes.
+
+        Use it around forwards of the quantized student (`with ctx.act_quant(): ...`), never around the float targets.
+        """
+        return activation_quant(self.block, self.arch, self.scheme.act_bits)
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A private RNG for this block, so results never depend on global RNG state."""

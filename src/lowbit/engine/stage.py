@@ -32,10 +32,18 @@ class Stage:
     needs_data: ClassVar[bool]
     summary: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    # Whether the stage is correct for weight-activation schemes (act_bits < 16): it quantizes weights that are
+    # meant to see quantized activations (the engine chains W-A block outputs; a training stage wraps its student
+    # forwards in `ctx.act_quant()`). build_config refuses a W-A scheme with any stage that leaves it False.
+    supports_act_quant: ClassVar[bool] = False
 
     def __init__(self, options: Any, scheme: QuantScheme) -> None:
         self.options = options
         self.scheme = scheme
+
+    @classmethod
+    def validate(cls, options: Any, scheme: QuantScheme) -> None:
+        """Check option values against the scheme before any model is loaded; raise LowbitError naming the fix."""
 
     def artifacts(self) -> dict[str, torch.Tensor]:
         """Tensors worth keeping after the run (e.g. AWQ's scales and clips), saved next to every export."""

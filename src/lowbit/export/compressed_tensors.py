@@ -1,4 +1,8 @@
-"""compressed-tensors `pack-quantized` export, weight-only INT (spec: formats.md §2).
+"""compressed-tensors exports (spec: formats.md §2): `pack-quantized` weight-only INT, and W8A8 `int-quantized`.
+
+W8A8 (a run with 8-bit activations): per linear an unpacked int8 `weight` (code - zero, symmetric) and a
+`weight_scale` [m, 1] (channel strategy); the config declares dynamic per-token symmetric int8 input activations,
+which is what vLLM serves (lowbit simulated asymmetric ones; the validation warns).
 
 Per quantized linear `<p>`: `weight_packed` (int32, codes packed along in_features), `weight_scale` (model dtype),
 `weight_shape`, and for asymmetric schemes `weight_zero_point` (signed zeros packed along out_features); a
@@ -90,8 +94,35 @@ def _weights_args(record: QuantizedWeight) -> dict[str, Any]:
     }
 
 
-def quantization_config(plan: ExportPlan, lowbit_meta: dict[str, Any]) -> dict[str, Any]:
+INT_QUANTIZED = "int-quantized"
+PACK_QUANTIZED = "pack-quantized"
+
+
+def ct_format(act_bits: int) -> str:
+    """The compressed-tensors format of a run: W8A8 int-quantized with 8-bit activations, else pack-quantized."""
+    return INT_QUANTIZED if act_bits == 8 else PACK_QUANTIZED
+
+
+def _input_activation_args(act_bits: int) -> dict[str, Any] | None:
+    """Dynamic per-token symmetric int8 activations (formats.md §2 W8A8); None for weight-only."""
+    if act_bits >= 16:
+        return None
+    return {
+        "num_bits": act_bits,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "token",
+        "group_size": None,
+        "dynamic": True,
+        "actorder": None,
+        "observer": None,
+        "block_structure": None,
+    }
+
+
+def quantization_config(plan: ExportPlan, lowbit_meta: dict[str, Any], act_bits: int = 16) -> dict[str, Any]:
     """config.json's quantization_config: one config group per distinct weight scheme."""
+    fmt = ct_format(act_bits)
     groups: dict[tuple, list[str]] = {}
     for name, record in plan.records.items():
         groups.setdefault(scheme_key(record), []).append(name)
@@ -100,13 +131,13 @@ def quantization_config(plan: ExportPlan, lowbit_meta: dict[str, Any]) -> dict[s
         config_groups[f"group_{index}"] = {
             "targets": ["Linear"] if len(groups) == 1 else exact_regex(names),
             "weights": _weights_args(plan.records[names[0]]),
-            "input_activations": None,
+            "input_activations": _input_activation_args(act_bits),
             "output_activations": None,
-            "format": "pack-quantized",
+            "format": fmt,
         }
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": fmt,
         "quantization_status": "compressed",
         "version": written_against(),
         "ignore": list(plan.float_linears),
@@ -118,12 +149,26 @@ def quantization_config(plan: ExportPlan, lowbit_meta: dict[str, Any]) -> dict[s
     }
 
 
-def compressed_tensors_tensors(plan: ExportPlan, packing: str = "dense", packer: str = "lowbit") -> dict[str, Tensor]:
-    """Packed tensors of every quantized linear, keyed by full parameter name."""
+def int8_layer_tensors(record: QuantizedWeight, dtype: torch.dtype) -> dict[str, Tensor]:
+    """W8A8 `int-quantized` tensors of one symmetric 8-bit per-channel linear: int8 weight = code - zero, scale."""
+    if record.scheme.bits != 8 or record.scale.shape[1] != 1 or not is_symmetric(record):
+        raise LowbitError(f"int-quantized needs 8-bit symmetric per-channel weights, got {record.scheme.name}")
+    signed = record.codes.to(torch.int16) - record.zero.to(torch.int16)
+    return {"weight": signed.to(torch.int8), "weight_scale": record.scale.to(dtype)}
+
+
+def compressed_tensors_tensors(
+    plan: ExportPlan, packing: str = "dense", packer: str = "lowbit", act_bits: int = 16
+) -> dict[str, Tensor]:
+    """Packed (or, for W8A8, int8) tensors of every quantized linear, keyed by full parameter name."""
     if packer not in PACKERS:
         raise LowbitError(f"unknown packer {packer!r}: use one of {', '.join(PACKERS)}")
     tensors = {}
     for name, record in plan.records.items():
-        for key, tensor in layer_tensors(record, plan.dtype, packing, packer).items():
+        if ct_format(act_bits) == INT_QUANTIZED:
+            layer = int8_layer_tensors(record, plan.dtype)
+        else:
+            layer = layer_tensors(record, plan.dtype, packing, packer)
+        for key, tensor in layer.items():
             tensors[f"{name}.{key}"] = tensor
     return tensors

@@ -4,6 +4,9 @@ The model skeleton is built without allocating its parameters (accelerate's `ini
 linear is replaced by a `PackedLinear` built from its checkpoint tensors, one layer at a time, and the float
 remainder is assigned as loaded. Peak memory is therefore close to the packed checkpoint, not the float model.
 A directory without a packed `quantization_config` (a float model or a `fake` export) loads as usual.
+
+A lowbit export of a weight-activation scheme (its run record names the activation bits) is returned with its
+activation quantizers installed (`lowbit.actquant`), so it is never evaluated weight-only by accident.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.export.fake import RECORD_FILE
 from lowbit.export.layout import LOWBIT_KEY
 from lowbit.export.packing import packed_words, unpack_codes
 from lowbit.export.runtime import PackedLinear
@@ -124,6 +128,17 @@ def _ct_layer(qc: dict[str, Any], name: str, get) -> PackedLinear:
     return _packed(codes, scale, zero, bits, group_size, get(f"{name}.bias", None), g_idx)
 
 
+def _ct_int8_layer(qc: dict[str, Any], name: str, get) -> PackedLinear:
+    """A W8A8 `int-quantized` linear: int8 weight (signed code, symmetric) and a per-channel scale."""
+    args = _ct_scheme(qc, name)
+    if int(args["num_bits"]) != 8 or args.get("strategy") != "channel" or not args.get("symmetric", True):
+        raise LowbitError(f"{name}: lowbit reads int-quantized only as 8-bit symmetric per-channel weights")
+    weight, scale = get(f"{name}.weight"), get(f"{name}.weight_scale")
+    codes = (weight.to(torch.int16) + 128).to(torch.uint8)
+    zero = torch.full(scale.shape, 128, dtype=torch.uint8)
+    return _packed(codes, scale, zero, 8, -1, get(f"{name}.bias", None), None)
+
+
 def _gptq_layer(qc: dict[str, Any], name: str, get) -> PackedLinear:
     bits, group_size = int(qc["bits"]), int(qc["group_size"])
     if bits not in (2, 4, 8):
@@ -178,8 +193,11 @@ def load_packed(directory: str | Path) -> nn.Module:
     if method is None:
         raise LowbitError(f"{path} holds no compressed-tensors or GPTQ quantization_config: load it as a float model")
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    if method == "compressed-tensors" and qc.get("format") != "pack-quantized":
-        raise LowbitError(f"compressed-tensors format {qc.get('format')!r} is not supported: only pack-quantized")
+    ct_format = qc.get("format")
+    if method == "compressed-tensors" and ct_format not in ("pack-quantized", "int-quantized"):
+        raise LowbitError(
+            f"compressed-tensors format {ct_format!r} is not supported: only pack-quantized and int-quantized (W8A8)"
+        )
     handles = _read_all(path)
 
     def get(key: str, *default: Any) -> Tensor | None:
@@ -189,10 +207,11 @@ def load_packed(directory: str | Path) -> nn.Module:
             raise LowbitError(f"checkpoint tensor {key} is missing: the export is incomplete")
         return handles[key].get_tensor(key)
 
-    marker = ".weight_packed" if method == "compressed-tensors" else ".qweight"
+    int8 = method == "compressed-tensors" and ct_format == "int-quantized"
+    marker = ".weight_scale" if int8 else ".weight_packed" if method == "compressed-tensors" else ".qweight"
     layers = sorted(key[: -len(marker)] for key in handles if key.endswith(marker))
     model = _skeleton(path)
-    build = _ct_layer if method == "compressed-tensors" else _gptq_layer
+    build = _ct_int8_layer if int8 else _ct_layer if method == "compressed-tensors" else _gptq_layer
     consumed = set()
     for index, name in enumerate(layers):
         model.set_submodule(name, build(qc, name, get))
@@ -214,15 +233,50 @@ def load_packed(directory: str | Path) -> nn.Module:
     return model
 
 
+def export_act_bits(directory: str | Path) -> int:
+    """The activation bits a lowbit export was quantized and measured with (16: weight-only), from its run record."""
+    path = Path(directory)
+    record_file = path / RECORD_FILE
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        activation = record.get("activation")
+        if activation:
+            return int(activation["bits"])
+        return int(((record.get("config") or {}).get("scheme") or {}).get("act_bits", 16))
+    config = path / "config.json"
+    if config.is_file():
+        qc = json.loads(config.read_text()).get("quantization_config") or {}
+        activation = (qc.get(LOWBIT_KEY) or {}).get("activation")
+        if activation:
+            return int(activation["bits"])
+    return 16
+
+
+def _with_act_quant(loaded: LoadedModel, path: Path) -> LoadedModel:
+    """Install the export's activation quantizers (W-A schemes), as lowbit measured it."""
+    from lowbit.actquant import install_activation_quant
+    from lowbit.arch import arch_for
+
+    bits = export_act_bits(path)
+    if bits < 16:
+        install_activation_quant(loaded.model, arch_for(loaded.model), bits)
+        log.info("%s: %d-bit per-token asymmetric activation quantization installed (run record)", path, bits)
+    return loaded
+
+
 def load(directory: str | Path) -> LoadedModel:
-    """Load an export (packed formats on lowbit's CPU runtime) or any float model directory, with its tokenizer."""
+    """Load an export (packed formats on lowbit's CPU runtime) or any float model directory, with its tokenizer.
+
+    A W-A export comes back with its activation quantization installed.
+    """
     from transformers import AutoTokenizer
 
     from lowbit.models import load_model
 
     path = Path(directory).expanduser()
     if packed_method(path) is None:
-        return load_model(str(path))
+        loaded = load_model(str(path))
+        return _with_act_quant(loaded, path) if path.is_dir() else loaded
     model = load_packed(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model, tokenizer, str(directory), path)
+    return _with_act_quant(LoadedModel(model, tokenizer, str(directory), path), path)

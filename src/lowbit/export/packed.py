@@ -52,6 +52,7 @@ def _lowbit_meta(record: dict[str, Any], fmt: str, target: str, packing: str | N
         "ct_packing": packing,
         "recipe": config.get("recipe"),
         "scheme": config.get("scheme"),
+        "activation": record.get("activation"),
         "model": record.get("model"),
         "version": record.get("versions", {}).get("lowbit"),
     }
@@ -67,19 +68,24 @@ def prepare_packed(
     ct_packing: str | None = None,
     packer: str = "lowbit",
     run_record: dict[str, Any] | None = None,
+    act_bits: int = 16,
 ) -> PreparedExport:
-    """Validate against `target` and build the tensors of a `compressed-tensors` or `gptq` export."""
+    """Validate against `target` and build the tensors of a `compressed-tensors` or `gptq` export.
+
+    `act_bits` is the run's activation width: 8 writes compressed-tensors W8A8 `int-quantized`; below 8 (and any
+    W-A run as gptq) is refused, since only `fake` exports hold activation simulations.
+    """
     if fmt not in PACKED_FORMATS:
         raise LowbitError(f"unknown packed format {fmt!r}: use one of {', '.join(PACKED_FORMATS)}")
     if ct_packing is not None and ct_packing not in PACKINGS:
         raise LowbitError(f"unknown ct_packing {ct_packing!r}: use one of {', '.join(PACKINGS)}")
     plan = build_plan(model, records)
-    warnings = validate_export(plan, fmt, target, tp=tp, ct_packing=ct_packing)
+    warnings = validate_export(plan, fmt, target, tp=tp, ct_packing=ct_packing, act_bits=act_bits)
     meta = _lowbit_meta(run_record or {}, fmt, target, ct_packing)
     tensors = float_remainder(plan)
     if fmt == "compressed-tensors":
-        tensors.update(ct.compressed_tensors_tensors(plan, ct_packing or "dense", packer))
-        return PreparedExport(plan, tensors, ct.quantization_config(plan, meta), {}, warnings)
+        tensors.update(ct.compressed_tensors_tensors(plan, ct_packing or "dense", packer, act_bits))
+        return PreparedExport(plan, tensors, ct.quantization_config(plan, meta, act_bits), {}, warnings)
     quantize_config = gptq.quantize_config(plan, meta)
     tensors.update(gptq.gptq_tensors(plan))
     return PreparedExport(plan, tensors, quantize_config, {"quantize_config.json": quantize_config}, warnings)

@@ -21,6 +21,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.layout import ExportPlan
 from lowbit.quantizer import QuantizedWeight
+from lowbit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,61 @@ def has_g_idx(record: QuantizedWeight) -> bool:
     k = record.shape[1]
     trivial = torch.arange(k, dtype=torch.int32) // record.scheme.group_width(k)
     return not torch.equal(record.g_idx.cpu(), trivial)
+
+
+SERVED_ACT_WARNING = (
+    "W8A8 engines quantize activations per token *symmetrically* (int8, dynamic), while lowbit simulated and "
+    "measured asymmetric per-token activations: served accuracy may differ from the reported one"
+)
+
+
+def _w8a8_problem(bits: int, group_size: int, symmetric: bool, what: str) -> str | None:
+    """Why these weights cannot be compressed-tensors W8A8 `int-quantized` (formats.md §2), or None."""
+    if bits == 8 and group_size == -1 and symmetric:
+        return None
+    return (
+        f"compressed-tensors W8A8 (int-quantized, what vLLM serves) needs 8-bit symmetric per-channel weights, "
+        f"but {what}; re-run with --scheme w8a8 (8-bit sym per channel), or use --format fake"
+    )
+
+
+def check_act_format(fmt: str, scheme: QuantScheme) -> None:
+    """Refuse, before any work, a weight-activation scheme the format cannot hold (formats.md §2).
+
+    Only W8A8 int is served (compressed-tensors `int-quantized`); activations below 8 bits are a simulation for
+    accuracy studies and exist only as `fake` exports, which reload with their activation quantization.
+    """
+    if not scheme.quantizes_activations or fmt == "fake":
+        return
+    if scheme.act_bits < 8 and fmt in ("compressed-tensors", "gptq"):
+        raise LowbitError(
+            f"scheme {scheme.name} quantizes activations to {scheme.act_bits} bits, which is a simulation only "
+            f"(no serving engine runs {scheme.act_bits}-bit activations), so it cannot be written as {fmt}: use "
+            "--format fake (reloads with its activation quantization on)"
+        )
+    if fmt == "gptq":
+        raise LowbitError(
+            f"GPTQ checkpoints are weight-only and cannot carry the activation quantization of {scheme.name}: use "
+            "--format compressed-tensors (W8A8 int) or --format fake"
+        )
+    if fmt == "compressed-tensors":
+        what = f"{scheme.name} has {scheme.bits}-bit {scheme.kind} weights with group size {scheme.group_size}"
+        problem = _w8a8_problem(scheme.bits, scheme.group_size, scheme.kind in ("sym", "sym_full"), what)
+        if scheme.act_bits != 8:
+            problem = f"compressed-tensors serves only 8-bit activations, not {scheme.act_bits}: use --format fake"
+        if problem:
+            raise LowbitError(problem)
+
+
+def _check_w8a8(plan: ExportPlan, findings: Findings) -> None:
+    for name, record in plan.records.items():
+        s = record.scheme
+        what = f"{name} has {s.bits}-bit {s.kind} weights with group size {s.group_size}"
+        problem = _w8a8_problem(s.bits, s.group_size, is_symmetric(record), what)
+        if problem:
+            findings.add(True, problem)
+            return
+    findings.warnings.append(SERVED_ACT_WARNING)
 
 
 def _divisor_hint(sizes: set[int]) -> str:
@@ -215,18 +271,33 @@ def _check_model(plan: ExportPlan, findings: Findings) -> None:
 
 
 def validate_export(
-    plan: ExportPlan, fmt: str, target: str = "any", *, tp: int = 1, ct_packing: str | None = None
+    plan: ExportPlan,
+    fmt: str,
+    target: str = "any",
+    *,
+    tp: int = 1,
+    ct_packing: str | None = None,
+    act_bits: int = 16,
 ) -> list[str]:
-    """Raise LowbitError on the first problem the target cannot load; log and return the warnings."""
+    """Raise LowbitError on the first problem the target cannot load; log and return the warnings.
+
+    `act_bits` < 16 (a W-A run) is exportable only as compressed-tensors W8A8 `int-quantized`.
+    """
     if target not in TARGETS:
         raise LowbitError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
     if tp < 1:
         raise LowbitError(f"tensor-parallel degree {tp} is not valid: use 1 or more")
     if not plan.records:
         raise LowbitError(f"no quantized linears to export as {fmt}: run a quantizer, or use --format fake")
+    if act_bits < 16:
+        some = next(iter(plan.records.values())).scheme
+        check_act_format(fmt, QuantScheme(some.bits, some.group_size, some.kind, act_bits=act_bits))
     findings = Findings()
     _check_model(plan, findings)
-    _check_bits(plan, fmt, target, ct_packing, findings)
+    if act_bits < 16:
+        _check_w8a8(plan, findings)  # engines run W8A8 with their int8 kernels, not the WNA16 ones _check_bits knows
+    else:
+        _check_bits(plan, fmt, target, ct_packing, findings)
     _check_fused(plan, target in ("vllm-gpu", "vllm-cpu"), findings)
     if fmt == "compressed-tensors":
         _check_ct_scales(plan, findings)
@@ -236,7 +307,7 @@ def validate_export(
         strict = target != "any"
         why = f"{target} requires" if strict else "vLLM and gptqmodel kernels require"
         _check_groups(plan, strict, tp, why, findings)
-    if target == "vllm-cpu":
+    if target == "vllm-cpu" and act_bits >= 16:
         _check_vllm_cpu(plan, findings)
     if findings.errors:
         more = f" ({len(findings.errors) - 1} more problem(s))" if len(findings.errors) > 1 else ""

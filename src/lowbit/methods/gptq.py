@@ -90,6 +90,9 @@ class GPTQ(BlockStage):
     name: ClassVar[str] = "gptq"
     kind: ClassVar[str] = "quantizer"
     needs_data: ClassVar[bool] = True
+    # W-A: Hessians come from the block's float activations on the (W-A) quantized chain, as QuaRot runs GPTQ
+    # before enabling its activation quantizers.
+    supports_act_quant: ClassVar[bool] = True
     summary: ClassVar[str] = "GPTQ: Hessian-based error compensation, true-sequential, act-order option"
     uses_float_chain: bool = False
     Options: ClassVar[type] = GPTQOptions

@@ -18,6 +18,7 @@ class RTN(BlockStage):
     name: ClassVar[str] = "rtn"
     kind: ClassVar[str] = "quantizer"
     needs_data: ClassVar[bool] = False
+    supports_act_quant: ClassVar[bool] = True  # the W-A baseline row (activations quantized at evaluation)
     uses_float_chain: bool = False
     summary: ClassVar[str] = "round-to-nearest with min-max scales (no data)"
 

@@ -15,9 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.engine import BlockContext, BlockStage
+from lowbit.engine.block_train import block_forward
 from lowbit.errors import LowbitError
 from lowbit.methods.frozen import frozen
-from lowbit.methods.signround_opt import TunedLinear, TuneSettings, block_forward, split_holdout, tune_block
+from lowbit.methods.signround_opt import TunedLinear, TuneSettings, split_holdout, tune_block
 from lowbit.presets import RecipePreset
 
 log = logging.getLogger(__name__)

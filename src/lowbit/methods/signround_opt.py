@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from lowbit.engine.block_train import Forward, IndexSampler, block_mse, restore, snapshot
 from lowbit.errors import LowbitError
 from lowbit.methods.signround_qdq import GroupedWeight, supports_fast_qdq
 from lowbit.quantizer import QuantizedWeight, fake_quant, quantize_weight
@@ -87,37 +87,6 @@ def sign_step(params: Sequence[Tensor], lr: float) -> None:
             param.grad = None
 
 
-class IndexSampler:
-    """Shuffled sweeps without replacement; reshuffle when fewer than `batch_size` indices remain (reference)."""
-
-    def __init__(self, indices: Tensor, batch_size: int, generator: torch.Generator) -> None:
-        self.indices = indices
-        self.batch_size = min(batch_size, len(indices))
-        self.generator = generator
-        self.order = self._shuffle()
-        self.position = 0
-
-    def _shuffle(self) -> Tensor:
-        return self.indices[torch.randperm(len(self.indices), generator=self.generator)]
-
-    def next(self) -> Tensor:
-        if self.position + self.batch_size > len(self.order):
-            self.order = self._shuffle()
-            self.position = 0
-        batch = self.order[self.position : self.position + self.batch_size]
-        self.position += self.batch_size
-        return batch
-
-
-def block_mse(output: Tensor, target: Tensor, mask_last_token: bool, denominator: int | None = None) -> Tensor:
-    """Sum of squared errors over unmasked positions / `denominator` (default: all elements, masked included)."""
-    diff = output.float() - target.float()
-    if mask_last_token:
-        diff = diff[:, :-1]
-    total = target.numel() if denominator is None else denominator
-    return diff.pow(2).sum() / total
-
-
 @dataclass
 class TuneSettings:
     """Everything the per-block loop needs, resolved from the stage options."""
@@ -147,29 +116,13 @@ class TuneResult:
     stopped_at: int | None = None
 
 
-Forward = Callable[[dict[str, Tensor], Tensor], Tensor]
-
-
-def block_forward(block: nn.Module, prefix: dict[str, str], kwargs: dict) -> Forward:
-    """A function (weights by linear name, hidden) -> block output, with the given weights swapped in."""
-
-    def run(weights: dict[str, Tensor], hidden: Tensor) -> Tensor:
-        params = {prefix[name]: weight for name, weight in weights.items()}
-        out = functional_call(block, params, (hidden,), kwargs, strict=False)
-        return out[0] if isinstance(out, tuple) else out
-
-    return run
-
-
 def _snapshot(layers: Sequence[TunedLinear]) -> list[list[Tensor]]:
-    return [[p.detach().clone() for p in layer.parameters()] for layer in layers]
+    return [snapshot(layer.parameters()) for layer in layers]
 
 
-@torch.no_grad()
-def _restore(layers: Sequence[TunedLinear], snapshot: list[list[Tensor]]) -> None:
-    for layer, saved in zip(layers, snapshot, strict=True):
-        for param, value in zip(layer.parameters(), saved, strict=True):
-            param.copy_(value)
+def _restore(layers: Sequence[TunedLinear], saved: list[list[Tensor]]) -> None:
+    for layer, values in zip(layers, saved, strict=True):
+        restore(layer.parameters(), values)
 
 
 def tune_block(

@@ -1,0 +1,213 @@
+"""InvarExplore as a model-scope transform stage (spec: invarexplore.md; paper arXiv 2502.06844).
+
+Hill climbing over FFN-neuron permutations, per-neuron scales and 2x2 rotations: one random layer per step, a
+proposal on 10% of its neurons, RTN-quantized and scored by L = CE/CE₀ + α·MSE/MSE₀ on the calibration batch;
+strict improvements only. The accepted states are folded into the float weights at the end (no runtime op), and
+the invariance record (π, s, θ per block, fp32) is returned by `artifacts()`, so it is written next to every export
+(`lowbit_artifacts.safetensors`) and a later run resumes from it (`--opt invarexplore.resume=DIR_OR_FILE`).
+
+Recipe shape (one engine, no special case): invarexplore is a *transform* that must sit right before the recipe's
+single quantizer, after any other transforms: the teacher is the float model after those transforms, the in-loop
+quantizer is RTN of the run's scheme (`proxy=rtn`), and the quantizer stage then quantizes the folded teacher.
+- `awq+invarexplore+rtn`: the paper's main row and the reference code. The rtn stage reproduces the final in-loop
+  student bit for bit (checked at the fold: `fold_check` in the run record).
+- `invarexplore+gptq`, `awq+invarexplore+gptq`, `invarexplore+signround`, ...: spec §8's `rtn_proxy`, RTN in the
+  loop on the float (or transformed) teacher, the base quantizer once on the folded model. `gptq_exact` and
+  OmniQuant's frozen-LWC inner quantizer are not implemented (OmniQuant's LWC is a quantizer, so it cannot run
+  before this stage in a recipe).
+A recipe with a transform after invarexplore, without a quantizer after it, or with it twice is refused when the
+recipe is parsed. Strict-improvement acceptance means the objective never rises above the base's; the run record
+holds the initial and final objective.
+
+Evaluation: `evaluation=incremental` (default) re-quantizes only the changed rows / groups and re-runs only the
+changed layer's FFN, the layers after it and a chunked head (`methods/invarexplore_eval.py`); `naive` is the
+reference's full re-evaluation (same decisions, the speed baseline). A step budget is deterministic for a seed; a
+time budget is not (the record says which).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from lowbit.engine import ModelContext, ModelStage
+from lowbit.errors import LowbitError
+from lowbit.methods.invarexplore_search import InvarSearch
+from lowbit.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InvarExploreOptions:
+    """InvarExplore's options; defaults follow the reference README (swap 10%, σ_s 1e-2, σ_rot 1e-5, α 0.1)."""
+
+    max_steps: int = field(default=10_000, metadata={"help": "total proposals, including those of a resumed record"})
+    max_seconds: float | None = field(default=None, metadata={"help": "also stop after this many seconds of search"})
+    patience: int | None = field(default=None, metadata={"help": "also stop after this many rejections in a row"})
+    permute: bool = field(default=True, metadata={"help": "propose neuron permutations"})
+    scale: bool = field(default=True, metadata={"help": "propose per-neuron scales (up rows / s, down columns * s)"})
+    rotate: bool = field(default=True, metadata={"help": "propose 2x2 rotations of neuron pairs (near-invariant)"})
+    rotation_target: Literal["up_down", "gate_up_down"] = field(
+        default="up_down", metadata={"help": "SwiGLU: rotate up and down only, or gate too (spec §5)"}
+    )
+    swap_frac: float = field(default=0.1, metadata={"help": "fraction of a layer's neurons one proposal touches"})
+    sigma_scale: float = field(default=1e-2, metadata={"help": "std of the additive scale random walk"})
+    sigma_rot: float = field(default=1e-5, metadata={"help": "std of the angle random walk (radians)"})
+    alpha: float = field(default=0.1, metadata={"help": "weight of the monitored-layer MSE term (CE weighs 1)"})
+    monitored_layers: int = field(default=10, metadata={"help": "dilated subset of layers whose outputs are matched"})
+    positive_scale_guard: bool = field(
+        default=True, metadata={"help": "reject proposals with a scale <= min_scale (off = the reference)"}
+    )
+    min_scale: float = field(default=0.05, metadata={"help": "smallest scale the guard lets through"})
+    samples: int = field(default=32, metadata={"help": "calibration windows in the search batch (paper: 32 x 512)"})
+    seqlen: int | None = field(default=None, metadata={"help": "crop the search windows to this many tokens"})
+    batch_size: int = field(default=8, metadata={"help": "windows per forward pass inside one evaluation"})
+    ce_chunk: int = field(default=1024, metadata={"help": "tokens per lm_head chunk of the cross-entropy"})
+    head_bf16: bool = field(
+        default=False, metadata={"help": "incremental path: lm_head in bf16 (faster, not exact; off = fp32, spec §6)"}
+    )
+    evaluation: Literal["incremental", "naive"] = field(
+        default="incremental", metadata={"help": "incremental (fast) or naive full re-evaluation (reference)"}
+    )
+    proxy: Literal["rtn"] = field(
+        default="rtn", metadata={"help": "in-loop quantizer: RTN of the scheme (exact before rtn, a proxy otherwise)"}
+    )
+    log_every: int = field(default=100, metadata={"help": "steps between log rows in the run record"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    resume: str | None = field(default=None, metadata={"help": "start from a saved record (file or export dir)"})
+    checkpoint: str | None = field(default=None, metadata={"help": "write the record here every log_every steps"})
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _validate(o: InvarExploreOptions) -> None:
+    """One clear message per bad value, raised when the configuration is built (before any model is loaded)."""
+    if o.max_steps < 1:
+        raise LowbitError(
+            f"invarexplore.max_steps={o.max_steps} gives the search no budget: set a positive step budget "
+            "(e.g. --opt invarexplore.max_steps=1000), or drop invarexplore from the recipe"
+        )
+    if o.max_seconds is not None and o.max_seconds <= 0:
+        raise LowbitError(f"invarexplore.max_seconds must be positive (or none), got {o.max_seconds}")
+    for name in ("patience", "seqlen"):
+        value = getattr(o, name)
+        if value is not None and value < 1:
+            raise LowbitError(f"invarexplore.{name} must be at least 1 (or none), got {value}")
+    for name in ("samples", "batch_size", "ce_chunk", "log_every"):
+        if getattr(o, name) < 1:
+            raise LowbitError(f"invarexplore.{name} must be at least 1, got {getattr(o, name)}")
+    if o.monitored_layers < 0:
+        raise LowbitError(f"invarexplore.monitored_layers must be 0 or more, got {o.monitored_layers}")
+    if not 0 < o.swap_frac <= 1:
+        raise LowbitError(f"invarexplore.swap_frac must be in (0, 1], got {o.swap_frac}")
+    if o.sigma_scale < 0 or o.sigma_rot < 0 or o.alpha < 0 or o.min_scale < 0:
+        raise LowbitError("invarexplore.sigma_scale, sigma_rot, alpha and min_scale must not be negative")
+    if not (o.permute or o.scale or o.rotate):
+        raise LowbitError("invarexplore has nothing to search: enable at least one of permute, scale, rotate")
+
+
+class InvarExplore(ModelStage):
+    """Discrete search over FFN invariances with a quantizer in the loop (Algorithm 1 of the paper)."""
+
+    name: ClassVar[str] = "invarexplore"
+    kind: ClassVar[str] = "transform"
+    needs_data: ClassVar[bool] = True
+    summary: ClassVar[str] = "InvarExplore: search FFN permutations/scales/rotations with RTN in the loop, folded"
+    Options: ClassVar[type] = InvarExploreOptions
+
+    def __init__(self, options: InvarExploreOptions, scheme: QuantScheme) -> None:
+        super().__init__(options, scheme)
+        self.record: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def check_recipe(cls, names: tuple[str, ...], kinds: list[str]) -> None:
+        """invarexplore once, right before the recipe's quantizer (see the module docstring)."""
+        recipe = "+".join(names)
+        if names.count(cls.name) > 1:
+            raise LowbitError(f"recipe '{recipe}' has invarexplore twice; keep one (raise its max_steps instead)")
+        index = names.index(cls.name)
+        if index == len(names) - 1:
+            raise LowbitError(
+                f"recipe '{recipe}' ends with invarexplore, which searches for the quantizer that follows it: end "
+                "the recipe with one, e.g. awq+invarexplore+rtn or invarexplore+gptq"
+            )
+        if kinds[index + 1] != "quantizer":
+            raise LowbitError(
+                f"recipe '{recipe}' puts {names[index + 1]} after invarexplore; it would change the weights the search "
+                f"optimised: put invarexplore last, right before the quantizer (e.g. {names[index + 1]}+invarexplore+"
+                f"{names[-1]})"
+            )
+
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        """The invariance record (`invarexplore.{perm,scale,angle}.<block>`, steps, accepts)."""
+        return self.record
+
+    def _windows(self, calibration: torch.Tensor | None) -> torch.Tensor:
+        o = self.options
+        if calibration is None:
+            raise LowbitError("InvarExplore needs calibration data; pass --dataset (or 'builtin')")
+        if o.samples > calibration.shape[0]:
+            raise LowbitError(
+                f"invarexplore.samples={o.samples} but the run has {calibration.shape[0]} calibration windows: "
+                f"raise --nsamples to {o.samples} or lower invarexplore.samples"
+            )
+        if o.seqlen is not None and o.seqlen > calibration.shape[1]:
+            raise LowbitError(
+                f"invarexplore.seqlen={o.seqlen} is longer than the calibration windows ({calibration.shape[1]}): "
+                "raise --seqlen or lower invarexplore.seqlen"
+            )
+        return calibration[: o.samples, : o.seqlen]
+
+    def process_model(self, ctx: ModelContext) -> None:
+        o = self.options
+        windows = self._windows(ctx.calibration)
+        search = InvarSearch(ctx.model, ctx.arch, self.scheme, windows, o, ctx.seed, ctx.device)
+        resume, start, accepts = ({}, 0, 0) if o.resume is None else search.load_record(o.resume)
+        search.prepare(resume)
+        search.counters.steps, search.counters.accepts = start, accepts
+        reason = search.run(start) if start < o.max_steps else "record already at max_steps"
+        ctx.metrics.update(self._metrics(search, start, reason))
+        self.record = search.record()
+        mismatches = search.fold()
+        ctx.metrics["fold_check"] = "bit-identical" if mismatches == 0 else f"{mismatches} FFN weights differ"
+        if mismatches:
+            log.warning("InvarExplore fold: %d FFN weights differ from the in-loop student after RTN", mismatches)
+
+    def _metrics(self, search: InvarSearch, start: int, reason: str) -> dict[str, Any]:
+        counters, objective, score = search.counters, search.objective, search.evaluator.current
+        done = counters.steps - start
+        timings = {key: round(value, 2) for key, value in sorted(search.timings.items())}
+        timings["other"] = round(search.seconds - sum(search.timings.values()), 2)
+        ids = search.evaluator.ids
+        return {
+            "method": "invarexplore",
+            "evaluation": self.options.evaluation,
+            "inner_quantizer": f"rtn {self.scheme.name} (proxy={self.options.proxy})",
+            "windows": list(ids.shape),
+            "monitored": search.monitored,
+            "ce0": round(objective.ce0, 6),
+            "mse0": float(f"{objective.mse0:.6g}"),
+            "initial_objective": search.initial,
+            "final_objective": search.best,
+            "final_ce": objective.ce(score),
+            "final_mse": objective.mse(score),
+            "resumed_from": self.options.resume,
+            "start_step": start,
+            "steps": counters.steps,
+            "accepts": counters.accepts,
+            "acceptance_rate": round(counters.accepts / max(counters.steps, 1), 4),
+            "guard_rejects": counters.guard_rejects,
+            "unchanged_rejects": counters.noop_rejects,
+            "accepts_per_layer": counters.accepts_per_layer,
+            "seconds": round(search.seconds, 2),
+            "steps_per_s": round(done / search.seconds, 4) if search.seconds > 0 else None,
+            "stop_reason": reason,
+            "deterministic": self.options.max_seconds is None,
+            "time_breakdown_s": timings,
+            "log": counters.log,
+        }
