@@ -10,6 +10,7 @@ are discarded. All of OmniQuant's options apply (`--opt desv.epochs=...`, `desv.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -86,12 +87,11 @@ class DESV(OmniQuant):
         resolved = super().resolve(ctx)
         if not self.options.desv_only:
             return resolved
-        block = resolved.block.__class__(**{**vars(resolved.block), "lwc": False, "let": False, "shift": False})
-        return Resolved(block, resolved.epochs, resolved.aug_loss, resolved.autocast)
+        block = dataclasses.replace(resolved.block, lwc=False, let=False, shift=False)
+        return dataclasses.replace(resolved, block=block)
 
     def process_block(self, ctx: BlockContext) -> None:
-        if ctx.inputs is None or ctx.targets is None:
-            raise LowbitError("desv needs calibration data; pass --dataset (or 'builtin')")
+        self.require_data(ctx)
         started = time.perf_counter()
         opts = self.options
         resolved = self.resolve(ctx)

@@ -11,6 +11,7 @@ and `--opt omniquant.warm_start=DIR` reloads them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -175,6 +176,10 @@ class OmniQuant(BlockStage):
 
     # --- the per-block pieces DESV reuses ---------------------------------------------------------------
 
+    def require_data(self, ctx: BlockContext) -> None:
+        if ctx.inputs is None or ctx.targets is None:
+            raise LowbitError(f"{self.name} needs calibration data; pass --dataset (or 'builtin')")
+
     def resolve(self, ctx: BlockContext) -> Resolved:
         return resolve_recipe(self.options, ctx.arch, self.scheme, ctx.device)
 
@@ -238,8 +243,7 @@ class OmniQuant(BlockStage):
         ctx.quantized.update(block.fold())
 
     def process_block(self, ctx: BlockContext) -> None:
-        if ctx.inputs is None or ctx.targets is None:
-            raise LowbitError("omniquant needs calibration data; pass --dataset (or 'builtin')")
+        self.require_data(ctx)
         started = time.perf_counter()
         resolved = self.resolve(ctx)
         block = self.make_block(ctx, resolved)
@@ -275,15 +279,13 @@ class LET(OmniQuant):
 
     def resolve(self, ctx: BlockContext) -> Resolved:
         resolved = super().resolve(ctx)
-        block = BlockSettings(**{**vars(resolved.block), "let": True})
-        return Resolved(block, resolved.epochs, resolved.aug_loss, resolved.autocast)
+        return dataclasses.replace(resolved, block=dataclasses.replace(resolved.block, let=True))
 
     def artifacts(self) -> dict[str, Tensor]:
         return {key.replace(f"{STATE_PREFIX}.", "let.", 1): t for key, t in self.state.items() if ".let." in key}
 
     def process_block(self, ctx: BlockContext) -> None:
-        if ctx.inputs is None or ctx.targets is None:
-            raise LowbitError("let needs calibration data; pass --dataset (or 'builtin')")
+        self.require_data(ctx)
         started = time.perf_counter()
         resolved = self.resolve(ctx)
         block = self.make_block(ctx, resolved)
