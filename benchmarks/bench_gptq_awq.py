@@ -64,9 +64,9 @@ def lowbit_row(recipe: str, scheme: str, options: dict, data_path: str, eval_seq
     config = build_config(recipe=recipe, scheme=scheme, options={**options, "engine": {"progress": False}})
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
     started = time.perf_counter()
-    records, _ = run_stages(
+    records = run_stages(
         loaded.model, arch_for(loaded.model), stages, config.scheme, data["calibration"], config.engine, config.seed
-    )
+    ).records
     seconds = time.perf_counter() - started
     ppl = perplexity(loaded.model, data["eval"], seqlen=eval_seqlen, max_windows=windows, progress=False)
     row = {"quantize_seconds": round(seconds, 3), "ppl": round(ppl.ppl, 4), "eval_windows": ppl.windows}

@@ -58,9 +58,9 @@ def train_teq(scheme: str, settings: dict, state_path: str) -> dict:
     config = build_config(recipe="teq+rtn", scheme=scheme, options={"teq": teq_options, "engine": {"progress": False}})
     teq = [spec.stage_class(spec.options, config.scheme) for spec in config.stages if spec.name == "teq"]
     started = time.perf_counter()
-    _, metrics = run_stages(
+    metrics = run_stages(
         loaded.model, arch_for(loaded.model), teq, config.scheme, calibration, config.engine, config.seed
-    )
+    ).metrics
     seconds = time.perf_counter() - started
     torch.save(loaded.model.state_dict(), state_path)
     found = metrics["teq"]

@@ -70,9 +70,9 @@ def test_awq_scaling_leaves_float_outputs_unchanged(tiny_model):
     ids = calibration_ids()
     reference = copy.deepcopy(tiny_model)
     stage = AWQ(AWQOptions(clip=False), SCHEME)
-    _, metrics = run_block_stages(
+    metrics = run_block_stages(
         tiny_model, arch_for(tiny_model), [stage], SCHEME, ids, EngineOptions(progress=False), 0
-    )
+    ).metrics
     with torch.no_grad():
         torch.testing.assert_close(tiny_model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
     for block in metrics:
@@ -87,9 +87,9 @@ def test_gqa_skips_v_to_o():
 
     model = make_llama(kv_heads=2)
     stage = AWQ(AWQOptions(clip=False), SCHEME)
-    _, metrics = run_block_stages(
+    metrics = run_block_stages(
         model, arch_for(model), [stage], SCHEME, calibration_ids(), EngineOptions(progress=False), 0
-    )
+    ).metrics
     assert metrics[0]["awq_scale"]["skipped"] == ["self_attn.v_proj"]
     assert "self_attn.v_proj" not in metrics[0]["awq_scale"]
 
@@ -151,9 +151,9 @@ def test_clip_leaves_q_and_k_untouched_and_is_deterministic(tiny_model):
     opts = [AWQOptions(clip=False), AWQOptions(), AWQOptions()]
     metrics = []
     for model, opt in zip(models, opts, strict=True):
-        _, m = run_block_stages(
+        m = run_block_stages(
             model, arch_for(model), [AWQ(opt, SCHEME)], SCHEME, ids, EngineOptions(progress=False), 0
-        )
+        ).metrics
         metrics.append(m)
     arch = arch_for(tiny_model)
     for index in range(2):

@@ -49,8 +49,13 @@ def test_captured_inputs_replay_to_the_models_own_block_outputs(tiny_model):
 def test_rtn_through_the_engine_equals_rtn_applied_directly(tiny_model):
     reference = rtn_quantize_model(copy.deepcopy(tiny_model), arch_for(tiny_model), SCHEME)
     arch = arch_for(tiny_model)
-    records, metrics = run_block_stages(
-        tiny_model, arch, [RTN(NoOptions(), SCHEME)], SCHEME, None, EngineOptions(progress=False), seed=0
+    records, metrics = (
+        (
+            found := run_block_stages(
+                tiny_model, arch, [RTN(NoOptions(), SCHEME)], SCHEME, None, EngineOptions(progress=False), seed=0
+            )
+        ).records,
+        found.metrics,
     )
     assert records.keys() == reference.keys()
     assert len(metrics) == 2
@@ -113,7 +118,7 @@ def test_engine_is_deterministic(tiny_model):
     runs = []
     for _ in range(2):
         model = copy.deepcopy(tiny_model)
-        records, _ = run_block_stages(
+        records = run_block_stages(
             model,
             arch,
             [RecordingRTN(NoOptions(), SCHEME)],
@@ -121,7 +126,7 @@ def test_engine_is_deterministic(tiny_model):
             ids,
             EngineOptions(progress=False),
             seed=3,
-        )
+        ).records
         runs.append(records)
     for name in runs[0]:
         assert torch.equal(runs[0][name].codes, runs[1][name].codes)

@@ -131,7 +131,8 @@ def calibration_ids(n=8, length=32, seed=0):
 
 
 def run_engine(model, stage, scheme, ids):
-    return run_block_stages(model, arch_for(model), [stage], scheme, ids, EngineOptions(progress=False), seed=0)
+    found = run_block_stages(model, arch_for(model), [stage], scheme, ids, EngineOptions(progress=False), seed=0)
+    return found.records, found.metrics
 
 
 def block0_error(model, reference, ids):

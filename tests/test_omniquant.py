@@ -329,8 +329,11 @@ def test_let_transform_before_another_quantizer(tiny_opt_dir, text_file):
     config = _build(recipe="let+rtn", scheme="w8g32", options={"let": {"epochs": 1}})
     let_stage = config.stages[0].stage_class(config.stages[0].options, config.scheme)
     calib = load_calibration(loaded.tokenizer, str(text_file), nsamples=4, seqlen=16, seed=0).input_ids
-    records, metrics = run_stages(
-        loaded.model, _arch(loaded.model), [let_stage], config.scheme, calib, config.engine, 0
+    records, metrics = (
+        (
+            found := run_stages(loaded.model, _arch(loaded.model), [let_stage], config.scheme, calib, config.engine, 0)
+        ).records,
+        found.metrics,
     )
     assert not records and metrics["let"][0]["let"]["steps"] == 4
     with torch.no_grad():

@@ -34,8 +34,13 @@ def calibration_ids(n=8, length=16, vocab=320, seed=0):
 
 def run_signround(model, scheme=W2, seed=0, **options):
     stage = SignRound(SignRoundOptions(**{"iters": 8, "batch_size": 4, **options}), scheme)
-    records, metrics = run_block_stages(
-        model, arch_for(model), [stage], scheme, calibration_ids(), EngineOptions(progress=False), seed=seed
+    records, metrics = (
+        (
+            found := run_block_stages(
+                model, arch_for(model), [stage], scheme, calibration_ids(), EngineOptions(progress=False), seed=seed
+            )
+        ).records,
+        found.metrics,
     )
     return records, metrics
 

@@ -8,15 +8,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lowbit.actquant import activation_record, install_activation_quant, installed_act_bits
 from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_calibration
 from lowbit.engine.pipeline import run_stages
+from lowbit.engine.workdir import WorkDir, model_digest, tensor_digest
 from lowbit.errors import LowbitError
 from lowbit.export import ARTIFACTS_FILE
 from lowbit.models import LoadedModel, load_model
-from lowbit.record import package_versions, peak_rss_mb
+from lowbit.record import determinism_record, package_versions, peak_rss_mb
 from lowbit.result import QuantizedModel
 from lowbit.scheme import QuantScheme
 
@@ -34,11 +37,15 @@ def quantize(
     seed: int | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     recipe_file: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> QuantizedModel:
     """Quantize `model` (HF id, local directory, an already loaded model, or None for the embedded default).
 
     `options` maps a stage name (or "engine") to its options, e.g. {"engine": {"batch_size": 4}}; the same
-    names as `--opt` on the command line. A LoadedModel passed in is quantized in place.
+    names as `--opt` on the command line. A LoadedModel passed in is quantized in place. With `work_dir`, every
+    finished block and model stage is checkpointed there, `resume=True` continues an interrupted run from it,
+    and `QuantizedModel.save` removes it once the export is written.
     """
     config = build_config(
         recipe=recipe,
@@ -51,10 +58,30 @@ def quantize(
         recipe_file=recipe_file,
     )
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    return run_quantization(loaded, config)
+    return run_quantization(loaded, config, work_dir=work_dir, resume=resume)
 
 
-def run_quantization(loaded: LoadedModel, config: QuantizeConfig) -> QuantizedModel:
+def settings_fingerprint(config: QuantizeConfig) -> dict[str, Any]:
+    """The settings part of a run's fingerprint (checkable before the model is loaded)."""
+    settings = config.to_dict()
+    settings["options"]["engine"].pop("progress", None)  # display only
+    return settings
+
+
+def run_fingerprint(loaded: LoadedModel, config: QuantizeConfig, calibration: torch.Tensor | None) -> dict[str, Any]:
+    """What must match for checkpoints to be reused: model files, settings, calibration tokens, versions."""
+    versions = package_versions()
+    return {
+        "model": {"name": loaded.name, "files": model_digest(loaded.path) if loaded.path.is_dir() else None},
+        "config": settings_fingerprint(config),
+        "calibration_sha256": tensor_digest(calibration),
+        "versions": {key: versions[key] for key in ("lowbit", "torch", "transformers")},
+    }
+
+
+def run_quantization(
+    loaded: LoadedModel, config: QuantizeConfig, *, work_dir: str | Path | None = None, resume: bool = False
+) -> QuantizedModel:
     """Run a validated config on a loaded model (in place) and assemble the result with its run record."""
     started = time.perf_counter()
     arch = arch_for(loaded.model)
@@ -72,8 +99,17 @@ def run_quantization(loaded: LoadedModel, config: QuantizeConfig) -> QuantizedMo
     data_seconds = time.perf_counter() - started
 
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
+    work = None
+    if work_dir is not None:
+        work = WorkDir.open(work_dir, run_fingerprint(loaded, config, calibration), resume=resume)
     tuned = time.perf_counter()
-    records, metrics = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed)
+    try:
+        found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed, work)
+    except BaseException:
+        if work is not None and not work.holds_progress():
+            work.remove()  # nothing to resume: leave no trace
+        raise
+    records, metrics = found.records, found.metrics
     quantize_seconds = time.perf_counter() - tuned
     log.info("quantized %d linears with %s in %.1fs", len(records), config.recipe, quantize_seconds)
     # A W-A result *is* a W-A model: its activation quantizers stay installed for every later forward (perplexity,
@@ -92,13 +128,17 @@ def run_quantization(loaded: LoadedModel, config: QuantizeConfig) -> QuantizedMo
         "timings": {
             "data_seconds": round(data_seconds, 3),
             "quantize_seconds": round(quantize_seconds, 3),
+            "checkpoint_seconds": round(found.checkpoint_seconds, 3),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         },
         "stages": metrics,
         "quantized_linears": len(records),
         "activation": activation_record(config.scheme.act_bits),
+        "determinism": determinism_record(),
     }
-    artifacts = {name: t for stage in stages for name, t in stage.artifacts().items()}
+    if work is not None:
+        record["checkpoints"] = {"work_dir": str(work.path), "resumed": resume}
+    artifacts = found.artifacts
     if artifacts:
         record["artifacts"] = {"file": ARTIFACTS_FILE, "tensors": len(artifacts)}
-    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts, act_handle)
+    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts, act_handle, work)

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import shutil
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    from lowbit.config import QuantizeConfig
 
 log = logging.getLogger("lowbit")
 
@@ -25,6 +33,19 @@ def _add_eval_flags(parser: argparse.ArgumentParser, dataset_flag: str) -> None:
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
 
 
+def _add_load_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickle weights (pytorch_model.bin, *.pt): they can run code when loaded; trusted sources only",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accept a model that needs code from its repository (auto_map); trusted sources only",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization of LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -32,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     quant = commands.add_parser("quantize", help="quantize a model and optionally export it")
     quant.add_argument("model", nargs="?", default=None, help="HF id or local directory (default: embedded SmolLM2)")
+    _add_load_flags(quant)
     quant.add_argument("--recipe", default=None, help="stages joined by '+', e.g. rtn (default rtn)")
     quant.add_argument("--scheme", default=None, help="e.g. w4g128, w3g128, w2g128, w4g-1, w4g128-sym (default w4g128)")
     quant.add_argument(
@@ -58,12 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="compressed-tensors packing of 3/5/6/7-bit weights: dense (>= 0.20) or legacy (older loaders)",
     )
-    quant.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    quant.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output directory (and discard its checkpoints)"
+    )
+    quant.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its checkpoints (same command otherwise; needs --out)",
+    )
+    quant.add_argument(
+        "--no-checkpoint",
+        action="store_true",
+        help="do not checkpoint finished blocks next to --out (an interrupted run then cannot resume)",
+    )
     quant.add_argument("--eval", action="store_true", help="report perplexity before and after quantization")
     _add_eval_flags(quant, "--eval-dataset")
 
     evaluate = commands.add_parser("eval", help="perplexity of a model directory, HF id, or export")
     evaluate.add_argument("model", nargs="?", default=None, help="directory or HF id (default: embedded SmolLM2)")
+    _add_load_flags(evaluate)
     _add_eval_flags(evaluate, "--ppl")
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -107,13 +142,15 @@ def _quantize(args: argparse.Namespace) -> int:
     check_act_format(args.format, config.scheme)  # W-A schemes a packed format cannot hold: before any work
     if args.out is not None:
         check_output_dir(args.out, args.overwrite)
-    loaded = load_model(args.model)
+    work_dir = _work_dir(args, config)
+    loaded = load_model(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    _preflight(args, config, loaded.model, work_dir is not None)  # before any calibration or forward
     before = (
         _evaluate(loaded.model, loaded.tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows)
         if args.eval
         else {}
     )
-    result = run_quantization(loaded, config)
+    result = run_quantization(loaded, config, work_dir=work_dir, resume=args.resume)
     if args.eval:
         after = _evaluate(result.model, result.tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows)
         result.record["evaluation"] = {"before": before, "after": after}
@@ -140,6 +177,48 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _work_dir(args: argparse.Namespace, config: QuantizeConfig) -> Path | None:
+    """The checkpoint directory next to --out (None without --out or with --no-checkpoint), checked early."""
+    from lowbit.api import settings_fingerprint
+    from lowbit.engine.workdir import WorkDir, work_dir_for
+
+    if args.resume and (args.out is None or args.no_checkpoint):
+        raise LowbitError("--resume continues the checkpoints kept next to --out: pass the same --out as the first run")
+    if args.out is None or args.no_checkpoint:
+        return None
+    work = work_dir_for(args.out)
+    if work.exists() and args.overwrite and not args.resume:
+        log.warning("--overwrite: discarding the checkpoints of an earlier run in %s", work)
+        shutil.rmtree(work)
+    WorkDir.check(work, settings_fingerprint(config), resume=args.resume)
+    return work
+
+
+def _preflight(args: argparse.Namespace, config: QuantizeConfig, model: object, checkpoints: bool) -> None:
+    """Refuse in seconds what would fail only at export: the format against the scheme and the model's shapes
+    (e.g. compressed-tensors g128 on in_features 576), an unsupported family, too little free space for --out
+    (and its checkpoints)."""
+    from lowbit.arch import arch_for
+    from lowbit.engine.workdir import estimate_checkpoint_bytes
+    from lowbit.export.space import check_free_space, estimate_export_bytes
+    from lowbit.export.validate import preflight_export
+
+    arch = arch_for(model)
+    preflight_export(model, arch, config.scheme, args.format, args.target, args.tp, args.ct_packing)
+    if args.out is not None:
+        needed = estimate_export_bytes(model, config.scheme, args.format)
+        if checkpoints:
+            needed += estimate_checkpoint_bytes(model, config.nsamples, config.seqlen)
+        check_free_space(args.out, needed)
+
+
+def _locked(out: str | None) -> contextlib.AbstractContextManager:
+    """One run at a time per --out: a second process aimed at the same directory fails at once."""
+    from lowbit.export.atomic import output_lock
+
+    return output_lock(out) if out is not None else contextlib.nullcontext()
+
+
 def _eval(args: argparse.Namespace) -> int:
     from lowbit.actquant import act_bits_of, activation_record
     from lowbit.export.load import load, packed_method
@@ -147,7 +226,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     method = packed_method(args.model) if args.model is not None else None
     # lowbit.load also reads a fake export's run record and installs its activation quantizers (W-A schemes)
-    loaded = load(args.model) if args.model is not None else load_model(None)
+    risks = {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
+    loaded = load(args.model, **risks) if args.model is not None else load_model(None, **risks)
     if method is not None:
         print(f"loaded {method} export {args.model} on lowbit's packed CPU runtime")
     activation = activation_record(act_bits_of(loaded.model))
@@ -198,21 +278,36 @@ def _recipes() -> int:
     return 0
 
 
+def _raise_interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None  # stop as cleanly as Ctrl-C
     try:
         if args.command == "quantize":
-            return _quantize(args)
+            with _locked(args.out):
+                return _quantize(args)
         if args.command == "eval":
             return _eval(args)
         return _recipes()
     except LowbitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resumable = args.command == "quantize" and getattr(args, "out", None) and not args.no_checkpoint
+        hint = "; finished blocks are kept: re-run the same command with --resume to continue" if resumable else ""
+        print(f"error: interrupted{hint}", file=sys.stderr)
+        return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Precedence: stage defaults < recipe file < explicit arguments (CLI flags / `--op
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping
@@ -120,13 +121,20 @@ def _coerce(value: Any, target: Any, where: str) -> Any:
     return value
 
 
+def did_you_mean(word: str, choices: Any) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close: typos name their fix."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def build_options(options_class: type, values: Mapping[str, Any], owner: str) -> Any:
     """Instantiate an options dataclass from loose values, naming unknown options and bad types."""
     types_by_name = _field_types(options_class)
     unknown = sorted(set(values) - set(types_by_name))
     if unknown:
         valid = ", ".join(sorted(types_by_name)) or "none"
-        raise LowbitError(f"unknown option '{owner}.{unknown[0]}'; options of '{owner}': {valid}")
+        hint = did_you_mean(unknown[0], types_by_name)
+        raise LowbitError(f"unknown option '{owner}.{unknown[0]}'{hint}; options of '{owner}': {valid}")
     typed = {key: _coerce(value, types_by_name[key], f"option {owner}.{key}") for key, value in values.items()}
     return options_class(**typed)
 
@@ -156,7 +164,10 @@ def parse_recipe(recipe: str) -> tuple[str, ...]:
         raise LowbitError("empty recipe; use e.g. --recipe rtn (see `lowbit recipes`)")
     for name in names:
         if name not in STAGES:
-            raise LowbitError(f"unknown stage '{name}' in recipe '{recipe}'; available: {', '.join(sorted(STAGES))}")
+            hint = did_you_mean(name, STAGES)
+            raise LowbitError(
+                f"unknown stage '{name}' in recipe '{recipe}'{hint}; available: {', '.join(sorted(STAGES))}"
+            )
     if {"teq", "awq"} <= set(names):
         raise LowbitError(
             f"recipe '{recipe}' combines teq and awq, which both set per-channel scales on the same groups; keep one"
@@ -188,7 +199,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise LowbitError(f"recipe file '{path}' must be a mapping with keys {', '.join(FILE_KEYS)}")
     unknown = sorted(set(data) - set(FILE_KEYS))
     if unknown:
-        raise LowbitError(f"recipe file '{path}': unknown key '{unknown[0]}'; allowed: {', '.join(FILE_KEYS)}")
+        hint = did_you_mean(unknown[0], FILE_KEYS)
+        raise LowbitError(f"recipe file '{path}': unknown key '{unknown[0]}'{hint}; allowed: {', '.join(FILE_KEYS)}")
     return data
 
 

@@ -24,6 +24,7 @@ import torch
 
 from lowbit.data import hub_reachable
 from lowbit.errors import LowbitError
+from lowbit.safeload import check_finite_weights, check_model_dir, safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +87,28 @@ def resolve_model_path(model: str | None, *, cache_dir: Path | None = None) -> P
     return _resolve_hub_id(model)
 
 
-def load_model(model: str | None, *, dtype: torch.dtype = torch.float32, cache_dir: Path | None = None) -> LoadedModel:
-    """Load model and tokenizer in eval mode; reads the checkpoint and never writes to it."""
+def load_model(
+    model: str | None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model and tokenizer in eval mode; reads the checkpoint and never writes to it.
+
+    Weights come only from safetensors unless `allow_pickle` (pickle files can run code when loaded); a config
+    that needs code from the model repository is refused unless `trust_remote_code`. Every problem a user can fix
+    is checked before the weights are read, and the loaded weights are checked for NaN/Inf once.
+    """
     path = resolve_model_path(model, cache_dir=cache_dir)
-    tokenizer = _load_tokenizer(path)
+    check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    tokenizer = _load_tokenizer(path, trust_remote_code)
     logger.info("loading model from %s (%s)", path, dtype)
-    hf_model = _load_causal_lm(path, dtype)
+    use_safetensors = bool(safetensors_files(path))
+    hf_model = _load_causal_lm(path, dtype, use_safetensors=use_safetensors, trust_remote_code=trust_remote_code)
     hf_model.eval()
+    check_finite_weights(hf_model, path)
     return LoadedModel(model=hf_model, tokenizer=tokenizer, name=model or DEFAULT_MODEL_ID, path=path)
 
 
@@ -100,6 +116,11 @@ def load_model(model: str | None, *, dtype: torch.dtype = torch.float32, cache_d
 
 
 def _checked_model_dir(path: Path) -> Path:
+    if not any(path.iterdir()):
+        raise LowbitError(
+            f"model directory '{path}' is empty; pass a Hugging Face model directory with config.json, weights "
+            "and tokenizer files (as written by save_pretrained), or download the model again"
+        )
     if not (path / "config.json").is_file():
         raise LowbitError(
             f"model directory '{path}' has no config.json; pass a Hugging Face model directory "
@@ -151,11 +172,11 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else "no details"
 
 
-def _load_tokenizer(path: Path) -> Any:
+def _load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise LowbitError(
             f"could not load the tokenizer from '{path}' ({type(e).__name__}: {_first_line(e)}); "
@@ -163,11 +184,15 @@ def _load_tokenizer(path: Path) -> Any:
         ) from e
 
 
-def _load_causal_lm(path: Path, dtype: torch.dtype) -> Any:
+def _load_causal_lm(
+    path: Path, dtype: torch.dtype, *, use_safetensors: bool = True, trust_remote_code: bool = False
+) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=use_safetensors, trust_remote_code=trust_remote_code
+        )
     except Exception as e:
         raise LowbitError(
             f"could not load the model checkpoint at '{path}' ({type(e).__name__}: {_first_line(e)}); "

@@ -7,6 +7,8 @@ import resource
 import sys
 from importlib import metadata
 
+import torch
+
 
 def package_versions() -> dict[str, str]:
     """Versions of lowbit and the libraries that change numbers."""
@@ -22,3 +24,14 @@ def package_versions() -> dict[str, str]:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def determinism_record() -> dict[str, object]:
+    """What limits byte-identical reruns: results are bit-reproducible for the same inputs, seed, versions and
+    these settings (BLAS reductions may be ordered differently under another thread count or CPU)."""
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "blas": "mkl" if torch.backends.mkl.is_available() else "other",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }

@@ -13,9 +13,11 @@ from lowbit.actquant import ActQuantHandle, activation_quant
 from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig
 from lowbit.data import load_eval
+from lowbit.engine.workdir import WorkDir
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import PerplexityResult, perplexity
 from lowbit.export import FORMATS, PACKED_FORMATS, atomic_output_dir, prepare_packed, write_artifacts, write_fake
+from lowbit.export.space import estimate_export_bytes
 from lowbit.export.validate import check_act_format
 from lowbit.quantizer import QuantizedWeight
 
@@ -28,7 +30,8 @@ class QuantizedModel:
 
     `weights` maps each quantized linear's full module name to its codes/scale/zero record; exports are built
     from these records, never re-derived from floats. `artifacts` holds what stages kept for reuse (AWQ's
-    scales and clips); every export writes them to `lowbit_artifacts.safetensors`. For a weight-activation scheme
+    scales and clips); every export writes them to `lowbit_artifacts.safetensors`. `work` is the checkpoint
+    directory of a run that had one; the first successful `save` removes it. For a weight-activation scheme
     `act_quant` holds the activation quantizers installed on `model` (`act_quant.remove()` gives the weight-only
     twin; `perplexity` applies them again regardless).
     """
@@ -40,6 +43,7 @@ class QuantizedModel:
     record: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Tensor] = field(default_factory=dict)
     act_quant: ActQuantHandle | None = None
+    work: WorkDir | None = None  # the run's checkpoints, removed once an export is written
 
     def perplexity(
         self, dataset: str | None = "auto", *, seqlen: int = 2048, max_windows: int | None = None
@@ -84,11 +88,15 @@ class QuantizedModel:
                 act_bits=self.config.scheme.act_bits,
             )
             record["export"] = {"target": target, "tp": tp, "ct_packing": ct_packing, "warnings": prepared.warnings}
-        with atomic_output_dir(out, overwrite) as temp:
+        needed = estimate_export_bytes(self.model, self.config.scheme, format)
+        with atomic_output_dir(out, overwrite, needed_bytes=needed) as temp:
             if prepared is None:
                 write_fake(temp, self.model, self.tokenizer, record)
             else:
                 prepared.write(temp, self.tokenizer, record)
             write_artifacts(temp, self.artifacts)
         log.info("wrote %s export to %s", format, out)
+        if self.work is not None:
+            self.work.remove()
+            self.work = None
         return Path(out)

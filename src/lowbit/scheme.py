@@ -18,7 +18,8 @@ from lowbit.errors import LowbitError
 SCHEME_KINDS = ("asym", "sym", "sym_full", "sym_omni")
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_NAME_PATTERN = re.compile(r"w(\d)(?:a(\d+))?(?:g(-1|\d+))?(?:-(sym|sym_full|sym_omni|asym))?")
+# g accepts any signed integer so that QuantScheme names a bad group (w4g-2) instead of "unknown scheme"
+_NAME_PATTERN = re.compile(r"w(\d)(?:a(\d+))?(?:g(-?\d+))?(?:-(sym|sym_full|sym_omni|asym))?")
 _PATTERN_HELP = (
     "w<bits>g<group>[-sym|-sym_full|-sym_omni|-asym], e.g. w4g128, w4g-1 (per channel), w2g64-sym_full, or "
     "w<bits>a<act bits>[g<group>][-kind] for weight-activation schemes, e.g. w4a4, w6a6, w8a8 (per channel)"

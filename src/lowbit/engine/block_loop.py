@@ -15,6 +15,7 @@ from lowbit.arch import ArchSpec
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.context import BlockContext
 from lowbit.engine.stage import BlockStage
+from lowbit.engine.workdir import GroupCheckpoint
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
@@ -62,6 +63,37 @@ def _chain_choice(stages: list[BlockStage], default: bool) -> bool:
     return wanted.pop() if wanted else default
 
 
+@dataclass
+class GroupResult:
+    """What a group of stages produced: quantized records by full module name, metrics, artifacts restored from
+    checkpoints (the live stages' `artifacts()` hold only what they computed in this process)."""
+
+    records: dict[str, QuantizedWeight] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
+    checkpoint_seconds: float = 0.0  # time spent writing checkpoints (the cost of being resumable)
+
+
+def _all_artifacts(stages: list[BlockStage]) -> dict[str, torch.Tensor]:
+    return {name: t for stage in stages for name, t in stage.artifacts().items()}
+
+
+def _restore(
+    checkpoint: GroupCheckpoint, blocks: nn.ModuleList, arch: ArchSpec, result: GroupResult, log_progress: bool
+) -> int:
+    """Reload the finished blocks of an interrupted run into `blocks` and `result`; returns how many."""
+    done = checkpoint.finished_blocks()
+    for index in done:
+        state = checkpoint.load_block(index, blocks[index])
+        name = arch.block_name(index)
+        result.records.update({f"{name}.{key}": record for key, record in state.records.items()})
+        result.artifacts.update(state.artifacts)
+        result.metrics.append(state.metrics)
+    if done and log_progress:
+        log.info("resumed: blocks 0-%d reloaded from %s", done[-1], checkpoint.path)
+    return len(done)
+
+
 def run_block_stages(
     model: nn.Module,
     arch: ArchSpec,
@@ -70,12 +102,14 @@ def run_block_stages(
     calibration: torch.Tensor | None,
     options: EngineOptions,
     seed: int,
-) -> tuple[dict[str, QuantizedWeight], list[dict[str, Any]]]:
+    checkpoint: GroupCheckpoint | None = None,
+) -> GroupResult:
     """Run block-scope stages over every decoder block, in place on `model`.
 
     Returns the quantized records (full module name -> record; empty when no stage is a quantizer) and the
     per-block metrics for the run record. With `quantized_input`, block i+1 sees the quantized block i's output
-    on its own (quantized-chain) input; otherwise it sees the float chain.
+    on its own (quantized-chain) input; otherwise it sees the float chain. With a `checkpoint`, every finished
+    block is saved and an interrupted run continues after its last finished block.
     """
     device = torch.device(options.device)
     quantized_input = _chain_choice(stages, options.quantized_input)
@@ -84,6 +118,11 @@ def run_block_stages(
     float_chain = needs_data and (
         not (quantized_input and has_quantizer) or any(stage.uses_float_chain for stage in stages)
     )
+    blocks = arch.blocks(model)
+    result = GroupResult()
+    first = _restore(checkpoint, blocks, arch, result, options.progress) if checkpoint else 0
+    if first == len(blocks):
+        return result
     fp_in = q_in = None
     kwargs: dict[str, Any] = {}
     if needs_data:
@@ -95,10 +134,11 @@ def run_block_stages(
         fp_in = q_in = captured.hidden
         kwargs = captured.kwargs
 
-    blocks = arch.blocks(model)
-    records: dict[str, QuantizedWeight] = {}
-    metrics: list[dict[str, Any]] = []
-    bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not options.progress)
+    if first and needs_data:
+        chain = checkpoint.load_chain(first)
+        q_in = chain["q_in"]
+        fp_in = chain.get("fp_in", q_in)
+    bar = tqdm(range(first, len(blocks)), desc="blocks", unit="block", disable=not options.progress)
     for index in bar:
         start = time.perf_counter()
         ctx = BlockContext(
@@ -116,10 +156,11 @@ def run_block_stages(
         )
         if float_chain:
             ctx.targets = ctx.run(fp_in)
+        known = set(_all_artifacts(stages)) if checkpoint else set()
         for stage in stages:
             stage.process_block(ctx)
-        if has_quantizer:
-            records.update(_write_quantized(ctx))
+        block_records = _write_quantized(ctx) if has_quantizer else {}
+        result.records.update(block_records)
         if needs_data:
             fp_in = ctx.targets
             if quantized_input and has_quantizer:
@@ -128,6 +169,22 @@ def run_block_stages(
             else:
                 q_in = fp_in
         ctx.metrics["seconds"] = round(time.perf_counter() - start, 3)
-        metrics.append({"block": index, **ctx.metrics})
+        result.metrics.append({"block": index, **ctx.metrics})
+        if checkpoint:
+            fresh = {k: t for k, t in _all_artifacts(stages).items() if k not in known}
+            relative = {key.removeprefix(f"{ctx.name}."): record for key, record in block_records.items()}
+            last = index == len(blocks) - 1
+            chain = None if last or not needs_data else _chain_tensors(q_in, fp_in)
+            saving = time.perf_counter()
+            checkpoint.save_block(index, ctx.block, relative, fresh, result.metrics[-1], chain)
+            result.checkpoint_seconds += time.perf_counter() - saving
         log.debug("block %d done in %.2fs", index, ctx.metrics["seconds"])
-    return records, metrics
+    return result
+
+
+def _chain_tensors(q_in: torch.Tensor, fp_in: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The next block's inputs; the float chain only when it is a separate tensor."""
+    chain = {"q_in": q_in}
+    if fp_in is not None and fp_in is not q_in:
+        chain["fp_in"] = fp_in
+    return chain

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lowbit.errors import LowbitError
+
 log = logging.getLogger(__name__)
 
 AUTOCAST_MODES = ("off", "bf16", "fp16")
@@ -192,6 +194,12 @@ def train_epochs(
                 if aug_targets is not None:
                     loss = loss + torch.nn.functional.mse_loss(out.float(), aug_targets[part].to(device).float())
             value = float(loss.detach())
+            if not math.isfinite(value) and record.steps == 0:
+                raise LowbitError(
+                    "the quantized block's loss is NaN/Inf before any training step: its initial transform "
+                    "overflows; check the model's weights for extreme values, or try without LET "
+                    "(--opt omniquant.let=false)"
+                )
             if not math.isfinite(value):
                 restore(params, last_finite)
                 record.nonfinite_at = record.steps
@@ -215,5 +223,9 @@ def train_epochs(
             record.epoch_losses.append(total / count)
         if record.nonfinite_at is not None:
             break
+    if record.nonfinite_at is None and not all(bool(torch.isfinite(p).all()) for p in params):
+        restore(params, last_finite)  # the last step's update itself overflowed (finite loss, non-finite grads)
+        record.nonfinite_at = record.steps
+        log.warning("non-finite parameters after step %d: restored the last finite parameters", record.steps)
     record.seconds = time.perf_counter() - started
     return record

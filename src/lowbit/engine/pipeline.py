@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -10,8 +12,37 @@ from torch import nn
 from lowbit.arch import ArchSpec
 from lowbit.engine.block_loop import EngineOptions, run_block_stages
 from lowbit.engine.stage import BlockStage, ModelContext, ModelStage, Stage
+from lowbit.engine.workdir import WorkDir
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
+
+
+@dataclass
+class PipelineResult:
+    """Quantized records by full module name, metrics per stage group, and every stage's artifacts (also those
+    of groups and blocks restored from checkpoints, which the live stages never computed)."""
+
+    records: dict[str, QuantizedWeight] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
+    checkpoint_seconds: float = 0.0
+
+
+def stage_groups(stages: list[Stage]) -> list[list[Stage]]:
+    """Consecutive block-scope stages form one group (one block loop); each model-scope stage is its own."""
+    groups: list[list[Stage]] = []
+    for stage in stages:
+        # dispatch on the instance's scope: a stage may pick its scope from its options (TEQ's loss)
+        if stage.scope == "block" and isinstance(stage, BlockStage):
+            if groups and groups[-1][0].scope == "block":
+                groups[-1].append(stage)
+            else:
+                groups.append([stage])
+        elif stage.scope == "model" and isinstance(stage, ModelStage):
+            groups.append([stage])
+        else:
+            raise TypeError(f"stage {stage.name} is neither a BlockStage nor a ModelStage")
+    return groups
 
 
 def run_stages(
@@ -22,29 +53,35 @@ def run_stages(
     calibration: torch.Tensor | None,
     options: EngineOptions,
     seed: int,
-) -> tuple[dict[str, QuantizedWeight], dict[str, Any]]:
-    """Apply every stage to `model` in place; returns the quantized records and metrics per stage group."""
-    records: dict[str, QuantizedWeight] = {}
-    metrics: dict[str, Any] = {}
-    pending: list[BlockStage] = []
-
-    def flush() -> None:
-        if pending:
-            found, block_metrics = run_block_stages(model, arch, pending, scheme, calibration, options, seed)
-            records.update(found)
-            metrics["+".join(stage.name for stage in pending)] = block_metrics
-            pending.clear()
-
-    for stage in stages:
-        # dispatch on the instance's scope: a stage may pick its scope from its options (TEQ's loss)
-        if stage.scope == "block" and isinstance(stage, BlockStage):
-            pending.append(stage)
-        elif stage.scope == "model" and isinstance(stage, ModelStage):
-            flush()
-            ctx = ModelContext(model, arch, scheme, calibration, torch.device(options.device), seed)
-            stage.process_model(ctx)
-            metrics[stage.name] = ctx.metrics
+    work: WorkDir | None = None,
+) -> PipelineResult:
+    """Apply every stage to `model` in place. With `work`, finished groups and blocks are checkpointed and an
+    interrupted run resumes after them."""
+    result = PipelineResult()
+    records, metrics, artifacts = result.records, result.metrics, result.artifacts
+    for index, group in enumerate(stage_groups(stages)):
+        checkpoint = work.group(index) if work else None
+        name = "+".join(stage.name for stage in group)
+        stage = group[0]
+        if stage.scope == "block":
+            found = run_block_stages(model, arch, group, scheme, calibration, options, seed, checkpoint)
+            records.update(found.records)
+            result.checkpoint_seconds += found.checkpoint_seconds
+            artifacts.update(found.artifacts)
+            metrics[name] = found.metrics
+        elif checkpoint and checkpoint.model_done():
+            saved, metrics[name] = checkpoint.load_model(model)
+            artifacts.update(saved)
         else:
-            raise TypeError(f"stage {stage.name} is neither a BlockStage nor a ModelStage")
-    flush()
-    return records, metrics
+            stage_dir = checkpoint.stage_dir() if checkpoint else None
+            device = torch.device(options.device)
+            ctx = ModelContext(model, arch, scheme, calibration, device, seed, work_dir=stage_dir)
+            stage.process_model(ctx)
+            metrics[name] = ctx.metrics
+            if checkpoint:
+                saving = time.perf_counter()
+                checkpoint.save_model(model, stage.artifacts(), ctx.metrics)
+                result.checkpoint_seconds += time.perf_counter() - saving
+        for stage in group:
+            artifacts.update(stage.artifacts())
+    return result

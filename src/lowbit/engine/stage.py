@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -79,6 +80,8 @@ class ModelContext:
     device: torch.device
     seed: int
     metrics: dict[str, Any] = field(default_factory=dict)
+    # where the stage may keep mid-stage checkpoints (a rerun with --resume finds them there); None: no checkpoints
+    work_dir: Path | None = None
 
 
 class ModelStage(Stage):

@@ -36,7 +36,7 @@ class ExportPlan:
     dtype: torch.dtype  # the model dtype (of its embeddings)
 
 
-def _block_structure(model: nn.Module) -> tuple[list[tuple[str, ...]], set[str]]:
+def block_structure(model: nn.Module) -> tuple[list[tuple[str, ...]], set[str]]:
     """Fused sets and row-parallel linears from the model's ArchSpec (empty when the family is unknown)."""
     try:
         arch = arch_for(model)
@@ -63,7 +63,7 @@ def build_plan(model: nn.Module, records: dict[str, QuantizedWeight]) -> ExportP
             f"quantized record(s) {missing[:3]} name no module of the model: export the model they came from"
         )
     float_linears = [name for name, m in modules.items() if isinstance(m, nn.Linear) and name not in records]
-    fused, row = _block_structure(model)
+    fused, row = block_structure(model)
     dtype = model.get_input_embeddings().weight.dtype
     return ExportPlan(model, records, float_linears, fused, row, dtype)
 

@@ -264,10 +264,11 @@ def _with_act_quant(loaded: LoadedModel, path: Path) -> LoadedModel:
     return loaded
 
 
-def load(directory: str | Path) -> LoadedModel:
+def load(directory: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
     """Load an export (packed formats on lowbit's CPU runtime) or any float model directory, with its tokenizer.
 
-    A W-A export comes back with its activation quantization installed.
+    A W-A export comes back with its activation quantization installed. `allow_pickle` and `trust_remote_code`
+    accept the risks `load_model` refuses by default (pickle weights, code shipped with the model).
     """
     from transformers import AutoTokenizer
 
@@ -275,7 +276,7 @@ def load(directory: str | Path) -> LoadedModel:
 
     path = Path(directory).expanduser()
     if packed_method(path) is None:
-        loaded = load_model(str(path))
+        loaded = load_model(str(path), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         return _with_act_quant(loaded, path) if path.is_dir() else loaded
     model = load_packed(path)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
-from lowbit.export.layout import ExportPlan
+from lowbit.export.layout import ExportPlan, block_structure
+from lowbit.export.packing import PACKINGS
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
@@ -172,8 +174,8 @@ def _check_bits(plan: ExportPlan, fmt: str, target: str, ct_packing: str | None,
         if fmt == "compressed-tensors" and 32 % bits and ct_packing is None:
             findings.add(
                 True,
-                f"{bits}-bit compressed-tensors packing differs between versions ({name}): set ct_packing='dense' "
-                "(compressed-tensors >= 0.20, the pinned version) or 'legacy' to match the loader",
+                f"{bits}-bit compressed-tensors packing differs between versions ({name}): pass --ct-packing dense "
+                "(ct_packing='dense'; compressed-tensors >= 0.20, the pinned version) or legacy to match the loader",
             )
         vllm_gpu = target in ("vllm-gpu", "any")
         if vllm_gpu and not sym and bits not in (4, 8):
@@ -206,7 +208,8 @@ def _check_vllm_cpu(plan: ExportPlan, findings: Findings) -> None:
             return
 
 
-def _check_gptq(plan: ExportPlan, findings: Findings) -> None:
+def _check_gptq(plan: ExportPlan, findings: Findings, *, values: bool = True) -> None:
+    """Word packing and fp16 scales need only shapes and the scheme; a zero of 0 needs the codes (`values`)."""
     for name, record in plan.records.items():
         bits = record.scheme.bits
         m, k = record.shape
@@ -216,17 +219,18 @@ def _check_gptq(plan: ExportPlan, findings: Findings) -> None:
                 True, f"GPTQ v1 packs {per_word} values per word; {name} is [{m}, {k}]: use compressed-tensors"
             )
             return
-        if not is_symmetric(record) and int(record.zero.min()) < 1:
+        if values and not is_symmetric(record) and int(record.zero.min()) < 1:
             findings.add(
                 True,
                 f"GPTQ v1 stores zero-1 and cannot hold an asymmetric zero of 0 ({name}); use --format "
                 "compressed-tensors (or a symmetric scheme)",
             )
             return
-        if record.scale.dtype != torch.float16:
+        scale_dtype = record.scheme.torch_scale_dtype  # a valid record's scales are stored in this dtype
+        if scale_dtype != torch.float16:
             findings.add(
                 True,
-                f"GPTQ v1 stores fp16 scales but {name} has {record.scale.dtype} scales; re-run with "
+                f"GPTQ v1 stores fp16 scales but {name} has {scale_dtype} scales; re-run with "
                 "scale_dtype float16 or use --format compressed-tensors",
             )
             return
@@ -283,6 +287,24 @@ def validate_export(
 
     `act_bits` < 16 (a W-A run) is exportable only as compressed-tensors W8A8 `int-quantized`.
     """
+    findings = Findings()
+    _check_model(plan, findings)
+    _check_plan(plan, fmt, target, tp, ct_packing, act_bits, findings, values=True)
+    return _report(findings, fmt, target)
+
+
+def _check_plan(
+    plan: ExportPlan,
+    fmt: str,
+    target: str,
+    tp: int,
+    ct_packing: str | None,
+    act_bits: int,
+    findings: Findings,
+    *,
+    values: bool,
+) -> None:
+    """The checks shared by `validate_export` and `preflight_export`; `values` adds those that read the codes."""
     if target not in TARGETS:
         raise LowbitError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
     if tp < 1:
@@ -292,27 +314,72 @@ def validate_export(
     if act_bits < 16:
         some = next(iter(plan.records.values())).scheme
         check_act_format(fmt, QuantScheme(some.bits, some.group_size, some.kind, act_bits=act_bits))
-    findings = Findings()
-    _check_model(plan, findings)
     if act_bits < 16:
         _check_w8a8(plan, findings)  # engines run W8A8 with their int8 kernels, not the WNA16 ones _check_bits knows
     else:
         _check_bits(plan, fmt, target, ct_packing, findings)
     _check_fused(plan, target in ("vllm-gpu", "vllm-cpu"), findings)
     if fmt == "compressed-tensors":
-        _check_ct_scales(plan, findings)
+        if values:
+            _check_ct_scales(plan, findings)
         _check_groups(plan, True, tp, "compressed-tensors' decompressor and vLLM require", findings)
     else:
-        _check_gptq(plan, findings)
+        _check_gptq(plan, findings, values=values)
         strict = target != "any"
         why = f"{target} requires" if strict else "vLLM and gptqmodel kernels require"
         _check_groups(plan, strict, tp, why, findings)
     if target == "vllm-cpu" and act_bits >= 16:
         _check_vllm_cpu(plan, findings)
+
+
+def _report(findings: Findings, fmt: str, target: str, *, log_warnings: bool = True) -> list[str]:
+    """Raise the first error (counting the rest); log and return the warnings."""
     if findings.errors:
         more = f" ({len(findings.errors) - 1} more problem(s))" if len(findings.errors) > 1 else ""
         raise LowbitError(findings.errors[0] + more)
     warnings = list(dict.fromkeys(findings.warnings))
-    for warning in warnings:
+    for warning in warnings if log_warnings else ():
         log.warning("export %s for %s: %s", fmt, target, warning)
     return warnings
+
+
+@dataclass(frozen=True)
+class PlannedWeight:
+    """What preflight knows of a linear before it is quantized: its shape and scheme, no codes yet."""
+
+    shape: tuple[int, int]
+    scheme: QuantScheme
+    g_idx: None = None  # the engine's records have the trivial group map until act-order says otherwise
+
+
+def preflight_export(
+    model: nn.Module,
+    arch: ArchSpec,
+    scheme: QuantScheme,
+    fmt: str,
+    target: str = "any",
+    tp: int = 1,
+    ct_packing: str | None = None,
+) -> list[str]:
+    """Before any calibration or tuning: refuse an export the scheme and the model's shapes can never satisfy.
+
+    Runs the same checks as `validate_export` on stand-in records for the linears the engine will quantize (every
+    block's `arch.linears`, all with `scheme`), skipping only those that read codes or scales (GPTQ's zero of 0,
+    the exact cast of scales). Returns the warnings unlogged; "fake" holds anything check_act_format lets through.
+    """
+    check_act_format(fmt, scheme)
+    if fmt == "fake":
+        return []
+    if ct_packing is not None and ct_packing not in PACKINGS:
+        raise LowbitError(f"unknown ct_packing {ct_packing!r}: use one of {', '.join(PACKINGS)}")
+    records: dict[str, PlannedWeight] = {}
+    for index, block in enumerate(arch.blocks(model)):
+        for name, linear in arch.linears(block).items():
+            shape = (int(linear.weight.shape[0]), int(linear.weight.shape[1]))
+            records[f"{arch.block_name(index)}.{name}"] = PlannedWeight(shape, scheme)
+    fused, row = block_structure(model)
+    dtype = model.get_input_embeddings().weight.dtype
+    plan = ExportPlan(model, records, [], fused, row, dtype)  # type: ignore[arg-type]  # stand-in records
+    findings = Findings()
+    _check_plan(plan, fmt, target, tp, ct_packing, scheme.act_bits, findings, values=False)
+    return _report(findings, fmt, target, log_warnings=False)  # the export logs them once, at save time

@@ -27,6 +27,7 @@ time budget is not (the record says which).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -164,7 +165,7 @@ class InvarExplore(ModelStage):
         return calibration[: o.samples, : o.seqlen]
 
     def process_model(self, ctx: ModelContext) -> None:
-        o = self.options
+        o = self._with_work_dir(ctx)
         windows = self._windows(ctx.calibration)
         search = InvarSearch(ctx.model, ctx.arch, self.scheme, windows, o, ctx.seed, ctx.device)
         resume, start, accepts = ({}, 0, 0) if o.resume is None else search.load_record(o.resume)
@@ -177,6 +178,15 @@ class InvarExplore(ModelStage):
         ctx.metrics["fold_check"] = "bit-identical" if mismatches == 0 else f"{mismatches} FFN weights differ"
         if mismatches:
             log.warning("InvarExplore fold: %d FFN weights differ from the in-loop student after RTN", mismatches)
+
+    def _with_work_dir(self, ctx: ModelContext) -> InvarExploreOptions:
+        """Options that checkpoint the record into the run's work dir (every log_every steps) and resume from it."""
+        o = self.options
+        if ctx.work_dir is None or o.checkpoint is not None:
+            return o
+        record = ctx.work_dir / "invarexplore.safetensors"
+        resume = o.resume if o.resume is not None or not record.is_file() else str(record)
+        return dataclasses.replace(o, checkpoint=str(record), resume=resume)
 
     def _metrics(self, search: InvarSearch, start: int, reason: str) -> dict[str, Any]:
         counters, objective, score = search.counters, search.objective, search.evaluator.current

@@ -7,6 +7,7 @@ at a time; the result is plain codes, scales and zero points (lm_head and embedd
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -18,7 +19,7 @@ from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.block_train import block_forward
 from lowbit.errors import LowbitError
 from lowbit.methods.frozen import frozen
-from lowbit.methods.signround_opt import TunedLinear, TuneSettings, split_holdout, tune_block
+from lowbit.methods.signround_opt import TunedLinear, TuneResult, TuneSettings, split_holdout, tune_block
 from lowbit.presets import RecipePreset
 
 log = logging.getLogger(__name__)
@@ -155,11 +156,13 @@ class SignRound(BlockStage):
         finally:
             bar.close()
             torch.set_num_threads(threads)
+        _check_finite(ctx, result)
         ctx.metrics.update(
             {
-                "loss_first": result.losses[0] if result.losses else None,
-                "loss_last": result.losses[-1] if result.losses else None,
-                "best_loss": result.best_loss,
+                "loss_first": _finite_or_none(result.losses[0]) if result.losses else None,
+                "loss_last": _finite_or_none(result.losses[-1]) if result.losses else None,
+                "best_loss": _finite_or_none(result.best_loss),
+                "nonfinite_steps": result.nonfinite_steps,
                 "best_iter": result.best_iter,
                 "best_select": settings.best_select,
                 "iters_run": len(result.losses),
@@ -228,3 +231,20 @@ RECIPES: dict[str, RecipePreset] = {
         ),
     )
 }
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN/Inf: a non-finite loss is recorded as null (and counted in `nonfinite_steps`)."""
+    return value if math.isfinite(value) else None
+
+
+def _check_finite(ctx: BlockContext, result: TuneResult) -> None:
+    """Every loss non-finite: the block cannot be tuned, say so instead of exporting RTN silently."""
+    if result.losses and result.nonfinite_steps == len(result.losses):
+        raise LowbitError(
+            f"SignRound's loss was NaN/Inf at every step of block {ctx.index}: the quantized block overflows; check "
+            "the model's weights for extreme values, lower --opt signround.lr, or use --recipe gptq for this model"
+        )
+    if result.nonfinite_steps:
+        log.warning("%s: %d of %d SignRound steps had a NaN/Inf loss (skipped)", ctx.name, result.nonfinite_steps,
+                    len(result.losses))  # fmt: skip

@@ -114,6 +114,7 @@ class TuneResult:
     best_iter: int = -1
     holdout_losses: dict[int, float] = field(default_factory=dict)
     stopped_at: int | None = None
+    nonfinite_steps: int = 0  # NaN/Inf losses: never a best; sign(NaN) = 0 makes their update a no-op
 
 
 def _snapshot(layers: Sequence[TunedLinear]) -> list[list[Tensor]]:
@@ -165,6 +166,7 @@ def tune_block(
             loss_t += float(loss.detach())
         loss_t /= LOSS_SCALE
         result.losses.append(loss_t)
+        result.nonfinite_steps += not math.isfinite(loss_t)
         improved = False
         if holdout_indices is None and loss_t < result.best_loss:
             result.best_loss, result.best_iter, improved = loss_t, t, True

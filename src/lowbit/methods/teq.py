@@ -111,7 +111,8 @@ class TEQ(BlockStage, ModelStage):
         optimizer = torch.optim.Adam(params, lr=self.options.lr, betas=(0.9, 0.9), weight_decay=0.0)
         scored = windows[: min(self.options.eval_samples, windows.shape[0])]
         initial = calibration_loss(ctx.model, scored, ctx.device)
-        checkpoint = TrainingCheckpoint.at(self.options.checkpoint_dir, f"teq-ce-{init}", self._fingerprint(windows))
+        directory = self.options.checkpoint_dir or ctx.work_dir  # the run's work dir: resumable with --resume
+        checkpoint = TrainingCheckpoint.at(directory, f"teq-ce-{init}", self._fingerprint(windows))
         start = checkpoint.restore(sets, optimizer) if checkpoint else 0
         use_checkpointing = self._use_gradient_checkpointing(ctx.model)
         trace = []

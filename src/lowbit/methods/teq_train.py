@@ -49,7 +49,7 @@ class TrainingCheckpoint:
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))
 
     @classmethod
-    def at(cls, directory: str | None, name: str, fingerprint: dict[str, Any]) -> TrainingCheckpoint | None:
+    def at(cls, directory: str | Path | None, name: str, fingerprint: dict[str, Any]) -> TrainingCheckpoint | None:
         if directory is None:
             return None
         path = Path(directory).expanduser()
