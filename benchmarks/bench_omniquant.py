@@ -147,7 +147,8 @@ def profile_block() -> None:
     scheme = parse_scheme("w4a4")
     for autocast in ("bf16", "off"):
         block = arch.blocks(loaded.model)[3]
-        ctx = BlockContext(3, arch.block_name(3), block, arch, scheme, captured.kwargs, torch.device("cpu"), 8, 42)
+        kwargs = captured.kwargs_for(3)
+        ctx = BlockContext(3, arch.block_name(3), block, arch, scheme, kwargs, torch.device("cpu"), 8, 42)
         ctx.inputs = ctx.fp_inputs = captured.hidden
         ctx.targets = ctx.run(captured.hidden)
         stage = OmniQuant(OmniQuantOptions(epochs=1, let=True, autocast=autocast), scheme)

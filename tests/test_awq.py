@@ -55,7 +55,7 @@ def test_every_fold_is_exact(tiny_model, kv_heads):
     for block in arch.blocks(model):
         for group in arch.groups_for(block):
             width = block.get_submodule(group.linears[0]).in_features
-            fold_group(block, group, 0.25 + 3 * torch.rand(width, generator=gen))
+            fold_group(block, group, 0.25 + 3 * torch.rand(width, generator=gen), arch=arch)
             kinds.add(group.prev)
     after = block_outputs(model, ids)
     for want, got in zip(before, after, strict=True):
@@ -247,3 +247,23 @@ def test_awq_needs_the_float_chain_only_when_it_searches_on_it():
     scheme = parse_scheme("w3g64")
     assert AWQ(AWQOptions(), scheme).uses_float_chain
     assert not AWQ(AWQOptions(search_inputs="student"), scheme).uses_float_chain
+
+
+def test_gram_loss_equals_the_replayed_loss_and_picks_the_same_scales(tiny_model):
+    """v->o and up->down: tr(E H E^T) / (tokens * m) is the replayed mean squared output error (awq linear_loss)."""
+    ids = calibration_ids()
+    results = {}
+    for mode in ("gram", "replay"):
+        model = copy.deepcopy(tiny_model)
+        stage = AWQ(AWQOptions(clip=False, linear_loss=mode), SCHEME)
+        found = run_block_stages(model, arch_for(model), [stage], SCHEME, ids, EngineOptions(progress=False), seed=0)
+        results[mode] = (found.metrics, model.state_dict())
+    for gram_block, replay_block in zip(results["gram"][0], results["replay"][0], strict=True):
+        for prev, info in gram_block["awq_scale"].items():
+            other = replay_block["awq_scale"][prev]
+            assert info["ratio"] == other["ratio"]
+            assert info["loss"] == pytest.approx(other["loss"], rel=1e-4)
+    arch = arch_for(tiny_model)
+    assert sum(g.linears == (g.inspect,) for g in arch.groups_for(arch.blocks(tiny_model)[0])) >= 1  # gram ran
+    for key, tensor in results["gram"][1].items():
+        assert torch.equal(tensor, results["replay"][1][key]), key

@@ -252,6 +252,8 @@ CASES: list[tuple[str, Callable[[Env], list[str]], tuple[str, ...]]] = [
     ("leftover-checkpoints-without-resume", _interrupted, ("interrupted run left its checkpoints", "--resume", "--overwrite")),
     ("resume-without-out", lambda env: env.quantize("--resume", out=False), ("--resume", "same --out")),
     ("nan-loss-during-tuning", _nan_loss, ("NaN/Inf at every step of block 0", "lower --opt signround.lr")),
+    ("option-exceeds-model-depth", _flags("--recipe", "awq+invarexplore+rtn", "--opt", "invarexplore.monitored_layers=5"), ("monitored_layers=5 exceeds the model's 2 decoder layers", "=2 or fewer")),
+    ("option-exceeds-calibration", _flags("--recipe", "signround", "--opt", "signround.best_select=holdout", "--nsamples", "8", "--opt", "signround.holdout=8"), ("holdout < nsamples (8)", "raise --nsamples")),
     ("eval-pickle-only", lambda env: ["eval", *_pickle_only(env)[1:2]], ("pickle weights", "--allow-pickle")),
 ]  # fmt: skip
 

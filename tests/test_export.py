@@ -12,7 +12,7 @@ from lowbit.models import load_model
 
 def test_fake_export_round_trips_through_transformers(tiny_llama_dir, tmp_path):
     result = lowbit.quantize(load_model(str(tiny_llama_dir)), recipe="rtn", scheme="w4g32")
-    out = result.save(tmp_path / "out")
+    out = result.save(tmp_path / "out", format="fake")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp leftovers
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.arange(40).unsqueeze(0)
@@ -35,9 +35,9 @@ def test_existing_output_is_kept_unless_overwrite(tiny_llama_dir, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("user data")
     with pytest.raises(LowbitError, match="already exists"):
-        result.save(out)
+        result.save(out, format="fake")
     assert (out / "keep.txt").read_text() == "user data"
-    result.save(out, overwrite=True)
+    result.save(out, format="fake", overwrite=True)
     assert not (out / "keep.txt").exists()
     assert (out / "config.json").exists()
 
@@ -50,5 +50,5 @@ def test_a_failed_write_leaves_no_directory(tiny_llama_dir, tmp_path, monkeypatc
 
     monkeypatch.setattr("lowbit.result.write_fake", broken)
     with pytest.raises(OSError):
-        result.save(tmp_path / "out")
+        result.save(tmp_path / "out", format="fake")
     assert list(tmp_path.iterdir()) == []

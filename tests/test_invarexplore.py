@@ -354,7 +354,7 @@ def test_export_equals_the_in_loop_student_and_resume_replays(tiny_llama_dir, te
     assert metrics["fold_check"] == "bit-identical" and metrics["steps"] == 12
     assert metrics["final_objective"] <= metrics["initial_objective"]
     assert [row["step"] for row in metrics["log"]] == [4, 8, 12]
-    out = straight.save(tmp_path / "straight")
+    out = straight.save(tmp_path / "straight", format="fake")
     record = read_artifacts(out)
     assert (
         int(record["invarexplore.steps"][0]) == 12
@@ -371,7 +371,7 @@ def test_export_equals_the_in_loop_student_and_resume_replays(tiny_llama_dir, te
     assert ce == pytest.approx(metrics["final_ce"], rel=1e-5)
 
     half = quantize(tiny_llama_dir, text_file, max_steps=6)
-    half.save(tmp_path / "half")
+    half.save(tmp_path / "half", format="fake")
     resumed = quantize(tiny_llama_dir, text_file, max_steps=12, resume=str(tmp_path / "half"))
     again = resumed.record["stages"]["invarexplore"]
     assert again["start_step"] == 6 and again["steps"] == 12 and again["accepts"] == metrics["accepts"]

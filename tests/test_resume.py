@@ -18,6 +18,7 @@ from conftest import save_model_dir
 from lowbit.cli import main
 from lowbit.engine.workdir import GroupCheckpoint, work_dir_for
 from lowbit.export import RECORD_FILE
+from lowbit.export.card import CARD_FILE
 
 FAST = {
     "rtn": [],
@@ -57,11 +58,11 @@ def quantize(model_dir, text_file, out, recipe, *extra) -> int:
 
 
 def export_digest(directory) -> dict[str, str]:
-    """sha256 of every file of an export but the run record (which holds timings)."""
+    """sha256 of every file of an export but the run record (timings) and the model card (it names its path)."""
     return {
         path.name: hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(directory.iterdir())
-        if path.name != RECORD_FILE
+        if path.name not in (RECORD_FILE, CARD_FILE)
     }
 
 

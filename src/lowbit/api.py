@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lowbit.actquant import activation_record, install_activation_quant, installed_act_bits
-from lowbit.arch import arch_for
+from lowbit.arch import arch_for, window_bos_id
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_calibration
 from lowbit.engine.pipeline import run_stages
@@ -61,6 +61,13 @@ def quantize(
     return run_quantization(loaded, config, work_dir=work_dir, resume=resume)
 
 
+def check_run(config: QuantizeConfig, model: torch.nn.Module) -> None:
+    """Stage options against the calibration size and the model's depth: before any data is loaded or forward run."""
+    depth = len(arch_for(model).blocks(model))
+    for spec in config.stages:
+        spec.stage_class.check_run(spec.options, nsamples=config.nsamples, seqlen=config.seqlen, depth=depth)
+
+
 def settings_fingerprint(config: QuantizeConfig) -> dict[str, Any]:
     """The settings part of a run's fingerprint (checkable before the model is loaded)."""
     settings = config.to_dict()
@@ -85,6 +92,7 @@ def run_quantization(
     """Run a validated config on a loaded model (in place) and assemble the result with its run record."""
     started = time.perf_counter()
     arch = arch_for(loaded.model)
+    check_run(config, loaded.model)
     if installed_act_bits(loaded.model, arch) != 16:
         raise LowbitError(
             "this model runs with activation quantization installed (a reloaded W-A export): quantize the float model"
@@ -93,7 +101,12 @@ def run_quantization(
     data_meta: dict[str, Any] = {}
     if config.needs_data:
         data = load_calibration(
-            loaded.tokenizer, config.dataset, nsamples=config.nsamples, seqlen=config.seqlen, seed=config.seed
+            loaded.tokenizer,
+            config.dataset,
+            nsamples=config.nsamples,
+            seqlen=config.seqlen,
+            seed=config.seed,
+            bos_id=window_bos_id(loaded.model),  # Gemma: every window starts with BOS (recorded in the meta)
         )
         calibration, data_meta = data.input_ids, data.meta
     data_seconds = time.perf_counter() - started

@@ -1,4 +1,4 @@
-"""Command line: `lowbit quantize`, `lowbit eval`, `lowbit recipes`."""
+"""Command line: `lowbit quantize`, `lowbit eval`, `lowbit compare`, `lowbit report`, `lowbit recipes`."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,23 @@ def _add_load_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_task_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tasks",
+        default=None,
+        help="lm-eval tasks, comma-separated (needs lowbit[eval]): hub tasks such as arc_easy,piqa, or the offline "
+        "lowbit_mc, lowbit_yesno, lowbit_offline (both) shipped with lowbit",
+    )
+    parser.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: shots (default: each task's own)")
+    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    parser.add_argument("--task-dir", default=None, help="also register the lm-eval task YAMLs in this directory")
+
+
+def _add_quiet_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no info logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization of LLMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -66,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--config", default=None, help="recipe file (YAML or TOML); flags override it")
     quant.add_argument("--out", default=None, help="output directory (written only when complete)")
     quant.add_argument(
-        "--format", default="fake", help="export format: fake, compressed-tensors or gptq (default fake)"
+        "--format",
+        default="auto",
+        help="export format: auto (default: compressed-tensors, else gptq, else fake, the first the run validates "
+        "for), compressed-tensors, gptq or fake (dequantized float weights)",
     )
     quant.add_argument(
         "--target",
@@ -95,25 +116,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--eval", action="store_true", help="report perplexity before and after quantization")
     _add_eval_flags(quant, "--eval-dataset")
+    quant.add_argument(
+        "--report", action="store_true", help="write report.html (report.md without matplotlib) into --out"
+    )
+    _add_quiet_flag(quant)
 
-    evaluate = commands.add_parser("eval", help="perplexity of a model directory, HF id, or export")
+    evaluate = commands.add_parser("eval", help="perplexity and lm-eval tasks of a model directory, HF id, or export")
     evaluate.add_argument("model", nargs="?", default=None, help="directory or HF id (default: embedded SmolLM2)")
     _add_load_flags(evaluate)
     _add_eval_flags(evaluate, "--ppl")
+    evaluate.set_defaults(ppl=None)  # auto unless only --tasks is asked for
+    _add_task_flags(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    evaluate.add_argument(
+        "--no-record", action="store_true", help="do not merge the results into an export's lowbit_record.json"
+    )
+    _add_quiet_flag(evaluate)
+
+    compare = commands.add_parser("compare", help="several outputs on the same windows and tasks, one table")
+    compare.add_argument("outputs", nargs="+", help="export directories (or float model directories / HF ids)")
+    compare.add_argument(
+        "--float", dest="float_model", nargs="?", const="", default=None, metavar="MODEL",
+        help="add the float model as a row (MODEL, or the embedded default when none is given)",
+    )  # fmt: skip
+    _add_eval_flags(compare, "--ppl")
+    _add_task_flags(compare)
+    compare.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    compare.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    _add_quiet_flag(compare)
+
+    report = commands.add_parser("report", help="write report.html (or report.md) of an export from its run record")
+    report.add_argument("directory", help="an export written by `lowbit quantize --out`")
+    report.add_argument("--markdown", action="store_true", help="write report.md even when matplotlib is installed")
 
     commands.add_parser("recipes", help="list stages, schemes, formats and every option with its default")
+    commands.add_parser("archs", help="the support matrix: model family x stage x export format")
     return parser
 
 
-def _evaluate(model, tokenizer, datasets: str, seqlen: int, windows: int | None) -> dict[str, dict]:
+def _evaluate(
+    model, tokenizer, datasets: str, seqlen: int, windows: int | None, progress: bool = True
+) -> dict[str, dict]:
     from lowbit.data import load_eval
     from lowbit.eval import perplexity
 
     results = {}
     for name in [part.strip() for part in datasets.split(",") if part.strip()]:
         data = load_eval(tokenizer, name)
-        result = perplexity(model, data.input_ids, seqlen=seqlen, max_windows=windows)
+        result = perplexity(model, data.input_ids, seqlen=seqlen, max_windows=windows, progress=progress)
         results[data.meta.get("name", name)] = {**result.to_dict(), "data": data.meta}
     return results
 
@@ -121,10 +171,14 @@ def _evaluate(model, tokenizer, datasets: str, seqlen: int, windows: int | None)
 def _quantize(args: argparse.Namespace) -> int:
     from lowbit.api import run_quantization
     from lowbit.config import build_config, opts_to_mapping
-    from lowbit.export import FORMATS, TARGETS, check_output_dir
+    from lowbit.export import AUTO_FORMAT, FORMATS, TARGETS, check_output_dir
     from lowbit.export.validate import check_act_format
     from lowbit.models import load_model
 
+    if args.report and args.out is None:
+        raise LowbitError("--report writes report.html into the export: pass --out")
+    if args.quiet and not any(opt.startswith("engine.progress=") for opt in args.opt):
+        args.opt = [*args.opt, "engine.progress=false"]
     config = build_config(
         recipe=args.recipe,
         scheme=args.scheme,
@@ -135,8 +189,8 @@ def _quantize(args: argparse.Namespace) -> int:
         options=opts_to_mapping(args.opt),
         recipe_file=args.config,
     )
-    if args.format not in FORMATS:
-        raise LowbitError(f"unknown --format '{args.format}'; available: {', '.join(FORMATS)}")
+    if args.format not in (AUTO_FORMAT, *FORMATS):
+        raise LowbitError(f"unknown --format '{args.format}'; available: {AUTO_FORMAT}, {', '.join(FORMATS)}")
     if args.target not in TARGETS:
         raise LowbitError(f"unknown --target '{args.target}'; available: {', '.join(TARGETS)}")
     check_act_format(args.format, config.scheme)  # W-A schemes a packed format cannot hold: before any work
@@ -145,14 +199,17 @@ def _quantize(args: argparse.Namespace) -> int:
     work_dir = _work_dir(args, config)
     loaded = load_model(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     _preflight(args, config, loaded.model, work_dir is not None)  # before any calibration or forward
+    progress = not args.quiet
     before = (
-        _evaluate(loaded.model, loaded.tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows)
+        _evaluate(loaded.model, loaded.tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows, progress)
         if args.eval
         else {}
     )
     result = run_quantization(loaded, config, work_dir=work_dir, resume=args.resume)
     if args.eval:
-        after = _evaluate(result.model, result.tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows)
+        after = _evaluate(
+            result.model, result.tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows, progress
+        )
         result.record["evaluation"] = {"before": before, "after": after}
         for name in after:
             print(
@@ -173,8 +230,25 @@ def _quantize(args: argparse.Namespace) -> int:
             tp=args.tp,
             ct_packing=args.ct_packing,
         )
-        print(f"wrote {args.format} export to {args.out}")
+        _print_export(args.out, result.record["format"], loaded.path)
+        if args.report:
+            from lowbit.eval.report import report_from_dir
+
+            print(f"wrote run report {report_from_dir(args.out)}")
     return 0
+
+
+def _print_export(out: str, fmt: str, float_dir: Path) -> None:
+    """Where the export went, its size next to the float model's, and how to load it (from its model card)."""
+    from lowbit.export.card import transformers_snippet
+    from lowbit.export.space import format_bytes
+
+    size = sum(p.stat().st_size for p in Path(out).glob("model*.safetensors"))
+    float_size = sum(p.stat().st_size for p in float_dir.iterdir() if p.suffix in (".safetensors", ".gguf"))
+    print(f"wrote {fmt} export to {out}: {format_bytes(size)} of weights (float model {format_bytes(float_size)})")
+    record = json.loads((Path(out) / "lowbit_record.json").read_text())
+    snippet = transformers_snippet(fmt, str(Path(out).resolve()), record.get("config", {}).get("scheme", {}))
+    print(f"load it with transformers (more in {Path(out) / 'README.md'}):\n{snippet}")
 
 
 def _work_dir(args: argparse.Namespace, config: QuantizeConfig) -> Path | None:
@@ -198,17 +272,20 @@ def _preflight(args: argparse.Namespace, config: QuantizeConfig, model: object, 
     """Refuse in seconds what would fail only at export: the format against the scheme and the model's shapes
     (e.g. compressed-tensors g128 on in_features 576), an unsupported family, too little free space for --out
     (and its checkpoints)."""
+    from lowbit.api import check_run
     from lowbit.arch import arch_for
     from lowbit.engine.workdir import estimate_checkpoint_bytes
     from lowbit.export.space import check_free_space, estimate_export_bytes
     from lowbit.export.validate import preflight_export
 
     arch = arch_for(model)
-    preflight_export(model, arch, config.scheme, args.format, args.target, args.tp, args.ct_packing)
+    check_run(config, model)
+    if args.format != "auto":  # auto falls back to a format that works; an explicit one must work
+        preflight_export(model, arch, config.scheme, args.format, args.target, args.tp, args.ct_packing)
     if args.out is not None:
-        needed = estimate_export_bytes(model, config.scheme, args.format)
+        needed = estimate_export_bytes(model, config.scheme, "fake" if args.format == "auto" else args.format)
         if checkpoints:
-            needed += estimate_checkpoint_bytes(model, config.nsamples, config.seqlen)
+            needed += estimate_checkpoint_bytes(model)
         check_free_space(args.out, needed)
 
 
@@ -233,12 +310,68 @@ def _eval(args: argparse.Namespace) -> int:
     activation = activation_record(act_bits_of(loaded.model))
     if activation is not None:
         print(f"activation quantization on: {activation['bits']}-bit {activation['kind']} (from the export's record)")
-    results = _evaluate(loaded.model, loaded.tokenizer, args.ppl, args.eval_seqlen, args.eval_windows)
+    progress = not args.quiet
+    datasets = args.ppl if args.ppl is not None or args.tasks is not None else "auto"
+    results = {}
+    if datasets is not None and datasets.lower() != "none":
+        results = _evaluate(loaded.model, loaded.tokenizer, datasets, args.eval_seqlen, args.eval_windows, progress)
     for name, result in results.items():
         print(f"perplexity {name} ({result['windows']} x {result['seqlen']} tokens): {result['ppl']:.3f}")
+    tasks = None
+    if args.tasks is not None:
+        from lowbit.eval.lmeval import evaluate_tasks, format_scores
+
+        tasks = evaluate_tasks(loaded.model, loaded.tokenizer, args.tasks, progress=progress, **_lm_eval_settings(args))
+        tasks["packed_runtime"] = method
+        for line in format_scores(tasks):
+            print(line)
     if args.json:
-        report = {"model": loaded.name, "activation": activation, "perplexity": results}
+        report = {"model": loaded.name, "activation": activation, "perplexity": results, "lm_eval": tasks}
         Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.model is not None and not args.no_record:
+        from lowbit.eval.compare import merge_into_record
+
+        updated = merge_into_record(args.model, results, tasks, args.tasks)
+        if updated is not None:
+            print(f"added the results to {updated}")
+    return 0
+
+
+def _lm_eval_settings(args: argparse.Namespace) -> dict:
+    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    return {
+        "num_fewshot": args.num_fewshot,
+        "limit": limit,
+        "batch_size": args.batch_size,
+        "include_path": args.task_dir,
+    }
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from lowbit.eval.compare import evaluate_output, format_table
+
+    ppl = [] if args.ppl.lower() == "none" else [part.strip() for part in args.ppl.split(",") if part.strip()]
+    tasks = [] if args.tasks is None else [part.strip() for part in args.tasks.split(",") if part.strip()]
+    settings = {"ppl": ppl, "seqlen": args.eval_seqlen, "windows": args.eval_windows, "tasks": tasks,
+                "lm_eval_settings": _lm_eval_settings(args), "progress": not args.quiet}  # fmt: skip
+    if tasks:
+        from lowbit.eval.lmeval import task_manager
+
+        settings["lm_eval_settings"]["manager"] = task_manager(args.task_dir, tasks)  # indexed once for all rows
+    rows = []
+    if args.float_model is not None:
+        rows.append(evaluate_output(args.float_model or None, label="float", **settings))
+    rows.extend(evaluate_output(output, **settings) for output in args.outputs)
+    print(format_table(rows, markdown=args.markdown))
+    if args.json:
+        Path(args.json).write_text(json.dumps([row.to_dict() for row in rows], indent=2))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lowbit.eval.report import report_from_dir
+
+    print(f"wrote run report {report_from_dir(args.directory, markdown=args.markdown or None)}")
     return 0
 
 
@@ -278,6 +411,36 @@ def _recipes() -> int:
     return 0
 
 
+def _run_command(args: argparse.Namespace, quiet: bool) -> int:
+    with _silenced(quiet):
+        if args.command == "quantize":
+            with _locked(args.out):
+                return _quantize(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "compare":
+            return _compare(args)
+        return _report(args)
+
+
+@contextlib.contextmanager
+def _silenced(quiet: bool) -> Iterator[None]:
+    """--quiet: every progress bar (lowbit's, lm-eval's, transformers') writes to stderr; send them nowhere.
+
+    Log records keep the real stderr (the handler holds it) and Python warnings are routed to logging, so
+    warnings and errors still show.
+    """
+    if not quiet:
+        yield
+        return
+    logging.captureWarnings(True)
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logging.captureWarnings(False)
+
+
 def _raise_interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -285,17 +448,20 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    quiet = getattr(args, "quiet", False)
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # basicConfig keeps an earlier level (a second main() in one process)
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None  # stop as cleanly as Ctrl-C
     try:
-        if args.command == "quantize":
-            with _locked(args.out):
-                return _quantize(args)
-        if args.command == "eval":
-            return _eval(args)
+        if args.command in ("quantize", "eval", "compare", "report"):
+            return _run_command(args, quiet)
+        if args.command == "archs":
+            from lowbit.support import matrix_markdown
+
+            print(matrix_markdown())
+            return 0
         return _recipes()
     except LowbitError as error:
         print(f"error: {error}", file=sys.stderr)

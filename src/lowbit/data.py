@@ -62,8 +62,13 @@ class EvalData:
 # --- public entry points ---------------------------------------------------------------------------
 
 
-def load_calibration(tokenizer: Any, dataset: str | None, *, nsamples: int, seqlen: int, seed: int) -> CalibrationData:
-    """Deterministic calibration rows from `dataset` (name, local file, "auto" or None)."""
+def load_calibration(
+    tokenizer: Any, dataset: str | None, *, nsamples: int, seqlen: int, seed: int, bos_id: int | None = None
+) -> CalibrationData:
+    """Deterministic calibration rows from `dataset` (name, local file, "auto" or None).
+
+    With `bos_id` (families that need a leading BOS, `lowbit.arch.window_bos_id`) every row starts with it: a row
+    that does not is shifted right by one (its last token dropped), so the selection is the protocol's."""
     if nsamples < 1 or seqlen < 1:
         raise LowbitError(
             f"calibration needs nsamples >= 1 and seqlen >= 1 (got {nsamples} and {seqlen}); "
@@ -81,9 +86,12 @@ def load_calibration(tokenizer: Any, dataset: str | None, *, nsamples: int, seql
     else:
         stream = tokenize_stream(tokenizer, "\n\n".join(documents))
         ids, sampling = sample_stream_windows(stream, nsamples=nsamples, seqlen=seqlen, seed=seed, name=label)
+    if bos_id is not None:
+        ids = with_leading_bos(ids, bos_id)
     meta = {
         **meta,
         **sampling,
+        "bos_first": bos_id is not None,
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
@@ -579,6 +587,14 @@ def _not_enough(name: str, what: str, nsamples: int, seqlen: int) -> LowbitError
         f"calibration data '{name}' {what}, fewer than nsamples x seqlen = {nsamples} x {seqlen} = "
         f"{nsamples * seqlen}; lower --nsamples/--seqlen or use a larger dataset"
     )
+
+
+def with_leading_bos(rows: torch.Tensor, bos_id: int) -> torch.LongTensor:
+    """Rows [n, L] that each start with `bos_id`: rows already starting with it are kept, the others become
+    [bos, row[:-1]] (same length)."""
+    shifted = torch.cat([torch.full_like(rows[:, :1], bos_id), rows[:, :-1]], dim=1)
+    keep = (rows[:, :1] == bos_id).expand_as(rows)
+    return torch.where(keep, rows, shifted)
 
 
 def ids_sha256(ids: torch.Tensor) -> str:

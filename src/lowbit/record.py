@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import platform
 import resource
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 
 import torch
@@ -35,3 +37,13 @@ def determinism_record() -> dict[str, object]:
         "blas": "mkl" if torch.backends.mkl.is_available() else "other",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
+
+
+def loss_trace(losses: Sequence[float], max_points: int = 100) -> list[list[float]]:
+    """[[step, loss], ...] for the run record's loss curves: at most `max_points` evenly spaced steps (first and
+    last always kept), 6 significant digits, non-finite losses left out, so a record stays small."""
+    n = len(losses)
+    if n == 0:
+        return []
+    steps = range(n) if n <= max_points else sorted({round(i * (n - 1) / (max_points - 1)) for i in range(max_points)})
+    return [[step, float(f"{losses[step]:.6g}")] for step in steps if math.isfinite(losses[step])]

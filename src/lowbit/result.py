@@ -16,7 +16,18 @@ from lowbit.data import load_eval
 from lowbit.engine.workdir import WorkDir
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import PerplexityResult, perplexity
-from lowbit.export import FORMATS, PACKED_FORMATS, atomic_output_dir, prepare_packed, write_artifacts, write_fake
+from lowbit.export import (
+    AUTO_FORMAT,
+    AUTO_ORDER,
+    FORMATS,
+    PACKED_FORMATS,
+    atomic_output_dir,
+    prepare_packed,
+    write_artifacts,
+    write_fake,
+)
+from lowbit.export.card import write_card
+from lowbit.export.packed import PreparedExport
 from lowbit.export.space import estimate_export_bytes
 from lowbit.export.validate import check_act_format
 from lowbit.quantizer import QuantizedWeight
@@ -53,40 +64,63 @@ class QuantizedModel:
         with activation_quant(self.model, arch_for(self.model), self.config.scheme.act_bits):
             return perplexity(self.model, data.input_ids, seqlen=seqlen, max_windows=max_windows)
 
+    def _prepare(self, fmt: str, target: str, tp: int, ct_packing: str | None, packer: str) -> PreparedExport | None:
+        """Validate `fmt` for this result (everything but the write); None for `fake`, which needs no packing."""
+        check_act_format(fmt, self.config.scheme)
+        if fmt not in PACKED_FORMATS:
+            return None
+        return prepare_packed(
+            self.model,
+            self.weights,
+            fmt,
+            target=target,
+            tp=tp,
+            ct_packing=ct_packing,
+            packer=packer,
+            run_record=self.record,
+            act_bits=self.config.scheme.act_bits,
+        )
+
     def save(
         self,
         out: str | Path,
         *,
-        format: str = "fake",
+        format: str = "auto",
         overwrite: bool = False,
         target: str = "any",
         tp: int = 1,
         ct_packing: str | None = None,
         packer: str = "lowbit",
     ) -> Path:
-        """Write the export; the directory appears only once complete.
+        """Write the export (with its model card, README.md); the directory appears only once complete.
 
-        Packed formats ("compressed-tensors", "gptq") are validated against `target` (vllm-gpu, vllm-cpu,
-        transformers, any) and tensor-parallel degree `tp` before anything is written (specs/formats.md §5).
-        `ct_packing` ("dense" | "legacy") selects the compressed-tensors layout for 3/5/6/7-bit weights.
+        `format="auto"` writes the best format this run can be loaded from: compressed-tensors (vLLM and
+        transformers), else GPTQ, else `fake`, whichever first passes validation for `target`; the choice and the
+        reasons are logged and kept in the run record. Packed formats ("compressed-tensors", "gptq") are validated
+        against `target` (vllm-gpu, vllm-cpu, transformers, any) and tensor-parallel degree `tp` before anything is
+        written (specs/formats.md §5). `ct_packing` ("dense" | "legacy") selects the compressed-tensors layout for
+        3/5/6/7-bit weights. The chosen format is `self.record["format"]` afterwards.
         """
-        if format not in FORMATS:
-            raise LowbitError(f"unknown format '{format}'; available: {', '.join(FORMATS)}")
-        check_act_format(format, self.config.scheme)
+        if format not in (AUTO_FORMAT, *FORMATS):
+            raise LowbitError(f"unknown format '{format}'; available: {AUTO_FORMAT}, {', '.join(FORMATS)}")
+        candidates = AUTO_ORDER if format == AUTO_FORMAT else (format,)
+        rejected: dict[str, str] = {}
+        for fmt in candidates:
+            try:
+                prepared = self._prepare(fmt, target, tp, ct_packing or ("dense" if format == AUTO_FORMAT else None),
+                                         packer)  # fmt: skip
+                break
+            except LowbitError as error:
+                if format != AUTO_FORMAT:
+                    raise
+                rejected[fmt] = str(error)
+        format = fmt
+        if rejected:
+            log.info("format auto -> %s (%s)", format, "; ".join(f"not {k}: {v}" for k, v in rejected.items()))
         record = {**self.record, "format": format}
-        prepared = None
-        if format in PACKED_FORMATS:
-            prepared = prepare_packed(
-                self.model,
-                self.weights,
-                format,
-                target=target,
-                tp=tp,
-                ct_packing=ct_packing,
-                packer=packer,
-                run_record=self.record,
-                act_bits=self.config.scheme.act_bits,
-            )
+        if rejected:
+            record["format_choice"] = {"chosen": format, "rejected": rejected}
+        if prepared is not None:
             record["export"] = {"target": target, "tp": tp, "ct_packing": ct_packing, "warnings": prepared.warnings}
         needed = estimate_export_bytes(self.model, self.config.scheme, format)
         with atomic_output_dir(out, overwrite, needed_bytes=needed) as temp:
@@ -95,6 +129,8 @@ class QuantizedModel:
             else:
                 prepared.write(temp, self.tokenizer, record)
             write_artifacts(temp, self.artifacts)
+            write_card(temp, out, format, record)
+        self.record["format"] = format
         log.info("wrote %s export to %s", format, out)
         if self.work is not None:
             self.work.remove()

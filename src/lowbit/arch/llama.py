@@ -1,10 +1,12 @@
-"""Llama-like family: Llama, Mistral, Qwen2, Qwen3 and SmolLM2 share one block layout."""
+"""Llama-like family: Llama, Mistral, Qwen2 and SmolLM2 share one block layout; Qwen3 adds q_norm/k_norm."""
+
+from dataclasses import replace
 
 from lowbit.arch.base import ArchSpec, FFNNeurons, ScaleGroup
 
 LLAMA_LIKE = ArchSpec(
     family="llama-like",
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    model_types=("llama", "mistral", "qwen2"),
     blocks_path="model.layers",
     sequential=(
         ("self_attn.k_proj", "self_attn.v_proj", "self_attn.q_proj"),
@@ -47,3 +49,6 @@ LLAMA_LIKE = ArchSpec(
     query_key=("self_attn.q_proj", "self_attn.k_proj"),
     rotary=True,
 )
+
+# Qwen3 (dense): the Llama layout plus q_norm/k_norm after the projections, so q<->k scaling is no equivalence
+QWEN3 = replace(LLAMA_LIKE, family="qwen3", model_types=("qwen3",), qk_norm=True)

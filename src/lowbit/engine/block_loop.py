@@ -78,20 +78,12 @@ def _all_artifacts(stages: list[BlockStage]) -> dict[str, torch.Tensor]:
     return {name: t for stage in stages for name, t in stage.artifacts().items()}
 
 
-def _restore(
-    checkpoint: GroupCheckpoint, blocks: nn.ModuleList, arch: ArchSpec, result: GroupResult, log_progress: bool
-) -> int:
-    """Reload the finished blocks of an interrupted run into `blocks` and `result`; returns how many."""
-    done = checkpoint.finished_blocks()
-    for index in done:
-        state = checkpoint.load_block(index, blocks[index])
-        name = arch.block_name(index)
-        result.records.update({f"{name}.{key}": record for key, record in state.records.items()})
-        result.artifacts.update(state.artifacts)
-        result.metrics.append(state.metrics)
-    if done and log_progress:
-        log.info("resumed: blocks 0-%d reloaded from %s", done[-1], checkpoint.path)
-    return len(done)
+def _restore_block(checkpoint: GroupCheckpoint, ctx: BlockContext, result: GroupResult) -> None:
+    """Put a block finished by an interrupted run back (parameters, records, artifacts, metrics)."""
+    state = checkpoint.load_block(ctx.index, ctx.block)
+    result.records.update({f"{ctx.name}.{key}": record for key, record in state.records.items()})
+    result.artifacts.update(state.artifacts)
+    result.metrics.append(state.metrics)
 
 
 def run_block_stages(
@@ -120,25 +112,22 @@ def run_block_stages(
     )
     blocks = arch.blocks(model)
     result = GroupResult()
-    first = _restore(checkpoint, blocks, arch, result, options.progress) if checkpoint else 0
-    if first == len(blocks):
-        return result
+    first = len(checkpoint.finished_blocks()) if checkpoint else 0
     fp_in = q_in = None
-    kwargs: dict[str, Any] = {}
-    if needs_data:
+    per_block: list[dict[str, Any]] = [{} for _ in blocks]
+    if needs_data and first < len(blocks):
         if calibration is None:
             raise LowbitError(
                 "this recipe needs calibration data; pass --dataset (or 'builtin' for the offline default)"
             )
         captured = capture_block_inputs(model, arch, calibration, batch_size=options.batch_size, device=device)
         fp_in = q_in = captured.hidden
-        kwargs = captured.kwargs
-
-    if first and needs_data:
-        chain = checkpoint.load_chain(first)
-        q_in = chain["q_in"]
-        fp_in = chain.get("fp_in", q_in)
-    bar = tqdm(range(first, len(blocks)), desc="blocks", unit="block", disable=not options.progress)
+        per_block = captured.per_block  # each block replays with its own layer's kwargs (sliding/global, rotary)
+    if first:
+        log.info(
+            "resuming: blocks 0-%d are reloaded from %s (their input chain is replayed)", first - 1, checkpoint.path
+        )
+    bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not options.progress)
     for index in bar:
         start = time.perf_counter()
         ctx = BlockContext(
@@ -147,20 +136,27 @@ def run_block_stages(
             block=blocks[index],
             arch=arch,
             scheme=scheme,
-            kwargs=kwargs,
+            kwargs=per_block[index],
             device=device,
             batch_size=options.batch_size,
             seed=seed,
             inputs=q_in,
             fp_inputs=fp_in if float_chain else None,
         )
+        if first == len(blocks):  # everything finished before: no forward needed
+            _restore_block(checkpoint, ctx, result)
+            continue
         if float_chain:
             ctx.targets = ctx.run(fp_in)
-        known = set(_all_artifacts(stages)) if checkpoint else set()
-        for stage in stages:
-            stage.process_block(ctx)
-        block_records = _write_quantized(ctx) if has_quantizer else {}
-        result.records.update(block_records)
+        block_records: dict[str, QuantizedWeight] = {}
+        if index < first:
+            _restore_block(checkpoint, ctx, result)  # instead of the stages: the chain below replays exactly
+        else:
+            known = set(_all_artifacts(stages)) if checkpoint else set()
+            for stage in stages:
+                stage.process_block(ctx)
+            block_records = _write_quantized(ctx) if has_quantizer else {}
+            result.records.update(block_records)
         if needs_data:
             fp_in = ctx.targets
             if quantized_input and has_quantizer:
@@ -168,23 +164,15 @@ def run_block_stages(
                     q_in = ctx.run(q_in)
             else:
                 q_in = fp_in
+        if index < first:
+            continue
         ctx.metrics["seconds"] = round(time.perf_counter() - start, 3)
         result.metrics.append({"block": index, **ctx.metrics})
         if checkpoint:
             fresh = {k: t for k, t in _all_artifacts(stages).items() if k not in known}
             relative = {key.removeprefix(f"{ctx.name}."): record for key, record in block_records.items()}
-            last = index == len(blocks) - 1
-            chain = None if last or not needs_data else _chain_tensors(q_in, fp_in)
             saving = time.perf_counter()
-            checkpoint.save_block(index, ctx.block, relative, fresh, result.metrics[-1], chain)
+            checkpoint.save_block(index, ctx.block, relative, fresh, result.metrics[-1])
             result.checkpoint_seconds += time.perf_counter() - saving
         log.debug("block %d done in %.2fs", index, ctx.metrics["seconds"])
     return result
-
-
-def _chain_tensors(q_in: torch.Tensor, fp_in: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The next block's inputs; the float chain only when it is a separate tensor."""
-    chain = {"q_in": q_in}
-    if fp_in is not None and fp_in is not q_in:
-        chain["fp_in"] = fp_in
-    return chain

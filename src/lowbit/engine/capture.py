@@ -1,4 +1,11 @@
-"""Capture what block 0 receives: hidden states for every calibration sample and the call kwargs."""
+"""Capture what the decoder blocks receive: block 0's hidden states for every calibration sample, and each block's
+own call kwargs (attention mask, position ids, rotary embeddings).
+
+Families with alternating sliding-window / global attention (Gemma 2/3) or per-layer rotary give each layer
+different kwargs, so replaying block i with block 0's kwargs would be wrong. The first batch therefore runs
+through every block with pre-hooks on all of them; the other batches stop at block 0. Kwargs equal across blocks
+share one object, so memory grows only with the number of distinct layer types.
+"""
 
 from __future__ import annotations
 
@@ -13,19 +20,28 @@ from lowbit.errors import LowbitError
 
 
 class _StopForward(Exception):
-    """Raised by the capture hook: nothing after block 0 needs to run."""
+    """Raised by a capture hook: nothing after the last block that needs recording has to run."""
 
 
 @dataclass
 class BlockInputs:
-    """Inputs of block 0: hidden states [n, L, h] on CPU and the kwargs every block is called with.
+    """Inputs of block 0: hidden states [n, L, h] on CPU, and the kwargs each block is called with.
 
-    The kwargs (attention mask, position ids, rotary embeddings) are captured from a batch of one sample and
-    broadcast over any batch size, so replay can batch freely.
+    The kwargs are captured from a batch of one sample and broadcast over any batch size, so replay can batch
+    freely. `per_block[i]` is block i's kwargs; equal values are the same objects across blocks.
     """
 
     hidden: torch.Tensor
-    kwargs: dict[str, Any]
+    per_block: list[dict[str, Any]]
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """Block 0's kwargs (use `kwargs_for(i)` when replaying block i)."""
+        return self.per_block[0]
+
+    def kwargs_for(self, index: int) -> dict[str, Any]:
+        """The kwargs block `index` was called with in the model's own forward."""
+        return self.per_block[index]
 
 
 def _batch_one(value: Any) -> Any:
@@ -37,42 +53,86 @@ def _batch_one(value: Any) -> Any:
     return value
 
 
-_DROPPED_KWARGS = ("past_key_values", "past_key_value", "use_cache", "output_attentions")
+def _same(a: Any, b: Any) -> bool:
+    """Exact equality of captured kwarg values (tensors by dtype, shape and content; tuples elementwise)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.device == b.device
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - objects without a usable ==: treat as distinct
+        return a is b
+
+
+def _shared(value: Any, seen: list[Any]) -> Any:
+    """`value`, or an equal object recorded before (so equal kwargs of different blocks share storage)."""
+    for known in seen:
+        if _same(value, known):
+            return known
+    seen.append(value)
+    return value
+
+
+_DROPPED_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache", "output_attentions")
 
 
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, arch: ArchSpec, input_ids: torch.Tensor, *, batch_size: int, device: torch.device
 ) -> BlockInputs:
-    """Run the model up to block 0 for every sample and record block 0's inputs.
+    """Run the model up to block 0 for every sample and record block 0's inputs and every block's kwargs.
 
-    Calibration windows are full length without padding, so one kwargs set serves every sample.
+    Calibration windows are full length without padding, so one kwargs set per block serves every sample.
     """
-    first_block = arch.blocks(model)[0]
+    blocks = arch.blocks(model)
     hidden_parts: list[torch.Tensor] = []
-    captured_kwargs: dict[str, Any] = {}
+    per_block: list[dict[str, Any] | None] = [None] * len(blocks)
+    distinct: dict[str, list[Any]] = {}
+    state = {"first": True}
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        hidden_parts.append(hidden.detach().to("cpu", torch.float32))
-        if not captured_kwargs:
-            for key, value in kwargs.items():
-                if key != "hidden_states" and key not in _DROPPED_KWARGS:
-                    captured_kwargs[key] = _batch_one(value)
-        raise _StopForward
+    def hook_for(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if index == 0:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                hidden_parts.append(hidden.detach().to("cpu", torch.float32))
+            if state["first"]:
+                per_block[index] = {
+                    key: _shared(_batch_one(value), distinct.setdefault(key, []))
+                    for key, value in kwargs.items()
+                    if key != "hidden_states" and key not in _DROPPED_KWARGS
+                }
+            if not state["first"] or index == len(blocks) - 1:
+                raise _StopForward
 
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             batch = input_ids[start : start + batch_size].to(device)
             try:
                 model(input_ids=batch, use_cache=False)
             except _StopForward:
+                state["first"] = False
                 continue
             raise LowbitError("capture hook never fired: the ArchSpec's blocks are not on the forward path")
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    missing = [i for i, kwargs in enumerate(per_block) if kwargs is None]
+    if missing:
+        raise LowbitError(f"blocks {missing} were never called in the forward: the ArchSpec's blocks_path is wrong")
     hidden = torch.cat(hidden_parts)
     if not torch.isfinite(hidden).all():
         raise LowbitError("the model's embeddings produce NaN/Inf; check the checkpoint or load it in float32")
-    return BlockInputs(hidden=hidden, kwargs=captured_kwargs)
+    return BlockInputs(hidden=hidden, per_block=per_block)

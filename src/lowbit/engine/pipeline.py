@@ -13,6 +13,7 @@ from lowbit.arch import ArchSpec
 from lowbit.engine.block_loop import EngineOptions, run_block_stages
 from lowbit.engine.stage import BlockStage, ModelContext, ModelStage, Stage
 from lowbit.engine.workdir import WorkDir
+from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
@@ -57,6 +58,10 @@ def run_stages(
 ) -> PipelineResult:
     """Apply every stage to `model` in place. With `work`, finished groups and blocks are checkpointed and an
     interrupted run resumes after them."""
+    for stage in stages:
+        reason = stage.refuses(arch)
+        if reason:
+            raise LowbitError(f"stage '{stage.name}' does not support the {arch.family} family: {reason}")
     result = PipelineResult()
     records, metrics, artifacts = result.records, result.metrics, result.artifacts
     for index, group in enumerate(stage_groups(stages)):

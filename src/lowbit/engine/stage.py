@@ -46,6 +46,17 @@ class Stage:
     def validate(cls, options: Any, scheme: QuantScheme) -> None:
         """Check option values against the scheme before any model is loaded; raise LowbitError naming the fix."""
 
+    @classmethod
+    def check_run(cls, options: Any, *, nsamples: int, seqlen: int, depth: int) -> None:
+        """Check option values against the run's calibration size and the model's depth (number of blocks), before
+        any calibration is loaded or any forward runs; raise LowbitError naming the fix."""
+
+    @classmethod
+    def refuses(cls, arch: ArchSpec) -> str | None:
+        """Why this stage cannot run on a model family (None: it can). The support matrix (`lowbit archs`) and the
+        pipeline both ask this, so what is printed is what is enforced."""
+        return None
+
     def artifacts(self) -> dict[str, torch.Tensor]:
         """Tensors worth keeping after the run (e.g. AWQ's scales and clips), saved next to every export."""
         return {}

@@ -6,10 +6,11 @@ Layout (each file written to a temp name, then renamed, so a crash or kill -9 le
     g00/model.safetensors         a finished model-scope stage: the whole model state + its artifacts
     g00/stage/                    the stage's own mid-stage checkpoints (TEQ's optimizer state, InvarExplore's record)
     g01/block-0003.safetensors    a finished block: its parameters, quantized records, new artifacts, metrics
-    g01/chain-0004.safetensors    the inputs of the next block (quantized chain, float chain when used)
 
-A resumed run replays nothing that was finished: it reloads the finished groups and blocks, re-captures block 0's
-call kwargs (cheap: the embeddings only) and continues from the next block with the saved chain. Every stage's
+A resumed run trains nothing that was finished: it reloads the finished groups and blocks and replays only their
+forward passes to rebuild the next block's inputs (the float chain through the original weights, the quantized
+chain through the reloaded ones: the same kernels on the same data, so the same bits). Saving the chains instead
+would write nsamples x seqlen x hidden floats per block, which costs more than the replay. Every stage's
 randomness comes from per-block / per-step generators seeded from (seed, block, step), so the continuation is
 the same computation as an uninterrupted run and the export is byte-identical.
 """
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 WORK_FORMAT = 1
 _BLOCK = re.compile(r"^block-(\d{4})\.safetensors$")
-_CHAIN = re.compile(r"^chain-(\d{4})\.safetensors$")
 
 
 def work_dir_for(out: str | Path) -> Path:
@@ -61,11 +61,9 @@ def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str
     os.replace(temp, path)
 
 
-def estimate_checkpoint_bytes(model: nn.Module, nsamples: int, seqlen: int) -> int:
-    """Peak size of a work dir: every block's state (about the float model) plus two input chains of both kinds."""
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
-    return params + 4 * nsamples * seqlen * hidden * 4
+def estimate_checkpoint_bytes(model: nn.Module) -> int:
+    """Peak size of a work dir: every block's state plus, after a model-scope stage, the whole model (twice)."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _atomic_json(data: Any, path: Path) -> None:
@@ -247,12 +245,9 @@ class GroupCheckpoint:
         records: dict[str, QuantizedWeight],
         artifacts: dict[str, Tensor],
         metrics: dict[str, Any],
-        next_inputs: dict[str, Tensor] | None,
     ) -> None:
-        """Write the next block's inputs first, then this block (the commit point), then drop the older chain."""
+        """One atomic file per finished block: its parameters, records, new artifacts and metrics."""
         self.path.mkdir(parents=True, exist_ok=True)
-        if next_inputs is not None:
-            _atomic_save(next_inputs, self.path / f"chain-{index + 1:04d}.safetensors")
         tensors = {f"param.{k}": v for k, v in block.state_dict().items()}
         schemes = {}
         for name, record in records.items():
@@ -261,7 +256,6 @@ class GroupCheckpoint:
         tensors.update({f"art.{k}": v for k, v in artifacts.items()})
         meta = {"metrics": json.dumps(metrics, default=str), "schemes": json.dumps(schemes)}
         _atomic_save(tensors, self.path / f"block-{index:04d}.safetensors", meta)
-        (self.path / f"chain-{index:04d}.safetensors").unlink(missing_ok=True)
 
     def load_block(self, index: int, block: nn.Module) -> BlockState:
         """Put a finished block's parameters back; returns its records, artifacts and metrics."""
@@ -274,16 +268,6 @@ class GroupCheckpoint:
             state = _split(tensors, f"rec.{name}.")
             records[name] = QuantizedWeight.from_state(state, QuantScheme.from_dict(scheme))
         return BlockState(params, records, _split(tensors, "art."), json.loads(meta.get("metrics", "{}")))
-
-    def load_chain(self, index: int) -> dict[str, Tensor]:
-        """The inputs of block `index` saved when block index-1 finished."""
-        path = self.path / f"chain-{index:04d}.safetensors"
-        if not path.is_file():
-            raise LowbitError(
-                f"the checkpoints in '{self.path}' lack the inputs of block {index}; re-run with --overwrite to "
-                "start over"
-            )
-        return _load(path)[0]
 
 
 def _unique_state(model: nn.Module) -> dict[str, Tensor]:

@@ -1,4 +1,4 @@
-"""Evaluation: perplexity (lm-eval tasks come later)."""
+"""Evaluation: perplexity here; lm-eval tasks (`lmeval`), comparison tables (`compare`), run reports (`report`)."""
 
 from lowbit.eval.perplexity import PerplexityResult, perplexity
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.arch import window_bos_id
 from lowbit.errors import LowbitError
 
 
@@ -22,6 +23,7 @@ class PerplexityResult:
     windows: int
     seqlen: int
     tokens_available: int
+    bos_first: bool = False  # each window was BOS + (seqlen - 1) stream tokens (families that need BOS: Gemma)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,12 +44,23 @@ def perplexity(
     max_windows: int | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    bos: bool | None = None,
 ) -> PerplexityResult:
-    """Cut the token stream into non-overlapping windows, no KV cache, mean CE of the L-1 predictions each."""
+    """Cut the token stream into non-overlapping windows, no KV cache, mean CE of the L-1 predictions each.
+
+    For a family that needs a leading BOS (`bos=None` asks the model's ArchSpec, True/False force it), each window
+    is the model's BOS + the next seqlen - 1 stream tokens (a leading BOS of the stream is dropped), still L - 1
+    predictions per window."""
     if seqlen < 2:
         raise LowbitError(f"perplexity window length must be at least 2, got {seqlen}")
+    bos_id = window_bos_id(model) if bos is None else (model.config.bos_token_id if bos else None)
     stream = input_ids.reshape(-1)
-    count = window_count(stream.numel(), seqlen, max_windows)
+    if bos_id is not None:
+        stream = stream[1:] if stream.numel() and int(stream[0]) == bos_id else stream
+        step = seqlen - 1
+    else:
+        step = seqlen
+    count = window_count(stream.numel(), step, max_windows)
     if count < 1:
         raise LowbitError(
             f"evaluation text has {stream.numel()} tokens, fewer than one window of {seqlen}; "
@@ -55,7 +68,10 @@ def perplexity(
         )
     nlls = []
     for index in tqdm(range(count), desc="perplexity", unit="window", disable=not progress):
-        window = stream[index * seqlen : (index + 1) * seqlen].unsqueeze(0).to(device)
+        window = stream[index * step : (index + 1) * step]
+        if bos_id is not None:
+            window = torch.cat([window.new_tensor([bos_id]), window])
+        window = window.unsqueeze(0).to(device)
         logits = model(input_ids=window, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="mean").item()
         if not math.isfinite(nll):
@@ -65,4 +81,4 @@ def perplexity(
             )
         nlls.append(nll)
     mean_nll = sum(nlls) / len(nlls)
-    return PerplexityResult(math.exp(mean_nll), mean_nll, count, seqlen, stream.numel())
+    return PerplexityResult(math.exp(mean_nll), mean_nll, count, seqlen, stream.numel(), bos_id is not None)

@@ -7,9 +7,13 @@ from lowbit.export.packed import PACKED_FORMATS, prepare_packed
 from lowbit.export.validate import TARGETS
 
 FORMATS = ("fake", *PACKED_FORMATS)
+AUTO_FORMAT = "auto"  # the best of AUTO_ORDER that validates for the run: what `lowbit quantize --out` writes
+AUTO_ORDER = ("compressed-tensors", "gptq", "fake")
 
 __all__ = [
     "ARTIFACTS_FILE",
+    "AUTO_FORMAT",
+    "AUTO_ORDER",
     "FORMATS",
     "PACKED_FORMATS",
     "RECORD_FILE",

@@ -46,6 +46,13 @@ class AWQOptions:
     include_zero: bool = field(
         default=False, metadata={"help": "the search quantizer's include_zero (False = AWQ's raw min/max preset)"}
     )
+    linear_loss: Literal["gram", "replay"] = field(
+        default="gram",
+        metadata={
+            "help": "v->o / up->down search loss: gram = tr(E H E^T) with H = X^T X once (exact, no per-point "
+            "replay); replay = re-run the linear on every token per grid point (the reference's way)"
+        },
+    )
     search_inputs: Literal["float", "student"] = field(
         default="float",
         metadata={"help": "block inputs of the search: float chain (llm-awq) or the student's (quantized) chain"},
@@ -94,6 +101,25 @@ def _feature_keys(ctx: BlockContext) -> dict[str, str]:
         for name in group.linears:
             keys[name] = group.linears[0]
     return keys
+
+
+@torch.no_grad()
+def input_gram(ctx: BlockContext, x: Tensor) -> Tensor:
+    """H = X^T X over every cached token of x ([n, L, k], or [tokens, k] where a block flattens them, as OPT's
+    FFN does), accumulated in float64 one batch at a time."""
+    k = x.shape[-1]
+    gram = torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
+    for part in ctx.batches(x.shape[0]):
+        rows = ctx.batch(x, part).reshape(-1, k).double()
+        gram += rows.T @ rows
+    return gram
+
+
+def gram_loss(error: Tensor, gram: Tensor, tokens: int) -> float:
+    """Mean squared output error of a linear whose weight error is E [m, k] on inputs with Gram matrix H:
+    ||X E^T||^2 / (tokens * m) = tr(E H E^T) / (tokens * m), what `_loss` measures by replaying every token."""
+    e = error.to(gram.device, torch.float64)
+    return float(((e @ gram) * e).sum()) / (tokens * e.shape[0])
 
 
 def normalised_scales(xbar: Tensor, r: float, wbar: Tensor | None = None) -> Tensor:
@@ -171,7 +197,12 @@ class AWQ(BlockStage):
         module = ctx.block.get_submodule(group.inspect)
         linears = [ctx.block.get_submodule(name) for name in group.linears]
         originals = [linear.weight.detach().clone() for linear in linears]
-        y0 = [self._call(ctx, module, call, ctx.batch(x, part)).cpu() for part in ctx.batches(x.shape[0])]
+        gram = None
+        if self.options.linear_loss == "gram" and group.linears == (group.inspect,):
+            gram = input_gram(ctx, x)  # the inspected module is the linear itself: its loss is quadratic in E
+            y0: list[Tensor] = []
+        else:
+            y0 = [self._call(ctx, module, call, ctx.batch(x, part)).cpu() for part in ctx.batches(x.shape[0])]
         xbar = x.reshape(-1, x.shape[-1]).abs().mean(dim=0).to(ctx.device)
         wbar = weight_mean(linears, self.search_scheme).to(ctx.device) if self.options.duo_scaling else None
         losses: list[float] = []
@@ -183,7 +214,10 @@ class AWQ(BlockStage):
                 for linear, w in zip(linears, originals, strict=True):
                     q = fake_quant(w.float() * s[None, :], self.search_scheme, ste="identity") / s[None, :]
                     linear.weight.copy_(q.to(w.dtype))
-                loss = self._loss(ctx, module, call, x, y0)
+                if gram is None:
+                    loss = self._loss(ctx, module, call, x, y0)
+                else:
+                    loss = gram_loss(linears[0].weight - originals[0], gram, x.numel() // x.shape[-1])
                 losses.append(loss)
                 if loss < best[0]:
                     best = (loss, i, s.cpu())
@@ -222,7 +256,7 @@ class AWQ(BlockStage):
             )
         for group in groups:
             s = scales[group.prev]
-            fold_group(ctx.block, group, s)
+            fold_group(ctx.block, group, s, arch=ctx.arch)
             key = keys[group.linears[0]]
             features[key] = features[key] / s
         ctx.metrics["awq_scale"] = {**group_metrics, **({"skipped": skipped} if skipped else {})}

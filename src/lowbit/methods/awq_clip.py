@@ -17,7 +17,7 @@ from lowbit.scheme import QuantScheme
 CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
 CLIP_TOKENS = 512
-SKIP_MARKERS = ("q_", "k_", "query", "key", "Wqkv")
+SKIP_MARKERS = ("q_", "k_", "query", "key", "Wqkv", "qkv_proj")  # fused q/k/v (MPT, Phi-3) as Wqkv
 
 
 def clip_applies(name: str) -> bool:

@@ -2,7 +2,9 @@
 InvarExplore.
 
 A scale vector s > 0 on the inputs of a group's linears is absorbed by the previous op: a norm's affine weight
-(and bias) or a previous linear's output rows divide by s, the group's weight columns multiply by s. The float
+(and bias) or a previous linear's output rows divide by s, the group's weight columns multiply by s. A norm that
+scales by (1 + w) (Gemma, `ArchSpec.norm_kind`) takes w' = (1 + w) / s - 1; a fused previous linear divides only
+the rows of the group's part (`ScaleGroup.prev_part`: v of qkv_proj, up of gate_up_proj). The float
 block computes the same function afterwards (to rounding). All arithmetic is fp32, cast to the model dtype once.
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lowbit.arch import ScaleGroup
+from lowbit.arch import ArchSpec, ScaleGroup
 from lowbit.errors import LowbitError
 
 
@@ -26,10 +28,10 @@ def _check_scales(s: Tensor, width: int, where: str) -> Tensor:
 
 
 @torch.no_grad()
-def divide_outputs(module: nn.Module, s: Tensor) -> None:
-    """Divide a norm's affine weight/bias, or a linear's last len(s) output rows and bias, by s (in place).
+def divide_outputs(module: nn.Module, s: Tensor, *, norm_offset: float = 0.0, rows: slice | None = None) -> None:
+    """Divide a norm's affine weight/bias, or a linear's output rows (`rows`, default all) and bias, by s (in place).
 
-    The "last len(s) rows" rule covers a fused projection wider than s (awq.md §5).
+    A norm computing x * (offset + w) takes w' = (offset + w) / s - offset.
     """
     weight = module.weight
     width = s.shape[0]
@@ -37,15 +39,17 @@ def divide_outputs(module: nn.Module, s: Tensor) -> None:
     if weight.dim() == 1:
         if weight.shape[0] != width:
             raise LowbitError(f"norm of width {weight.shape[0]} cannot absorb {width} scales: pass matching scales")
-        weight.copy_((weight.float() / s32).to(weight.dtype))
+        weight.copy_(((weight.float() + norm_offset) / s32 - norm_offset).to(weight.dtype))
+        rows = slice(0, width)
     else:
-        if weight.shape[0] < width:
-            raise LowbitError(f"linear with {weight.shape[0]} outputs cannot absorb {width} scales")
-        rows = weight[-width:]
-        rows.copy_((rows.float() / s32[:, None]).to(weight.dtype))
+        rows = slice(0, weight.shape[0]) if rows is None else rows
+        if rows.stop - rows.start != width or rows.stop > weight.shape[0]:
+            raise LowbitError(f"rows {rows.start}:{rows.stop} of a linear cannot absorb {width} scales")
+        part = weight[rows]
+        part.copy_((part.float() / s32[:, None]).to(weight.dtype))
     bias = getattr(module, "bias", None)
     if bias is not None:
-        part = bias[-width:]
+        part = bias[rows]
         part.copy_((part.float() / s32.to(bias.device)).to(bias.dtype))
 
 
@@ -65,19 +69,20 @@ def group_width(block: nn.Module, group: ScaleGroup) -> int:
     return widths.pop()
 
 
-def fold_group(block: nn.Module, group: ScaleGroup, s: Tensor) -> None:
+def fold_group(block: nn.Module, group: ScaleGroup, s: Tensor, *, arch: ArchSpec) -> None:
     """Apply scales s to one group exactly: prev op absorbs 1/s, the group's linears' columns take s."""
-    if not group.applies_to(block):
+    rows = arch.prev_rows(block, group)
+    if not group.applies_to(block, rows):
         raise LowbitError(f"scale group {group.prev} -> {group.linears} is not exact on this block (e.g. GQA v->o)")
     if s.shape[0] != group_width(block, group):
         raise LowbitError(f"scales for {group.prev} need {group_width(block, group)} channels, got {s.shape[0]}")
-    divide_outputs(block.get_submodule(group.prev), s)
+    divide_outputs(block.get_submodule(group.prev), s, norm_offset=arch.norm_offset, rows=rows)
     for name in group.linears:
         multiply_inputs(block.get_submodule(name), s)
 
 
-def fold_groups(block: nn.Module, scales: dict[str, Tensor], groups: list[ScaleGroup]) -> None:
+def fold_groups(block: nn.Module, scales: dict[str, Tensor], groups: list[ScaleGroup], *, arch: ArchSpec) -> None:
     """Fold several groups (keyed by their `prev` name) in the given order."""
     for group in groups:
         if group.prev in scales:
-            fold_group(block, group, scales[group.prev])
+            fold_group(block, group, scales[group.prev], arch=arch)

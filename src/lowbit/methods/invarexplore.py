@@ -34,8 +34,10 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from lowbit.arch import ArchSpec
 from lowbit.engine import ModelContext, ModelStage
 from lowbit.errors import LowbitError
+from lowbit.methods.invarexplore_ops import monitored_layers, neuron_roles
 from lowbit.methods.invarexplore_search import InvarSearch
 from lowbit.scheme import QuantScheme
 
@@ -126,6 +128,15 @@ class InvarExplore(ModelStage):
         self.record: dict[str, torch.Tensor] = {}
 
     @classmethod
+    def refuses(cls, arch: ArchSpec) -> str | None:
+        """FFN neurons over the row slices of a fused gate_up_proj (Phi-3) are not implemented."""
+        try:
+            neuron_roles(arch.ffn)
+        except LowbitError as error:
+            return str(error)
+        return None
+
+    @classmethod
     def check_recipe(cls, names: tuple[str, ...], kinds: list[str]) -> None:
         """invarexplore once, right before the recipe's quantizer (see the module docstring)."""
         recipe = "+".join(names)
@@ -144,29 +155,35 @@ class InvarExplore(ModelStage):
                 f"{names[-1]})"
             )
 
+    @classmethod
+    def check_run(cls, options: InvarExploreOptions, *, nsamples: int, seqlen: int, depth: int) -> None:
+        monitored_layers(depth, options.monitored_layers)
+        if options.samples > nsamples:
+            raise LowbitError(
+                f"invarexplore.samples={options.samples} but the run has {nsamples} calibration windows: "
+                f"raise --nsamples to {options.samples} or lower invarexplore.samples"
+            )
+        if options.seqlen is not None and options.seqlen > seqlen:
+            raise LowbitError(
+                f"invarexplore.seqlen={options.seqlen} is longer than the calibration windows ({seqlen}): "
+                "raise --seqlen or lower invarexplore.seqlen"
+            )
+
     def artifacts(self) -> dict[str, torch.Tensor]:
         """The invariance record (`invarexplore.{perm,scale,angle}.<block>`, steps, accepts)."""
         return self.record
 
-    def _windows(self, calibration: torch.Tensor | None) -> torch.Tensor:
-        o = self.options
+    def _windows(self, ctx: ModelContext) -> torch.Tensor:
+        o, calibration = self.options, ctx.calibration
         if calibration is None:
             raise LowbitError("InvarExplore needs calibration data; pass --dataset (or 'builtin')")
-        if o.samples > calibration.shape[0]:
-            raise LowbitError(
-                f"invarexplore.samples={o.samples} but the run has {calibration.shape[0]} calibration windows: "
-                f"raise --nsamples to {o.samples} or lower invarexplore.samples"
-            )
-        if o.seqlen is not None and o.seqlen > calibration.shape[1]:
-            raise LowbitError(
-                f"invarexplore.seqlen={o.seqlen} is longer than the calibration windows ({calibration.shape[1]}): "
-                "raise --seqlen or lower invarexplore.seqlen"
-            )
+        n, length = calibration.shape
+        self.check_run(o, nsamples=n, seqlen=length, depth=len(ctx.arch.blocks(ctx.model)))
         return calibration[: o.samples, : o.seqlen]
 
     def process_model(self, ctx: ModelContext) -> None:
         o = self._with_work_dir(ctx)
-        windows = self._windows(ctx.calibration)
+        windows = self._windows(ctx)
         search = InvarSearch(ctx.model, ctx.arch, self.scheme, windows, o, ctx.seed, ctx.device)
         resume, start, accepts = ({}, 0, 0) if o.resume is None else search.load_record(o.resume)
         search.prepare(resume)

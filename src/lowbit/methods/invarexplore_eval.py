@@ -69,16 +69,34 @@ def final_head(model: nn.Module, arch: ArchSpec) -> nn.Module:
         decoder = model.get_submodule("model.decoder")
         parts = [m for m in (decoder.final_layer_norm, decoder.project_out) if m is not None]
     else:
-        parts = [model.get_submodule("model.norm")]
-    return nn.Sequential(*parts, model.get_output_embeddings())
+        parts = [model.get_submodule(arch.final_norm)]
+    parts.append(model.get_output_embeddings())
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2: logits = cap * tanh(logits / cap)
+        parts.append(SoftCap(float(cap)))
+    return nn.Sequential(*parts)
+
+
+class SoftCap(nn.Module):
+    """cap * tanh(x / cap), the logit soft-capping of Gemma 2, as the model's own head applies it."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x / self.cap) * self.cap
 
 
 def ffn_output(arch: ArchSpec, block: nn.Module, x: Tensor) -> Tensor:
-    """The FFN of one block on its normalised input, exactly as the block computes it."""
-    if arch.ffn.activation == "swiglu":
-        return block.get_submodule(arch.ffn.contract.rpartition(".")[0])(x)
-    fc1, fc2 = block.get_submodule(arch.ffn.expand[0]), block.get_submodule(arch.ffn.contract)
-    return fc2(block.activation_fn(fc1(x)))
+    """The FFN of one block on its normalised input, exactly as the block computes it (with the output norm of a
+    sandwich-norm block, Gemma's post_feedforward_layernorm, so the result is what the residual adds)."""
+    if arch.ffn.activation in ("swiglu", "geglu"):
+        out = block.get_submodule(arch.ffn.contract.rpartition(".")[0])(x)
+    else:
+        fc1, fc2 = block.get_submodule(arch.ffn.expand[0]), block.get_submodule(arch.ffn.contract)
+        out = fc2(block.activation_fn(fc1(x)))
+    return out if arch.ffn_post_norm is None else block.get_submodule(arch.ffn_post_norm)(out)
 
 
 def squared_error(out: Tensor, target: Tensor) -> float:
@@ -107,7 +125,12 @@ class Evaluator:
         self.head = final_head(self.model, self.arch)
         captured = capture_block_inputs(self.model, self.arch, self.ids, batch_size=self.batch_size, device=self.device)
         self.inputs = captured.hidden
-        self.kwargs = {key: move_to(value, self.device) for key, value in captured.kwargs.items()}
+        moved: dict[int, Any] = {}  # equal kwargs of different blocks stay shared on the device
+
+        def on_device(value: Any) -> Any:
+            return moved.setdefault(id(value), move_to(value, self.device))
+
+        self.kwargs = [{key: on_device(value) for key, value in kw.items()} for kw in captured.per_block]
         self.targets: dict[int, Tensor] = {}
         n, length, hidden = self.inputs.shape
         self.mid = [torch.empty(n, length, hidden) for _ in range(self.depth)]
@@ -129,7 +152,7 @@ class Evaluator:
             yield slice(start, min(start + self.batch_size, total))
 
     def _norm(self, index: int) -> nn.Module:
-        return self.blocks[index].get_submodule(self.arch.norms[1])
+        return self.blocks[index].get_submodule(self.arch.ffn_input_norm)
 
     def _capture_mid(self, store: list[Tensor], layers: range, where: list[slice]) -> list[Any]:
         """Pre-hooks on the FFN norms of `layers` that copy h_mid of the current batch `where[0]` into `store`."""
@@ -169,7 +192,7 @@ class Evaluator:
         for part in self.batches():
             hidden = self.inputs[part].to(self.device)
             for j in range(max(wanted, default=-1) + 1):
-                hidden = call_block(self.blocks[j], hidden, self.kwargs)
+                hidden = call_block(self.blocks[j], hidden, self.kwargs[j])
                 if j in wanted:
                     self.targets[j][part] = hidden.to("cpu", torch.float32)
 
@@ -185,7 +208,7 @@ class Evaluator:
                 where[0] = part
                 hidden = self.inputs[part].to(self.device)
                 for j, block in enumerate(self.blocks):
-                    hidden = call_block(block, hidden, self.kwargs)
+                    hidden = call_block(block, hidden, self.kwargs[j])
                     if j in sse:
                         sse[j] += squared_error(hidden, self.targets[j][part])
                 ce_sum += self.head_ce(hidden, part)
@@ -220,7 +243,7 @@ class Evaluator:
                     sse[layer] += squared_error(hidden, self.targets[layer][part])
                 started = time.perf_counter()
                 for j in range(layer + 1, self.depth):
-                    hidden = call_block(self.blocks[j], hidden, self.kwargs)
+                    hidden = call_block(self.blocks[j], hidden, self.kwargs[j])
                     if j in sse:
                         sse[j] += squared_error(hidden, self.targets[j][part])
                 self.timings["blocks"] += time.perf_counter() - started

@@ -73,12 +73,17 @@ class NeuronRoles:
 
 def neuron_roles(ffn: FFNNeurons, rotation_target: str = "up_down") -> NeuronRoles:
     """The roles of an ArchSpec's FFN linears (spec §2 for ReLU, §5 for SwiGLU)."""
-    if ffn.activation == "swiglu":
+    if ffn.fused_parts:
+        raise LowbitError(
+            "InvarExplore does not support a fused gate_up_proj (Phi-3) yet: its neurons span row slices of one "
+            "linear. Use awq, teq or omniquant for this family"
+        )
+    if ffn.activation in ("swiglu", "geglu"):  # gelu_tanh(gate) * up: like SwiGLU only up is homogeneous
         gate, up = ffn.expand
         return NeuronRoles(((gate, False, rotation_target == "gate_up_down"), (up, True, True)), ffn.contract)
     if ffn.activation == "relu" and len(ffn.expand) == 1:
         return NeuronRoles(((ffn.expand[0], True, True),), ffn.contract)
-    raise LowbitError(f"InvarExplore supports ReLU and SwiGLU FFNs, not '{ffn.activation}'")
+    raise LowbitError(f"InvarExplore supports ReLU, SwiGLU and GeGLU FFNs, not '{ffn.activation}'")
 
 
 def rotated_rows(w: Tensor, angle: Tensor, sources: Tensor) -> Tensor:

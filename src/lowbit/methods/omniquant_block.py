@@ -71,7 +71,7 @@ class OmniQuantBlock:
                 shift = (
                     nn.Parameter(middle.float().clone()) if settings.shift and shift_possible(block, group) else None
                 )
-                self.pairs.append(LetPair(group, nn.Parameter(scale), shift))
+                self.pairs.append(LetPair(group, nn.Parameter(scale), shift, arch.prev_rows(block, group)))
             self.qk = make_qk_scale(arch, block, settings.qk_tying)
         self.clips = {
             name: LearnableClip(linear.out_features, linear.in_features, scheme, learnable=settings.lwc)
@@ -122,7 +122,7 @@ class OmniQuantBlock:
         if self.delta is not None:
             for name, increment in self.delta().items():
                 params[f"{name}.weight"] = params[f"{name}.weight"] + increment
-        return apply_let(params, self.pairs, self.qk, self.settings.reference_quirk)
+        return apply_let(params, self.pairs, self.qk, self.settings.reference_quirk, self.arch.norm_offset)
 
     def block_params(self) -> dict[str, Tensor]:
         """The temporary parameters the block trains with: LET-transformed, linears fake-quantized by LWC."""

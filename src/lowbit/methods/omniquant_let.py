@@ -29,6 +29,7 @@ class LetPair:
     group: ScaleGroup
     scale: nn.Parameter
     shift: nn.Parameter | None = None
+    rows: slice | None = None  # the rows of a fused prev linear that absorb the scales (ArchSpec.prev_rows)
 
     @property
     def name(self) -> str:
@@ -122,8 +123,9 @@ def initial_scale(act_max: Tensor, weight: Tensor, alpha: float) -> Tensor:
 
 
 def make_qk_scale(arch: ArchSpec, block: nn.Module, tying: str) -> QKScale | None:
-    """The q<->k scale of a block, initialised to 1 (None when the family declares no q/k pair)."""
-    if arch.query_key is None:
+    """The q<->k scale of a block, initialised to 1 (None when the family declares no q/k pair, or when q_norm/k_norm
+    after the projections make q<->k scaling no equivalence: Qwen3, Gemma 3)."""
+    if not arch.query_key_scalable:
         return None
     q_name, k_name = arch.query_key
     attention = block.get_submodule(q_name.rpartition(".")[0])
@@ -137,14 +139,32 @@ def make_qk_scale(arch: ArchSpec, block: nn.Module, tying: str) -> QKScale | Non
     return QKScale(q_name, k_name, scale, q_rows // head_dim, k_rows // head_dim, head_dim, tied)
 
 
+def _divide_part(t: Tensor, s: Tensor, part: slice | None) -> Tensor:
+    """t / s on the rows `part` of a fused linear (all of t when None), differentiable."""
+    return t / s if part is None else torch.cat([t[: part.start], t[part] / s, t[part.stop :]])
+
+
 def _divide_prev(
-    params: dict[str, Tensor], prev: str, shift: Tensor | None, s: Tensor, source: str, rows: bool
+    params: dict[str, Tensor],
+    prev: str,
+    shift: Tensor | None,
+    s: Tensor,
+    source: str,
+    rows: bool,
+    part: slice | None = None,
+    offset: float = 0.0,
 ) -> None:
-    """prev's weight (rows, or the last axis for a norm/the quirk) and bias divided by s, the bias shifted first."""
-    params[f"{prev}.weight"] = params[f"{source}{prev}.weight"] / (s[:, None] if rows else s)
+    """prev's weight (rows, or the last axis for a norm/the quirk) and bias divided by s, the bias shifted first.
+
+    A norm computing x * (offset + w) (Gemma: offset 1) takes (offset + w) / s - offset."""
+    weight = params[f"{source}{prev}.weight"]
+    if rows:
+        params[f"{prev}.weight"] = _divide_part(weight, s[:, None], part)
+    else:
+        params[f"{prev}.weight"] = (weight + offset) / s - offset if offset else weight / s
     if f"{prev}.bias" in params:
         bias = params[f"{source}{prev}.bias"]
-        params[f"{prev}.bias"] = ((bias - shift) if shift is not None else bias) / s
+        params[f"{prev}.bias"] = _divide_part((bias - shift) if shift is not None else bias, s, part)
 
 
 def _scale_consumers(params: dict[str, Tensor], pair: LetPair, s: Tensor) -> None:
@@ -157,7 +177,11 @@ def _scale_consumers(params: dict[str, Tensor], pair: LetPair, s: Tensor) -> Non
 
 
 def apply_let(
-    params: Mapping[str, Tensor], pairs: list[LetPair], qk: QKScale | None, reference_quirk: bool = False
+    params: Mapping[str, Tensor],
+    pairs: list[LetPair],
+    qk: QKScale | None,
+    reference_quirk: bool = False,
+    norm_offset: float = 0.0,
 ) -> dict[str, Tensor]:
     """The transformed block parameters, in the reference's order: norm pairs, linear pairs (v->o), then q<->k.
 
@@ -169,12 +193,12 @@ def apply_let(
         out.update({f"_original.{k}": v for k, v in params.items()})
     for pair in pairs:
         if pair.group.prev_kind == "norm":
-            _divide_prev(out, pair.group.prev, pair.shift, pair.scale, "", rows=False)
+            _divide_prev(out, pair.group.prev, pair.shift, pair.scale, "", rows=False, offset=norm_offset)
             _scale_consumers(out, pair, pair.scale)
     for pair in pairs:  # v -> o; the OPT reference quirk treats v_proj as a norm on its original weight (§3)
         if pair.group.prev_kind == "linear":
             source = "_original." if reference_quirk else ""
-            _divide_prev(out, pair.group.prev, pair.shift, pair.scale, source, rows=not reference_quirk)
+            _divide_prev(out, pair.group.prev, pair.shift, pair.scale, source, rows=not reference_quirk, part=pair.rows)
             _scale_consumers(out, pair, pair.scale)
     if qk is not None:
         s_q, s_k = qk.q_rows(), qk.k_rows()

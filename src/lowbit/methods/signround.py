@@ -21,6 +21,7 @@ from lowbit.errors import LowbitError
 from lowbit.methods.frozen import frozen
 from lowbit.methods.signround_opt import TunedLinear, TuneResult, TuneSettings, split_holdout, tune_block
 from lowbit.presets import RecipePreset
+from lowbit.record import loss_trace
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,14 @@ class SignRound(BlockStage):
             early_stop_patience=opts.early_stop_patience,
         )
 
+    @classmethod
+    def check_run(cls, options: SignRoundOptions, *, nsamples: int, seqlen: int, depth: int) -> None:
+        if options.best_select == "holdout" and not 1 <= options.holdout < nsamples:
+            raise LowbitError(
+                f"best_select=holdout needs 1 <= signround.holdout < nsamples ({nsamples}), got {options.holdout}: "
+                "lower --opt signround.holdout or raise --nsamples"
+            )
+
     def process_block(self, ctx: BlockContext) -> None:
         linears = ctx.linears()
         layers = [TunedLinear.wrap(name, linear, self.scheme) for name, linear in linears.items()]
@@ -163,6 +172,7 @@ class SignRound(BlockStage):
                 "loss_last": _finite_or_none(result.losses[-1]) if result.losses else None,
                 "best_loss": _finite_or_none(result.best_loss),
                 "nonfinite_steps": result.nonfinite_steps,
+                "loss_trace": loss_trace(result.losses),  # the report's per-block curve
                 "best_iter": result.best_iter,
                 "best_select": settings.best_select,
                 "iters_run": len(result.losses),

@@ -29,6 +29,7 @@ from lowbit.methods.teq_train import (
     sample_index,
 )
 from lowbit.methods.teq_wrap import ScaleSet, fold_scale_set, make_scale_set, unwrap_block, wrap_block
+from lowbit.record import loss_trace
 from lowbit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ class TEQ(BlockStage, ModelStage):
 
         with torch.no_grad():
             initial = loss_on(list(range(min(n, self.batch_size)))).item()
+        losses = []  # the report's per-block curve
         for step in range(self.steps):
             lr = linear_warmup_lr(step, self.steps, self.options.lr, self.options.warmup)
             for group in optimizer.param_groups:
@@ -187,11 +189,17 @@ class TEQ(BlockStage, ModelStage):
             loss = loss_on(rows)
             _check_finite(loss, step)
             loss.backward()
+            losses.append(loss.item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             final = loss_on(list(range(min(n, self.batch_size)))).item()
-        return {"initial_loss": initial, "final_loss": final, "parameters": sum(p.numel() for p in params)}
+        return {
+            "initial_loss": initial,
+            "final_loss": final,
+            "parameters": sum(p.numel() for p in params),
+            "loss_trace": loss_trace(losses),
+        }
 
     # --- helpers ------------------------------------------------------------------------------------------
 

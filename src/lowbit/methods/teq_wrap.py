@@ -43,6 +43,7 @@ class TEQLinear(nn.Module):
         in_scale: nn.Parameter | None = None,
         divide_input: bool = False,
         out_scale: nn.Parameter | None = None,
+        out_rows: slice | None = None,
         quantize: bool = True,
     ) -> None:
         super().__init__()
@@ -51,6 +52,7 @@ class TEQLinear(nn.Module):
         self.in_scale = in_scale
         self.divide_input = divide_input
         self.out_scale = out_scale
+        self.out_rows = out_rows  # the rows `out_scale` divides in a fused linear (None: all)
         self.quantize = quantize
         self._frozen: Tensor | None = None
 
@@ -60,7 +62,7 @@ class TEQLinear(nn.Module):
         if self.in_scale is not None:
             weight = weight * clamped(self.in_scale)[None, :]
         if self.out_scale is not None:
-            weight = weight / clamped(self.out_scale)[:, None]
+            weight = _divide_rows(weight, clamped(self.out_scale)[:, None], self.out_rows)
         return weight
 
     def quantized_weight(self) -> Tensor:
@@ -79,8 +81,15 @@ class TEQLinear(nn.Module):
             x = x / clamped(self.in_scale).to(x.dtype)
         bias = self.inner.bias
         if bias is not None and self.out_scale is not None:
-            bias = (bias.float() / clamped(self.out_scale)).to(bias.dtype)
+            bias = _divide_rows(bias.float(), clamped(self.out_scale), self.out_rows).to(bias.dtype)
         return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+
+
+def _divide_rows(t: Tensor, s: Tensor, rows: slice | None) -> Tensor:
+    """t / s on `rows` (all rows when None), differentiable; the other rows untouched."""
+    if rows is None:
+        return t / s
+    return torch.cat([t[: rows.start], t[rows] / s, t[rows.stop :]])
 
 
 @dataclass
@@ -90,6 +99,7 @@ class ScaleSet:
     block: nn.Module
     groups: list[ScaleGroup]
     scales: dict[str, nn.Parameter]
+    arch: ArchSpec
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.scales.values())
@@ -114,7 +124,7 @@ def initial_scale(block: nn.Module, group: ScaleGroup, init: str) -> Tensor:
 def make_scale_set(arch: ArchSpec, block: nn.Module, which: str, init: str) -> ScaleSet:
     groups = select_groups(arch, block, which)
     scales = {group.prev: nn.Parameter(initial_scale(block, group, init)) for group in groups}
-    return ScaleSet(block, groups, scales)
+    return ScaleSet(block, groups, scales, arch)
 
 
 def wrap_block(arch: ArchSpec, scale_set: ScaleSet, scheme: QuantScheme, quantize: bool = True) -> None:
@@ -129,6 +139,7 @@ def wrap_block(arch: ArchSpec, scale_set: ScaleSet, scheme: QuantScheme, quantiz
             in_scale=scale_set.scales[consumed.prev] if consumed else None,
             divide_input=bool(consumed and consumed.prev_kind == "norm"),
             out_scale=scale_set.scales[produced.prev] if produced else None,
+            out_rows=arch.prev_rows(scale_set.block, produced) if produced else None,
             quantize=quantize,
         )
         _set_submodule(scale_set.block, name, module)
@@ -145,7 +156,7 @@ def unwrap_block(arch: ArchSpec, block: nn.Module) -> None:
 def fold_scale_set(scale_set: ScaleSet) -> None:
     """Fold the trained vectors into the previous ops and the weights: the float block is unchanged."""
     for group in scale_set.groups:
-        fold_group(scale_set.block, group, clamped(scale_set.scales[group.prev].detach()))
+        fold_group(scale_set.block, group, clamped(scale_set.scales[group.prev].detach()), arch=scale_set.arch)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

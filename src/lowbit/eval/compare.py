@@ -1,0 +1,168 @@
+"""`lowbit compare`: several outputs (and the float model) on the same perplexity windows and tasks, one table.
+
+Each output is loaded the way `lowbit eval` loads it (packed formats on lowbit's runtime, W-A exports with their
+activation quantizers), evaluated, and released before the next one, so memory stays that of one model.
+What the run did (recipe, scheme, quantize time) comes from the export's `lowbit_record.json`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.export.fake import RECORD_FILE
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+@dataclass
+class CompareRow:
+    """One evaluated output: what produced it and what it scores."""
+
+    name: str
+    method: str
+    scheme: str
+    format: str
+    size_mb: float | None
+    quantize_seconds: float | None
+    ppl: dict[str, float] = field(default_factory=dict)
+    tasks: dict[str, float] = field(default_factory=dict)  # task -> acc (or its first metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_record(directory: str | Path) -> dict[str, Any] | None:
+    """The run record of a lowbit export, or None (a float model directory or hub id)."""
+    path = Path(directory) / RECORD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def merge_into_record(
+    directory: str | Path, ppl: dict[str, Any], tasks: dict[str, Any] | None, task_names: str | None
+) -> Path | None:
+    """Add what `lowbit eval` measured on a reloaded export to its run record; returns the record file, or None
+    when there is none (a float model) or it cannot be written (a warning: the results were printed)."""
+    record_file = Path(directory) / RECORD_FILE
+    record = read_record(directory)
+    if record is None:
+        return None
+    if ppl:
+        record.setdefault("evaluation", {}).setdefault("export", {}).update(ppl)
+    if tasks is not None:
+        shots = "default" if tasks["num_fewshot"] is None else tasks["num_fewshot"]
+        record.setdefault("lm_eval", {})[f"{task_names} | shots={shots} | limit={tasks['limit']}"] = tasks
+    temp = record_file.with_name(f".{RECORD_FILE}.tmp")
+    try:
+        temp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+        temp.replace(record_file)
+    except OSError as error:
+        log.warning("could not update %s (%s); the results are printed above", record_file, error)
+        return None
+    return record_file
+
+
+def weights_size_mb(directory: str | Path) -> float | None:
+    """Size of the weight files of a model directory in MiB (None when it is not a local directory)."""
+    path = Path(directory)
+    if not path.is_dir():
+        return None
+    total = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    return round(total / 2**20, 2)
+
+
+def describe(directory: str | Path | None, record: dict[str, Any] | None) -> tuple[str, str, str, float | None]:
+    """(method, scheme, format, quantize seconds) from a run record; a float model is ('float', 'fp', ...)."""
+    if record is None:
+        return "float", "-", "hf", None
+    from lowbit.scheme import QuantScheme
+
+    config = record.get("config") or {}
+    try:
+        scheme = QuantScheme.from_dict(config.get("scheme") or {}).name
+    except (LowbitError, TypeError):
+        scheme = "?"
+    seconds = (record.get("timings") or {}).get("quantize_seconds")
+    return str(config.get("recipe", "?")), scheme, str(record.get("format", "fake")), seconds
+
+
+def _task_score(task: dict[str, Any]) -> float | None:
+    for metric in ("acc", "acc_norm", "exact_match", "word_perplexity"):
+        if metric in task:
+            return task[metric]
+    return None
+
+
+def evaluate_output(
+    model_ref: str | None,
+    *,
+    ppl: list[str],
+    seqlen: int,
+    windows: int | None,
+    tasks: list[str],
+    lm_eval_settings: dict[str, Any],
+    progress: bool = True,
+    label: str | None = None,
+) -> CompareRow:
+    """Load one output (None: the embedded default float model), evaluate it, and release it."""
+    from lowbit.data import load_eval
+    from lowbit.eval.perplexity import perplexity
+    from lowbit.export.load import load
+    from lowbit.models import load_model
+
+    record = read_record(model_ref) if model_ref is not None else None
+    method, scheme, fmt, seconds = describe(model_ref, record)
+    loaded = load(model_ref) if model_ref is not None else load_model(None)
+    size = weights_size_mb(loaded.path)
+    row = CompareRow(label or (Path(model_ref).name if model_ref else "float"), method, scheme, fmt, size, seconds)
+    for name in ppl:
+        data = load_eval(loaded.tokenizer, name)
+        result = perplexity(loaded.model, data.input_ids, seqlen=seqlen, max_windows=windows, progress=progress)
+        row.ppl[data.meta.get("name", name)] = round(result.ppl, 4)
+    if tasks:
+        from lowbit.eval.lmeval import evaluate_tasks
+
+        entry = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, progress=progress, **lm_eval_settings)
+        row.tasks = {name: _task_score(task) for name, task in entry["tasks"].items()}
+        if entry.get("average_acc") is not None and len(entry["tasks"]) > 1:
+            row.tasks["avg acc"] = entry["average_acc"]
+    del loaded
+    gc.collect()
+    log.info("evaluated %s: %s", row.name, row.to_dict())
+    return row
+
+
+def _columns(rows: list[CompareRow]) -> tuple[list[str], list[list[str]]]:
+    ppl_names = list(dict.fromkeys(name for row in rows for name in row.ppl))
+    task_names = list(dict.fromkeys(name for row in rows for name in row.tasks))
+    header = ["output", "method", "scheme", "format", "weights MiB", *[f"ppl {n}" for n in ppl_names]]
+    header += [*task_names, "quantize s"]
+
+    def cell(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    body = []
+    for row in rows:
+        line = [row.name, row.method, row.scheme, row.format, cell(row.size_mb, ".1f")]
+        line += [cell(row.ppl.get(n), ".3f") for n in ppl_names]
+        line += [cell(row.tasks.get(n), ".4f") for n in task_names]
+        line.append(cell(row.quantize_seconds, ".1f"))
+        body.append(line)
+    return header, body
+
+
+def format_table(rows: list[CompareRow], *, markdown: bool = False) -> str:
+    """The comparison as aligned plain text, or as a Markdown table."""
+    header, body = _columns(rows)
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in body])
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in [header, *body])

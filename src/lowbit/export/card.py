@@ -1,0 +1,100 @@
+"""The model card (README.md) of every export: what it is and the exact code that loads it in each engine.
+
+The loading code differs by format and is easy to get wrong: an asymmetric compressed-tensors checkpoint does not
+load through transformers' default `from_pretrained` (packed zero points; upstream llm-compressor #1618/#1704) and
+needs `CompressedTensorsConfig(dequantize=True)`; a weight-activation `fake` export only behaves as measured when
+its activation quantizers are installed (`lowbit.load`); GPTQ checkpoints need gptqmodel in transformers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CARD_FILE = "README.md"
+
+
+def _is_symmetric(kind: str) -> bool:
+    return kind in ("sym", "sym_full")
+
+
+def transformers_snippet(fmt: str, directory: str, scheme: dict[str, Any]) -> str:
+    """Python that loads the export with transformers (and the format's own package) only."""
+    weight_only = scheme.get("act_bits", 16) >= 16
+    if fmt == "compressed-tensors" and weight_only and not _is_symmetric(scheme.get("kind", "asym")):
+        return (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig\n\n"
+            "# asymmetric (zero-point) weights: transformers' default compressed path cannot build the packed zero\n"
+            "# points (llm-compressor #1618/#1704), so decompress them while loading\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\n    {directory!r}, "
+            "quantization_config=CompressedTensorsConfig(dequantize=True)\n)\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({directory!r})\n"
+        )
+    return (
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f"model = AutoModelForCausalLM.from_pretrained({directory!r})\n"
+        f"tokenizer = AutoTokenizer.from_pretrained({directory!r})\n"
+    )
+
+
+def lowbit_snippet(directory: str) -> str:
+    return f"import lowbit\n\nloaded = lowbit.load({directory!r})  # .model, .tokenizer\n"
+
+
+def vllm_snippet(directory: str) -> str:
+    return f'from vllm import LLM\n\nllm = LLM(model={directory!r})\nprint(llm.generate("Hello")[0].outputs[0].text)\n'
+
+
+def _requirements(fmt: str) -> str:
+    return {
+        "compressed-tensors": "`pip install transformers compressed-tensors`",
+        "gptq": "`pip install transformers optimum gptqmodel` (gptqmodel ships CUDA kernels; on CPU use lowbit below)",
+        "fake": "`pip install transformers`",
+    }[fmt]
+
+
+def model_card(fmt: str, directory: str | Path, record: dict[str, Any]) -> str:
+    """The README.md of an export at `directory` (the final path, as the user will load it)."""
+    directory = str(directory)
+    config = record.get("config", {})
+    scheme = config.get("scheme", {})
+    act_bits = scheme.get("act_bits", 16)
+    recipe, name = config.get("recipe", "?"), scheme.get("name", "?")
+    lines = [
+        f"# {Path(directory).name}",
+        "",
+        f"{record.get('model', 'A model')} quantized by lowbit {record.get('versions', {}).get('lowbit', '')}: "
+        f"recipe `{recipe}`, scheme `{name}`, format `{fmt}`.",
+        "",
+    ]
+    if fmt == "fake":
+        lines += [
+            "This is a `fake` export: the weights are the dequantized float values (for research and evaluation); "
+            "it is as large as the float model.",
+            "",
+        ]
+    if act_bits < 16 and fmt == "fake":
+        lines += [
+            f"The scheme quantizes activations to {act_bits} bits: only `lowbit.load` (or `lowbit eval`) installs "
+            "the activation quantizers; plain transformers runs it weight-only.",
+            "",
+        ]
+    lines += [f"## transformers\n\nNeeds {_requirements(fmt)}.\n", "```python", transformers_snippet(fmt, directory,
+              scheme).rstrip(), "```", ""]  # fmt: skip
+    if fmt != "fake" or act_bits >= 16:
+        lines += ["## vLLM", "", "```python", vllm_snippet(directory).rstrip(), "```", ""]
+    lines += ["## lowbit (CPU runtime, any format)", "", "```python", lowbit_snippet(directory).rstrip(), "```", ""]
+    evaluation = record.get("evaluation", {})
+    if evaluation.get("after"):
+        lines += ["## Perplexity", "", "| data | float | quantized |", "|---|---|---|"]
+        for data, after in evaluation["after"].items():
+            before = evaluation.get("before", {}).get(data, {})
+            lines.append(f"| {data} | {before.get('ppl', float('nan')):.3f} | {after['ppl']:.3f} |")
+        lines.append("")
+    lines.append("The run record (`lowbit_record.json`) holds every setting, version and timing of the run.")
+    return "\n".join(lines) + "\n"
+
+
+def write_card(directory: Path, final: str | Path, fmt: str, record: dict[str, Any]) -> None:
+    """Write README.md into the (temporary) export directory, naming the final path in its snippets."""
+    (directory / CARD_FILE).write_text(model_card(fmt, Path(final).expanduser().resolve(), record))

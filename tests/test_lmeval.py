@@ -1,0 +1,133 @@
+"""lm-eval adapter: every kind of lowbit output scores through lm-eval's own HFLM, identically to `--model hf`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from importlib import metadata
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+import lm_eval  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit.cli import main  # noqa: E402
+from lowbit.eval.lmeval import evaluate_tasks, task_manager, wrap_model  # noqa: E402
+from lowbit.eval.tasks import generate  # noqa: E402
+from lowbit.export import RECORD_FILE  # noqa: E402
+from lowbit.models import load_model  # noqa: E402
+
+TASKS = ["lowbit_mc", "lowbit_yesno"]
+LIMIT = 24
+
+
+def _loglikelihoods(model, tokenizer, tasks=TASKS, limit=LIMIT) -> dict:
+    """Per-document, per-choice loglikelihoods lm-eval computes for `model` through the adapter's HFLM."""
+    raw = lm_eval.simple_evaluate(
+        model=wrap_model(model, tokenizer),
+        tasks=tasks,
+        limit=limit,
+        task_manager=task_manager(tasks=tasks),
+        log_samples=True,
+    )
+    return _responses(raw)
+
+
+def _responses(raw: dict) -> dict:
+    return {
+        task: [[list(map(float, resp[0])) for resp in sample["resps"]] for sample in samples]
+        for task, samples in raw["samples"].items()
+    }
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_llama_dir):
+    """One RTN result of the tiny Llama saved as fake, compressed-tensors and GPTQ."""
+    root = tmp_path_factory.mktemp("lmeval-exports")
+    result = lowbit.quantize(load_model(str(tiny_llama_dir)), recipe="rtn", scheme="w4g32-sym")
+    return {fmt: result.save(root / fmt, format=fmt) for fmt in ("fake", "compressed-tensors", "gptq")}
+
+
+def test_shipped_task_data_is_what_the_generator_writes():
+    shipped = {
+        name: (generate.HERE / name).read_text().splitlines() for name in ("lowbit_mc.jsonl", "lowbit_yesno.jsonl")
+    }
+    for name, rows in shipped.items():
+        assert len(rows) == generate.TEST_ITEMS + generate.TRAIN_ITEMS
+        seed = 1 if name == "lowbit_mc.jsonl" else 2
+        maker = (lambda rng, _i: generate._mc_item(rng)) if seed == 1 else (
+            lambda rng, i: generate._yesno_item(rng, truth=i % 2 == 0))  # fmt: skip
+        assert [json.dumps(row) for row in generate.build(maker, seed)] == rows
+    manager = task_manager()
+    assert {"lowbit_mc", "lowbit_yesno", "lowbit_offline"} <= set(manager.all_tasks)
+
+
+def test_adapter_scores_equal_lm_eval_hf_model_on_a_fake_export(exports):
+    fake = exports["fake"]
+    loaded = lowbit.load(fake)
+    ours = evaluate_tasks(loaded.model, loaded.tokenizer, TASKS, limit=LIMIT, progress=False)
+    raw = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={fake},device=cpu",
+        tasks=TASKS,
+        limit=LIMIT,
+        task_manager=task_manager(tasks=TASKS),
+        log_samples=True,
+    )
+    for task in TASKS:
+        theirs = raw["results"][task]
+        assert ours["tasks"][task]["acc"] == round(theirs["acc,none"], 6)
+        assert ours["tasks"][task]["samples"] == LIMIT
+    assert ours["tasks"]["lowbit_mc"]["acc_norm"] == round(raw["results"]["lowbit_mc"]["acc_norm,none"], 6)
+    # stronger than equal accuracies: every choice's loglikelihood is the same number
+    assert _loglikelihoods(loaded.model, loaded.tokenizer) == _responses(raw)
+    assert ours["lm_eval_version"] == metadata.version("lm-eval")
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_packed_export_scores_the_same_as_its_fake_twin(exports, fmt):
+    """lowbit's packed runtime rebuilds the fake-quant weight bit for bit, so the tolerance is zero."""
+    fake, packed = lowbit.load(exports["fake"]), lowbit.load(exports[fmt])
+    assert type(packed.model.model.layers[0].mlp.up_proj).__name__ == "PackedLinear"
+    assert _loglikelihoods(packed.model, packed.tokenizer) == _loglikelihoods(fake.model, fake.tokenizer)
+
+
+def test_weight_activation_export_is_scored_with_its_activation_quantization(tiny_llama_dir, tmp_path):
+    result = lowbit.quantize(load_model(str(tiny_llama_dir)), recipe="rtn", scheme="w4a4")
+    out = result.save(tmp_path / "wa", format="fake")
+    reloaded = lowbit.load(out)
+    with_act = _loglikelihoods(reloaded.model, reloaded.tokenizer, ["lowbit_yesno"], 8)
+    assert with_act == _loglikelihoods(result.model, result.tokenizer, ["lowbit_yesno"], 8)  # in memory: A4 on
+    result.act_quant.remove()  # the weight-only twin scores differently
+    assert with_act != _loglikelihoods(result.model, result.tokenizer, ["lowbit_yesno"], 8)
+
+
+def test_cli_eval_tasks_json_and_record(exports, tmp_path, capsys):
+    out = tmp_path / "export"
+    shutil.copytree(exports["compressed-tensors"], out)
+    report = tmp_path / "scores.json"
+    args = ["eval", out, "--tasks", "lowbit_offline", "--limit", "6", "--num-fewshot", "2", "--batch-size", "4"]
+    assert main([*map(str, args), "--json", str(report), "-q"]) == 0
+    printed = capsys.readouterr()
+    assert "lowbit_mc (2-shot, 6 docs): acc" in printed.out and "lowbit_yesno (2-shot, 6 docs)" in printed.out
+    assert "average acc over 2 tasks" in printed.out
+    assert "Running loglikelihood" not in printed.err  # --quiet
+    saved = json.loads(report.read_text())["lm_eval"]
+    assert saved["batch_size"] == 4 and saved["num_fewshot"] == 2 and saved["packed_runtime"] == "compressed-tensors"
+    assert saved["tasks"]["lowbit_mc"]["n_shot"] == 2
+    record = json.loads((out / RECORD_FILE).read_text())
+    (entry,) = record["lm_eval"].values()
+    assert entry["tasks"] == saved["tasks"]
+    assert json.loads(report.read_text())["perplexity"] == {}  # only --tasks asked: no perplexity
+
+
+def test_cli_eval_plain_model_dir_and_unknown_task(tiny_llama_dir, text_file, capsys):
+    args = ["eval", tiny_llama_dir, "--tasks", "lowbit_yesno", "--limit", "4", "--ppl", text_file]
+    assert main([*map(str, args), "--eval-seqlen", "64", "--eval-windows", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity local" in printed and "lowbit_yesno (0-shot, 4 docs)" in printed
+    assert not (tiny_llama_dir / RECORD_FILE).exists()
+    assert main(["eval", str(tiny_llama_dir), "--tasks", "no_such_task"]) == 2
+    assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
