@@ -96,3 +96,15 @@ def test_cli_prints_size_and_snippet(tiny_llama_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote compressed-tensors export" in printed and "float model" in printed
     assert "AutoModelForCausalLM.from_pretrained" in printed
+
+
+def test_packed_export_with_stage_artifacts_reloads(tiny_llama_dir, tmp_path):
+    """AWQ keeps its scales/clips in lowbit_artifacts.safetensors next to the weights: the loader must skip it."""
+    out = tmp_path / "out"
+    args = ["--recipe", "awq+rtn", "--opt", "awq.n_grid=2", "--opt", "awq.clip_grid=2", "--scheme", "w4g32",
+            "--dataset", "builtin", "--nsamples", "2", "--seqlen", "32"]  # fmt: skip
+    assert main([str(a) for a in ["quantize", tiny_llama_dir, *args, "--out", out]]) == 0
+    assert (out / "lowbit_artifacts.safetensors").is_file()
+    assert json.loads((out / RECORD_FILE).read_text())["format"] == "compressed-tensors"
+    with torch.no_grad():
+        assert torch.isfinite(load(out).model(torch.arange(3, 20)[None]).logits).all()

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
+from lowbit.export.artifacts import ARTIFACTS_FILE
 from lowbit.export.fake import RECORD_FILE
 from lowbit.export.layout import LOWBIT_KEY
 from lowbit.export.packing import packed_words, unpack_codes
@@ -47,7 +48,8 @@ def packed_method(directory: str | Path) -> str | None:
 
 
 def _tensor_files(directory: Path) -> list[Path]:
-    files = sorted(directory.glob("*.safetensors"))
+    """The checkpoint's weight files; the stages' artifacts (AWQ scales, OmniQuant state) are not model tensors."""
+    files = sorted(p for p in directory.glob("*.safetensors") if p.name != ARTIFACTS_FILE)
     if not files:
         raise LowbitError(f"no .safetensors files in {directory}: pass a directory written by a packed export")
     return files
