@@ -1,6 +1,6 @@
 """One `lowbit compare` table for SmolLM2 (issue 17): float, RTN, GPTQ, AWQ+RTN, SignRound, TEQ+GPTQ at W4G64 and
 W3G64 (g64: the largest group compressed-tensors can hold on SmolLM2's 576-wide layers), perplexity and the two
-offline tasks that ship with lowbit (`lowbit_mc`, `lowbit_yesno`).
+offline tasks that ship with lowbit (`lowbit_mc`, `lowbit_cloze`; 5-shot).
 
 Every export is written by the CLI (`--format auto`, i.e. compressed-tensors), then one `lowbit compare` call
 evaluates all of them and the float model on the same windows and items (packed exports on lowbit's CPU runtime):
@@ -29,7 +29,7 @@ RECIPES = {
     "rtn": [],
     "gptq": [],
     "awq+rtn": [],
-    "signround": ["--opt", "signround.iters=10"],
+    "signround": ["--opt", "signround.iters=20"],
     "teq+gptq": ["--opt", "teq.steps=30"],
 }
 
@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
-    parser.add_argument("--limit", type=int, default=100, help="items per task (each task has 200)")
+    parser.add_argument("--limit", type=int, default=200, help="items per task (each task has 200)")
+    parser.add_argument("--num-fewshot", type=int, default=5)
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="lowbit-compare-"))
     lowbit = [sys.executable, "-m", "lowbit"]
@@ -72,7 +73,8 @@ def main() -> None:
                 outputs.append(str(out))
         table = scratch / "table.json"
         compare = [*lowbit, "compare", *outputs, "--float", "--ppl", "builtin", "--eval-windows",
-                   str(args.eval_windows), "--tasks", "lowbit_offline", "--limit", str(args.limit), "--markdown",
+                   str(args.eval_windows), "--tasks", "lowbit_offline", "--limit", str(args.limit), "--num-fewshot",
+                   str(args.num_fewshot), "--markdown",
                    "--json", str(table), "--quiet"]  # fmt: skip
         seconds = run(compare)
         rows = json.loads(table.read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from importlib import metadata
 
 import pytest
@@ -51,17 +52,21 @@ def exports(tmp_path_factory, tiny_llama_dir):
 
 
 def test_shipped_task_data_is_what_the_generator_writes():
-    shipped = {
-        name: (generate.HERE / name).read_text().splitlines() for name in ("lowbit_mc.jsonl", "lowbit_yesno.jsonl")
+    makers = {
+        "lowbit_mc.jsonl": (lambda rng, _i: generate._mc_item(rng), 1),
+        "lowbit_yesno.jsonl": (lambda rng, i: generate._yesno_item(rng, truth=i % 2 == 0), 2),
+        "lowbit_cloze.jsonl": (lambda rng, _i: generate._cloze_item(rng), 3),
     }
-    for name, rows in shipped.items():
+    for name, (maker, seed) in makers.items():
+        rows = (generate.HERE / name).read_text().splitlines()
         assert len(rows) == generate.TEST_ITEMS + generate.TRAIN_ITEMS
-        seed = 1 if name == "lowbit_mc.jsonl" else 2
-        maker = (lambda rng, _i: generate._mc_item(rng)) if seed == 1 else (
-            lambda rng, i: generate._yesno_item(rng, truth=i % 2 == 0))  # fmt: skip
         assert [json.dumps(row) for row in generate.build(maker, seed)] == rows
+        keys = [row.get("question", row.get("context")) for row in map(json.loads, rows)]
+        assert len(set(keys)) == len(keys)  # few-shot examples never repeat a test item
+    cloze = [json.loads(row) for row in (generate.HERE / "lowbit_cloze.jsonl").read_text().splitlines()]
+    assert all(len(set(row["choices"])) == 4 and 0 <= row["answer"] < 4 for row in cloze)
     manager = task_manager()
-    assert {"lowbit_mc", "lowbit_yesno", "lowbit_offline"} <= set(manager.all_tasks)
+    assert {"lowbit_mc", "lowbit_cloze", "lowbit_yesno", "lowbit_offline"} <= set(manager.all_tasks)
 
 
 def test_adapter_scores_equal_lm_eval_hf_model_on_a_fake_export(exports):
@@ -89,7 +94,7 @@ def test_adapter_scores_equal_lm_eval_hf_model_on_a_fake_export(exports):
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
 def test_packed_export_scores_the_same_as_its_fake_twin(exports, fmt):
     """lowbit's packed runtime rebuilds the fake-quant weight bit for bit, so the tolerance is zero."""
-    fake, packed = lowbit.load(exports["fake"]), lowbit.load(exports[fmt])
+    fake, packed = lowbit.load(exports["fake"]), lowbit.load(exports[fmt], kernel="reference")
     assert type(packed.model.model.layers[0].mlp.up_proj).__name__ == "PackedLinear"
     assert _loglikelihoods(packed.model, packed.tokenizer) == _loglikelihoods(fake.model, fake.tokenizer)
 
@@ -111,7 +116,7 @@ def test_cli_eval_tasks_json_and_record(exports, tmp_path, capsys):
     args = ["eval", out, "--tasks", "lowbit_offline", "--limit", "6", "--num-fewshot", "2", "--batch-size", "4"]
     assert main([*map(str, args), "--json", str(report), "-q"]) == 0
     printed = capsys.readouterr()
-    assert "lowbit_mc (2-shot, 6 docs): acc" in printed.out and "lowbit_yesno (2-shot, 6 docs)" in printed.out
+    assert "lowbit_mc (2-shot, 6 docs): acc" in printed.out and "lowbit_cloze (2-shot, 6 docs)" in printed.out
     assert "average acc over 2 tasks" in printed.out
     assert "Running loglikelihood" not in printed.err  # --quiet
     saved = json.loads(report.read_text())["lm_eval"]
@@ -131,3 +136,20 @@ def test_cli_eval_plain_model_dir_and_unknown_task(tiny_llama_dir, text_file, ca
     assert not (tiny_llama_dir / RECORD_FILE).exists()
     assert main(["eval", str(tiny_llama_dir), "--tasks", "no_such_task"]) == 2
     assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_hub_task_without_hub_fails_at_once_with_the_offline_fix(tiny_llama_dir, monkeypatch, capsys):
+    import datasets.config
+    import huggingface_hub.constants
+
+    from lowbit.eval import lmeval
+
+    before = (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(lmeval, "hub_reachable", lambda: False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tiny_llama_dir / "no-cache")  # nothing cached
+    started = time.perf_counter()
+    assert main(["eval", str(tiny_llama_dir), "--tasks", "arc_easy", "--limit", "2", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert time.perf_counter() - started < 30  # no network retries (they took ~40 s)
+    assert "hub is not reachable" in err and "--tasks lowbit_offline" in err and "Traceback" not in err
+    assert before == (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)  # restored

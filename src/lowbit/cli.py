@@ -47,12 +47,22 @@ def _add_load_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_kernel_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kernel",
+        choices=("auto", "reference"),
+        default="auto",
+        help="packed exports: auto runs 4-bit (and per-channel symmetric 8-bit) layers on torch's low-bit CPU kernels "
+        "(fast, not bit for bit); reference dequantizes per forward, bit for bit the fake-quant model (default auto)",
+    )
+
+
 def _add_task_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tasks",
         default=None,
         help="lm-eval tasks, comma-separated (needs lowbit[eval]): hub tasks such as arc_easy,piqa, or the offline "
-        "lowbit_mc, lowbit_yesno, lowbit_offline (both) shipped with lowbit",
+        "lowbit_mc, lowbit_cloze, lowbit_yesno, lowbit_offline (mc + cloze) shipped with lowbit",
     )
     parser.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task")
     parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: shots (default: each task's own)")
@@ -124,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="perplexity and lm-eval tasks of a model directory, HF id, or export")
     evaluate.add_argument("model", nargs="?", default=None, help="directory or HF id (default: embedded SmolLM2)")
     _add_load_flags(evaluate)
+    _add_kernel_flag(evaluate)
     _add_eval_flags(evaluate, "--ppl")
     evaluate.set_defaults(ppl=None)  # auto unless only --tasks is asked for
     _add_task_flags(evaluate)
@@ -141,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_eval_flags(compare, "--ppl")
     _add_task_flags(compare)
+    _add_kernel_flag(compare)
     compare.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     compare.add_argument("--json", default=None, help="also write the rows to this JSON file")
     _add_quiet_flag(compare)
@@ -304,9 +316,9 @@ def _eval(args: argparse.Namespace) -> int:
     method = packed_method(args.model) if args.model is not None else None
     # lowbit.load also reads a fake export's run record and installs its activation quantizers (W-A schemes)
     risks = {"allow_pickle": args.allow_pickle, "trust_remote_code": args.trust_remote_code}
-    loaded = load(args.model, **risks) if args.model is not None else load_model(None, **risks)
+    loaded = load(args.model, kernel=args.kernel, **risks) if args.model is not None else load_model(None, **risks)
     if method is not None:
-        print(f"loaded {method} export {args.model} on lowbit's packed CPU runtime")
+        print(f"loaded {method} export {args.model} on lowbit's packed CPU runtime (kernel={args.kernel})")
     activation = activation_record(act_bits_of(loaded.model))
     if activation is not None:
         print(f"activation quantization on: {activation['bits']}-bit {activation['kind']} (from the export's record)")
@@ -353,7 +365,8 @@ def _compare(args: argparse.Namespace) -> int:
     ppl = [] if args.ppl.lower() == "none" else [part.strip() for part in args.ppl.split(",") if part.strip()]
     tasks = [] if args.tasks is None else [part.strip() for part in args.tasks.split(",") if part.strip()]
     settings = {"ppl": ppl, "seqlen": args.eval_seqlen, "windows": args.eval_windows, "tasks": tasks,
-                "lm_eval_settings": _lm_eval_settings(args), "progress": not args.quiet}  # fmt: skip
+                "lm_eval_settings": _lm_eval_settings(args), "progress": not args.quiet,
+                "kernel": args.kernel}  # fmt: skip
     if tasks:
         from lowbit.eval.lmeval import task_manager
 

@@ -6,3 +6,9 @@ class LowbitError(Exception):
 
     The CLI prints the message as one line and exits non-zero; it never shows a traceback for these.
     """
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, for one-line error messages that quote a library's error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no details"

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lowbit.data import hub_reachable
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 from lowbit.safeload import check_finite_weights, check_model_dir, safetensors_files
 
 logger = logging.getLogger(__name__)
@@ -163,13 +163,8 @@ def _resolve_hub_id(model: str) -> Path:
     try:
         local = Path(snapshot_download(model, allow_patterns=_hub_allow_patterns(model)))
     except Exception as e:  # not found, gated, or network failure: all mean "cannot get it"
-        raise _hub_error(model, f"{type(e).__name__}: {_first_line(e)}") from e
+        raise _hub_error(model, f"{type(e).__name__}: {first_line(e)}") from e
     return _checked_model_dir(local)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
@@ -179,7 +174,7 @@ def _load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise LowbitError(
-            f"could not load the tokenizer from '{path}' ({type(e).__name__}: {_first_line(e)}); "
+            f"could not load the tokenizer from '{path}' ({type(e).__name__}: {first_line(e)}); "
             "the directory needs the tokenizer files saved with the model"
         ) from e
 
@@ -195,7 +190,7 @@ def _load_causal_lm(
         )
     except Exception as e:
         raise LowbitError(
-            f"could not load the model checkpoint at '{path}' ({type(e).__name__}: {_first_line(e)}); "
+            f"could not load the model checkpoint at '{path}' ({type(e).__name__}: {first_line(e)}); "
             "check that the directory is a complete, uncorrupted Hugging Face checkpoint or download it again"
         ) from e
 

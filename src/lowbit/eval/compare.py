@@ -12,10 +12,13 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lowbit.errors import LowbitError
 from lowbit.export.fake import RECORD_FILE
+
+if TYPE_CHECKING:
+    from lowbit.export.kernels import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +113,12 @@ def evaluate_output(
     lm_eval_settings: dict[str, Any],
     progress: bool = True,
     label: str | None = None,
+    kernel: Kernel = "auto",
 ) -> CompareRow:
-    """Load one output (None: the embedded default float model), evaluate it, and release it."""
+    """Load one output (None: the embedded default float model), evaluate it, and release it.
+
+    `kernel` is the packed runtime's matmul for packed exports (lowbit.load).
+    """
     from lowbit.data import load_eval
     from lowbit.eval.perplexity import perplexity
     from lowbit.export.load import load
@@ -119,7 +126,7 @@ def evaluate_output(
 
     record = read_record(model_ref) if model_ref is not None else None
     method, scheme, fmt, seconds = describe(model_ref, record)
-    loaded = load(model_ref) if model_ref is not None else load_model(None)
+    loaded = load(model_ref, kernel=kernel) if model_ref is not None else load_model(None)
     size = weights_size_mb(loaded.path)
     row = CompareRow(label or (Path(model_ref).name if model_ref else "float"), method, scheme, fmt, size, seconds)
     for name in ppl:

@@ -3,8 +3,8 @@
 The loaded torch model (a fake export, a packed export on lowbit's runtime, a W-A model with its activation
 quantizers installed, or a float model) is wrapped in lm-eval's own `HFLM`, so requests, batching and scoring are
 lm-eval's: a fake export scores exactly what `lm_eval --model hf` gives on its directory. The offline tasks that
-ship in `lowbit/eval/tasks` (`lowbit_mc`, `lowbit_yesno`, group `lowbit_offline`) are always registered; hub
-tasks (arc_easy, piqa, ...) work when the hub is reachable.
+ship in `lowbit/eval/tasks` (`lowbit_mc`, `lowbit_cloze`, `lowbit_yesno`; group `lowbit_offline` = mc + cloze) are
+always registered; hub tasks (arc_easy, piqa, ...) work when the hub is reachable or their data is cached.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from typing import Any
 
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.data import hub_reachable
+from lowbit.errors import LowbitError, first_line
 
 log = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).parent / "tasks"
-OFFLINE_TASKS = ("lowbit_mc", "lowbit_yesno")
+OFFLINE_TASKS = ("lowbit_mc", "lowbit_yesno", "lowbit_cloze")
 OFFLINE_GROUP = "lowbit_offline"
 _METRICS = ("acc", "acc_norm", "word_perplexity", "perplexity", "exact_match", "f1", "mcc")
 
@@ -64,6 +65,27 @@ def task_manager(include_path: str | Path | None = None, tasks: Sequence[str] | 
 def _not_custom_dataset_hint(record: logging.LogRecord) -> bool:
     """lm-eval warns on every task with a `custom_dataset` (ours) about `--metadata`, which they do not use."""
     return "Custom kwargs can be passed" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _offline_when_hub_unreachable(names: Sequence[str]) -> Iterator[None]:
+    """Hub tasks with no hub: datasets/huggingface_hub offline mode for the call, so a cached dataset still loads
+    and a missing one fails at once (instead of ~40 s of retries) with the error lowbit turns into its message."""
+    if set(names) <= {*OFFLINE_TASKS, OFFLINE_GROUP} or hub_reachable():
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    modules = (datasets.config, huggingface_hub.constants)
+    saved = [module.HF_HUB_OFFLINE for module in modules]
+    for module in modules:
+        module.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for module, value in zip(modules, saved, strict=True):
+            module.HF_HUB_OFFLINE = value
 
 
 @contextlib.contextmanager
@@ -125,7 +147,7 @@ def evaluate_tasks(
             f"{', '.join((*OFFLINE_TASKS, OFFLINE_GROUP))} (hub tasks such as arc_easy need the hub)"
         )
     started = time.perf_counter()
-    with _quiet(progress):
+    with _quiet(progress), _offline_when_hub_unreachable(names):
         lm = wrap_model(model, tokenizer, batch_size=batch_size)
         try:
             raw = lm_eval.simple_evaluate(
@@ -141,7 +163,11 @@ def evaluate_tasks(
                 fewshot_random_seed=seed,
             )
         except (ConnectionError, OSError) as error:
-            raise LowbitError(f"lm-eval could not load a task's data ({error}); offline: use lowbit_offline") from error
+            raise LowbitError(
+                f"lm-eval could not load a task's data ({first_line(error)}); the hub is not reachable and the "
+                "dataset is not in the local cache: run where the hub is reachable once, or offline use "
+                f"--tasks {OFFLINE_GROUP} (or your own YAML tasks with --task-dir)"
+            ) from error
     entry = summarize(raw)
     entry.update(
         {

@@ -3,6 +3,8 @@
 The model skeleton is built without allocating its parameters (accelerate's `init_empty_weights`); each quantized
 linear is replaced by a `PackedLinear` built from its checkpoint tensors, one layer at a time, and the float
 remainder is assigned as loaded. Peak memory is therefore close to the packed checkpoint, not the float model.
+`kernel="auto"` (the default) moves each layer that qualifies onto torch's int4/int8 CPU matmul kernel as it is
+built (within the tolerance runtime.py states); `kernel="reference"` keeps every layer on the bit-exact path.
 A directory without a packed `quantization_config` (a float model or a `fake` export) loads as usual.
 
 A lowbit export of a weight-activation scheme (its run record names the activation bits) is returned with its
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.export.artifacts import ARTIFACTS_FILE
 from lowbit.export.fake import RECORD_FILE
+from lowbit.export.kernels import Kernel, check_kernel, log_paths
 from lowbit.export.layout import LOWBIT_KEY
 from lowbit.export.packing import packed_words, unpack_codes
 from lowbit.export.runtime import PackedLinear
@@ -188,8 +191,12 @@ def _skeleton(directory: Path) -> nn.Module:
     return model.eval()
 
 
-def load_packed(directory: str | Path) -> nn.Module:
-    """The model of a compressed-tensors or GPTQ v1 checkpoint with PackedLinear layers (CPU, eval mode)."""
+def load_packed(directory: str | Path, *, kernel: Kernel = "auto") -> nn.Module:
+    """The model of a compressed-tensors or GPTQ v1 checkpoint with PackedLinear layers (CPU, eval mode).
+
+    `kernel`: "auto" runs each layer that qualifies on torch's int4/int8 CPU kernel, "reference" none.
+    """
+    check_kernel(kernel)
     path = Path(directory)
     method = packed_method(path)
     if method is None:
@@ -216,7 +223,9 @@ def load_packed(directory: str | Path) -> nn.Module:
     build = _ct_int8_layer if int8 else _ct_layer if method == "compressed-tensors" else _gptq_layer
     consumed = set()
     for index, name in enumerate(layers):
-        model.set_submodule(name, build(qc, name, get))
+        layer = build(qc, name, get)
+        layer.use_kernel(kernel)  # before the next layer is read: one packed copy per layer at a time
+        model.set_submodule(name, layer)
         if index % 8 == 7:
             _trim_heap()
         consumed.update(key for key in handles if key.startswith(f"{name}."))
@@ -232,6 +241,7 @@ def load_packed(directory: str | Path) -> nn.Module:
     if meta:
         raise LowbitError(f"checkpoint has no values for {meta[:3]}: the export is incomplete")
     log.info("loaded %s checkpoint %s with %d packed linears", method, path, len(layers))
+    log_paths(model, kernel)
     return model
 
 
@@ -266,20 +276,30 @@ def _with_act_quant(loaded: LoadedModel, path: Path) -> LoadedModel:
     return loaded
 
 
-def load(directory: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> LoadedModel:
+def load(
+    directory: str | Path,
+    *,
+    kernel: Kernel = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
     """Load an export (packed formats on lowbit's CPU runtime) or any float model directory, with its tokenizer.
 
-    A W-A export comes back with its activation quantization installed. `allow_pickle` and `trust_remote_code`
-    accept the risks `load_model` refuses by default (pickle weights, code shipped with the model).
+    A W-A export comes back with its activation quantization installed. `kernel` picks the packed runtime's
+    matmul: "auto" (torch's int4/int8 CPU kernels where a layer qualifies; fast, within runtime.py's tolerance)
+    or "reference" (dequantize per forward; bit for bit the fake-quant model); float models ignore it.
+    `allow_pickle` and `trust_remote_code` accept the risks `load_model` refuses by default (pickle weights, code
+    shipped with the model).
     """
     from transformers import AutoTokenizer
 
     from lowbit.models import load_model
 
+    check_kernel(kernel)
     path = Path(directory).expanduser()
     if packed_method(path) is None:
         loaded = load_model(str(path), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         return _with_act_quant(loaded, path) if path.is_dir() else loaded
-    model = load_packed(path)
+    model = load_packed(path, kernel=kernel)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return _with_act_quant(LoadedModel(model, tokenizer, str(directory), path), path)

@@ -25,6 +25,21 @@ NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "
 SOUNDS = {"cow": "moo", "dog": "woof", "cat": "meow", "duck": "quack", "sheep": "baa", "owl": "hoot"}
 COLOURS = {"grass": "green", "the sky on a clear day": "blue", "snow": "white", "coal": "black",
            "a ripe banana": "yellow"}  # fmt: skip
+PLURALS = {
+    "mouse": "mice",
+    "child": "children",
+    "foot": "feet",
+    "tooth": "teeth",
+    "man": "men",
+    "woman": "women",
+    "goose": "geese",
+    "person": "people",
+    "box": "boxes",
+    "baby": "babies",
+    "leaf": "leaves",
+    "knife": "knives",
+}
+PLACES = {"fish": "water", "bird": "sky", "cow": "field", "bee": "hive", "bear": "forest", "camel": "desert"}
 TEST_ITEMS, TRAIN_ITEMS = 200, 20
 
 
@@ -91,14 +106,46 @@ def _yesno_item(rng: random.Random, truth: bool) -> dict:
     return {"question": question, "label": int(truth)}
 
 
+def _cloze_item(rng: random.Random) -> dict:
+    """Raw-text continuations (scored like LAMBADA/HellaSwag: the likelihood of each ending after the context)."""
+    kind = rng.randrange(6)
+    if kind <= 1:  # continue a run of days, months or number words
+        names = (DAYS, MONTHS, NUMBER_WORDS[1:])[rng.randrange(3)] if kind == 0 else MONTHS
+        length, start = rng.randint(3, 4), rng.randrange(len(names))
+        run = [names[(start + k) % len(names)] for k in range(length + 1)]
+        if names is NUMBER_WORDS[1:] or start + length >= len(names):
+            start = rng.randrange(len(names) - length)
+            run = names[start : start + length + 1]
+        context, answer, pool = ", ".join(run[:-1]) + ",", run[-1], list(names)
+    elif kind == 2:
+        step, first = rng.randint(1, 9), rng.randint(1, 30)
+        run = [first + step * k for k in range(5)]
+        context, answer = ", ".join(map(str, run[:-1])) + ",", str(run[-1])
+        pool = [str(run[-1] + d) for d in (-3, -2, -1, 1, 2, 3)]
+    elif kind == 3:
+        word = rng.choice(sorted(PLURALS))
+        context = f"I saw one {word}, and then I saw two"
+        answer, pool = PLURALS[word], list(PLURALS.values())
+    elif kind == 4:
+        word = rng.choice(sorted(OPPOSITES))
+        context, answer, pool = f"It was not {word} at all. It was very", OPPOSITES[word], list(OPPOSITES.values())
+    else:
+        animal = rng.choice(sorted(PLACES))
+        context = f"The {animal} went back home to the"
+        answer, pool = PLACES[animal], list(PLACES.values())
+    choices, index = _options(rng, answer, pool)
+    return {"context": context, "choices": choices, "answer": index}
+
+
 def build(make: Callable[[random.Random, int], dict], seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows, seen = [], set()
     while len(rows) < TEST_ITEMS + TRAIN_ITEMS:
         row = make(rng, len(rows))
-        if row["question"] in seen:  # unique questions: few-shot examples never repeat a test item
+        key = row.get("question", row.get("context"))
+        if key in seen:  # unique questions: few-shot examples never repeat a test item
             continue
-        seen.add(row["question"])
+        seen.add(key)
         rows.append({**row, "split": "train" if len(rows) < TRAIN_ITEMS else "test"})
     return rows
 
@@ -107,6 +154,7 @@ def main() -> None:
     tasks = {
         "lowbit_mc.jsonl": build(lambda rng, _i: _mc_item(rng), seed=1),
         "lowbit_yesno.jsonl": build(lambda rng, i: _yesno_item(rng, truth=i % 2 == 0), seed=2),
+        "lowbit_cloze.jsonl": build(lambda rng, _i: _cloze_item(rng), seed=3),
     }
     for name, rows in tasks.items():
         (HERE / name).write_text("".join(json.dumps(row) + "\n" for row in rows))

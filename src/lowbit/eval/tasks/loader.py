@@ -29,3 +29,7 @@ def lowbit_mc(**_metadata: Any) -> Any:
 
 def lowbit_yesno(**_metadata: Any) -> Any:
     return _load("lowbit_yesno.jsonl")
+
+
+def lowbit_cloze(**_metadata: Any) -> Any:
+    return _load("lowbit_cloze.jsonl")
