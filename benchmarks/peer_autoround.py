@@ -1,7 +1,8 @@
 """Run PyPI auto-round on the embedded SmolLM2 (run with the auto-round venv's python, one process per run).
 
 It is fed lowbit's own calibration token windows (as [1, seqlen] tensors, so both tools see identical tokens and
-auto-round never tries to download its default dataset), tunes in fp32 (amp=False, as lowbit does on CPU), then
+auto-round never tries to download its default dataset), tunes in fp32 (amp=False) or, with --amp, with auto-round's
+default bf16 AMP on this CPU (its model is then bf16: the codes are recovered from its bf16 weights), then
 rebuilds fp32 weights from its per-layer scale / zp: q = clamp(round(W/scale) + zp, 0, qmax), W = (q - zp) * scale
 (its fake export is unreliable for an fp32 source; see shared/notes/peers-on-cpu.md). Prints one JSON line.
 
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="auto-round's lr (default 1/iters)")
+    parser.add_argument("--amp", action="store_true", help="auto-round's default AMP (bf16 on CPU) instead of fp32")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (quick checks)")
@@ -88,7 +91,8 @@ def main() -> None:
         seqlen=args.seqlen,
         batch_size=args.batch_size,
         seed=args.seed,
-        amp=False,
+        lr=args.lr,
+        amp=args.amp,
         dataset=windows,
         device_map="cpu",
     )
@@ -101,6 +105,8 @@ def main() -> None:
         "quantize_seconds": round(quantize_seconds, 3),
         "linears": linears,
         "threads": torch.get_num_threads(),
+        "amp": args.amp,
+        "lr": args.lr,
         "calibration_sha256": calib.meta["sha256"],
         "peak_rss_after_quantize_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

@@ -45,3 +45,54 @@ def make_family(family: str, kv_heads: int = 4, seed: int = 0) -> torch.nn.Modul
 
 
 NEW_FAMILIES = ("gemma2", "gemma3", "qwen3", "phi3")
+
+
+def block_io(model, arch, ids):
+    """Each block's input and output in the model's own forward (hooks)."""
+    ins, outs, handles = {}, {}, []
+    for i, block in enumerate(arch.blocks(model)):
+        handles.append(block.register_forward_pre_hook(
+            lambda _m, args, kwargs, i=i: ins.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone()),
+            with_kwargs=True))  # fmt: skip
+        handles.append(
+            block.register_forward_hook(
+                lambda _m, _a, out, i=i: outs.__setitem__(i, (out[0] if isinstance(out, tuple) else out).clone())
+            )
+        )
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return ins, outs
+
+
+def assert_capture_replays(model, arch, captured, ids) -> None:
+    """The captured first-block input and each block's own kwargs replay the model's forward exactly, block by block
+    (from the hooked inputs and chained from the capture)."""
+    from lowbit.engine import call_block
+
+    ins, outs = block_io(model, arch, ids)
+    assert torch.equal(captured.hidden, ins[0])
+    hidden = captured.hidden
+    with torch.no_grad():
+        for i, block in enumerate(arch.blocks(model)):
+            assert torch.equal(call_block(block, ins[i], captured.kwargs_for(i)), outs[i])
+            hidden = call_block(block, hidden, captured.kwargs_for(i))
+            assert torch.equal(hidden, outs[i])
+
+
+# every stage, with options small enough for tiny models (tests of each family: runs or refuses clearly)
+RECIPES = {
+    "rtn": {},
+    "gptq": {},
+    "awq+rtn": {"awq": {"n_grid": 3, "clip_grid": 3, "clip_tokens": 32}},
+    "signround": {"signround": {"iters": 2, "batch_size": 2}},
+    "teq+rtn": {"teq": {"steps": 2, "batch_size": 2, "eval_samples": 2}},
+    "omniquant": {"omniquant": {"epochs": 1}},
+    "desv": {"desv": {"epochs": 1, "n": 2}},
+    "let+rtn": {"let": {"epochs": 1}},
+    "awq+invarexplore+rtn": {
+        "awq": {"n_grid": 3, "clip": False},
+        "invarexplore": {"max_steps": 3, "samples": 2, "monitored_layers": 2, "progress": False, "batch_size": 2},
+    },
+}

@@ -112,3 +112,39 @@ def test_gptq_asymmetric_with_nonzero_zeros_round_trips(tmp_path, tokenizer):
     tensors = load_file(out / "model.safetensors")
     for name, record in result.weights.items():
         assert torch.equal(reference_decode(tensors, name, 4), record.dequantize())
+
+
+def test_act_order_groups_go_to_gptq_not_compressed_tensors(tmp_path, tokenizer):
+    """compressed-tensors 0.20 removed actorder "group": a g_idx run is refused there; auto writes GPTQ desc_act."""
+    source = save_model_dir(tmp_path / "src", make_llama(), tokenizer)
+    options = {"gptq": {"act_order": True}}
+    result = lowbit.quantize(load_model(str(source)), recipe="gptq", scheme="w4g32-sym", dataset="builtin",
+                             nsamples=4, seqlen=32, options=options)  # fmt: skip
+    assert any(record.g_idx is not None for record in result.weights.values())
+    with pytest.raises(LowbitError, match="static_groups=true"):
+        result.save(tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct").exists()
+    out = result.save(tmp_path / "auto")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["desc_act"]) == ("gptq", True)
+    options = {"gptq": {"act_order": True, "static_groups": True}}
+    static = lowbit.quantize(load_model(str(source)), recipe="gptq", scheme="w4g32-sym", dataset="builtin",
+                             nsamples=4, seqlen=32, options=options)  # fmt: skip
+    ct = json.loads((static.save(tmp_path / "static", format="compressed-tensors") / "config.json").read_text())
+    assert ct["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] is None
+
+
+def test_cli_refuses_act_order_compressed_tensors_before_calibration(tmp_path, tokenizer, monkeypatch, capsys):
+    from lowbit.cli import main
+
+    source = save_model_dir(tmp_path / "src", make_llama(), tokenizer)
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("the run started before the export was refused")
+
+    monkeypatch.setattr("lowbit.api.run_quantization", forbidden)
+    args = ["quantize", str(source), "--recipe", "gptq", "--opt", "gptq.act_order=true", "--scheme", "w4g32-sym",
+            "--dataset", "builtin", "--format", "compressed-tensors", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 2
+    assert "gptq.static_groups=true" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

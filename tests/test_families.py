@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 import lowbit
 from conftest import save_model_dir
-from families import NEW_FAMILIES, make_family
+from families import NEW_FAMILIES, RECIPES, assert_capture_replays, block_io, make_family
 from lowbit.arch import arch_for
 from lowbit.engine import call_block, capture_block_inputs
 from lowbit.errors import LowbitError
@@ -37,30 +37,11 @@ def _rand(n: int, seed: int, low: float = 0.25, span: float = 3.0) -> torch.Tens
     return low + span * torch.rand(n, generator=torch.Generator().manual_seed(seed))
 
 
-def block_io(model, arch, ids=IDS):
-    """Each block's input and output in the model's own forward (hooks)."""
-    ins, outs, handles = {}, {}, []
-    for i, block in enumerate(arch.blocks(model)):
-        handles.append(block.register_forward_pre_hook(
-            lambda _m, args, kwargs, i=i: ins.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone()),
-            with_kwargs=True))  # fmt: skip
-        handles.append(
-            block.register_forward_hook(
-                lambda _m, _a, out, i=i: outs.__setitem__(i, (out[0] if isinstance(out, tuple) else out).clone())
-            )
-        )
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    for handle in handles:
-        handle.remove()
-    return ins, outs
-
-
 def setup(family: str, kv_heads: int = 4):
     model = make_family(family, kv_heads)
     arch = arch_for(model)
     captured = capture_block_inputs(model, arch, IDS, batch_size=2, device=CPU)
-    return model, arch, captured, *block_io(model, arch)
+    return model, arch, captured, *block_io(model, arch, IDS)
 
 
 # --- capture: each block replays exactly with its own layer's kwargs --------------------------------------------
@@ -68,14 +49,8 @@ def setup(family: str, kv_heads: int = 4):
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_capture_replays_every_block_with_its_own_kwargs(family):
-    model, arch, captured, ins, outs = setup(family)
-    assert torch.equal(captured.hidden, ins[0])
-    hidden = captured.hidden
-    with torch.no_grad():
-        for i, block in enumerate(arch.blocks(model)):
-            assert torch.equal(call_block(block, ins[i], captured.kwargs_for(i)), outs[i])
-            hidden = call_block(block, hidden, captured.kwargs_for(i))
-            assert torch.equal(hidden, outs[i])
+    model, arch, captured, _, _ = setup(family)
+    assert_capture_replays(model, arch, captured, IDS)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
@@ -149,21 +124,6 @@ def test_teq_wrapped_and_folded_blocks_compute_the_float_function(family):
 
 
 # --- every stage runs or refuses clearly -------------------------------------------------------------------------
-
-RECIPES = {
-    "rtn": {},
-    "gptq": {},
-    "awq+rtn": {"awq": {"n_grid": 3, "clip_grid": 3, "clip_tokens": 32}},
-    "signround": {"signround": {"iters": 2, "batch_size": 2}},
-    "teq+rtn": {"teq": {"steps": 2, "batch_size": 2, "eval_samples": 2}},
-    "omniquant": {"omniquant": {"epochs": 1}},
-    "desv": {"desv": {"epochs": 1, "n": 2}},
-    "let+rtn": {"let": {"epochs": 1}},
-    "awq+invarexplore+rtn": {
-        "awq": {"n_grid": 3, "clip": False},
-        "invarexplore": {"max_steps": 3, "samples": 2, "monitored_layers": 2, "progress": False, "batch_size": 2},
-    },
-}
 
 
 @pytest.fixture(scope="module")

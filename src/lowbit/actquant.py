@@ -3,7 +3,7 @@
 Dynamic per-token asymmetric fake quantization (`quantize_activation`, STE rounding) is applied at exactly the
 points OmniQuant's reference code quantizes:
 
-- the input of every block linear (`ArchSpec.linear_names`). Linears fed the same tensor (q/k/v, gate/up) share
+- the input of every block linear (`ArchSpec.linear_names_for`). Linears fed the same tensor (q/k/v, gate/up) share
   one quantization of it (omniquant.md §7 decision);
 - the attention matmul operands: per (head, token) over head_dim with q and k after RoPE (LLaMA-like,
   `attention_operands="head"`), or per token across all heads with q after its 1/sqrt(d) scaling (OPT, "token").
@@ -256,7 +256,8 @@ def install_activation_quant(
     try:
         for prefix, block in _blocks(root, arch):
             slot = _SharedInput(bits, observer)
-            for name in arch.linear_names:
+            arch.prepare_block(block)  # MoE: the experts' inputs are those of their per-expert linears
+            for name in arch.linear_names_for(block):
                 linear = _submodule(block, name, arch)
                 handle._hooks.append(linear.register_forward_pre_hook(slot.hook(prefix + name), with_kwargs=True))
             handle._hooks.append(block.register_forward_hook(slot.clear, always_call=True))

@@ -293,7 +293,9 @@ def _preflight(args: argparse.Namespace, config: QuantizeConfig, model: object, 
     arch = arch_for(model)
     check_run(config, model)
     if args.format != "auto":  # auto falls back to a format that works; an explicit one must work
-        preflight_export(model, arch, config.scheme, args.format, args.target, args.tp, args.ct_packing)
+        preflight_export(
+            model, arch, config.scheme, args.format, args.target, args.tp, args.ct_packing, config.act_order_groups
+        )
     if args.out is not None:
         needed = estimate_export_bytes(model, config.scheme, "fake" if args.format == "auto" else args.format)
         if checkpoints:

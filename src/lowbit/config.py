@@ -12,7 +12,7 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 import yaml
@@ -33,6 +33,11 @@ DEFAULTS = {
     "seed": 42,
 }
 FILE_KEYS = (*DEFAULTS, "options")
+# `--opt engine.dtype`: the training precision of every stage whose `autocast` option is left at "auto" (explicit
+# per-stage values win); "auto" keeps each stage's own default. It is resolved into the stage options, which the run
+# record and the resume fingerprint hold, so the block loop (EngineOptions) never needs to know it.
+EngineDtype = Literal["auto", "fp32", "bf16"]
+DTYPE_AUTOCAST = {"fp32": "off", "bf16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class QuantizeConfig:
     seqlen: int = 512
     seed: int = 42
     engine: EngineOptions = field(default_factory=EngineOptions)
+    dtype: str = "auto"  # engine.dtype, already applied to the stages' `autocast` options
 
     @property
     def recipe(self) -> str:
@@ -66,6 +72,13 @@ class QuantizeConfig:
     @property
     def needs_data(self) -> bool:
         return any(spec.stage_class.needs_data for spec in self.stages)
+
+    @property
+    def act_order_groups(self) -> bool:
+        """Whether a GPTQ stage quantizes in act-order with groups that follow it (its records carry a g_idx)."""
+        return any(
+            spec.name == "gptq" and spec.options.act_order and not spec.options.static_groups for spec in self.stages
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,7 +89,7 @@ class QuantizeConfig:
             "seqlen": self.seqlen,
             "seed": self.seed,
             "options": {
-                ENGINE: dataclasses.asdict(self.engine),
+                ENGINE: {**dataclasses.asdict(self.engine), "dtype": self.dtype},
                 **{spec.name: dataclasses.asdict(spec.options) for spec in self.stages},
             },
         }
@@ -280,7 +293,10 @@ def build_config(
     stages = tuple(
         StageSpec(name, build_options(STAGES[name].Options, option_values.get(name, {}), name)) for name in names
     )
-    engine = build_options(EngineOptions, option_values.get(ENGINE, {}), ENGINE)
+    engine_values = dict(option_values.get(ENGINE, {}))
+    dtype = _coerce(engine_values.pop("dtype", "auto"), EngineDtype, f"option {ENGINE}.dtype")
+    stages = _with_engine_dtype(stages, dtype)
+    engine = build_options(EngineOptions, engine_values, ENGINE)
     _positive("engine.batch_size", engine.batch_size)
     quant_scheme = _scheme_from(merged["scheme"])
     _check_act_support(names, quant_scheme)
@@ -294,6 +310,20 @@ def build_config(
         seqlen=_positive("seqlen", int(merged["seqlen"])),
         seed=int(merged["seed"]),
         engine=engine,
+        dtype=dtype,
+    )
+
+
+def _with_engine_dtype(stages: tuple[StageSpec, ...], dtype: str) -> tuple[StageSpec, ...]:
+    """engine.dtype fills every `autocast` option left at "auto": fp32 turns reduced precision off run-wide."""
+    mode = DTYPE_AUTOCAST.get(dtype)
+    if mode is None:
+        return stages
+    return tuple(
+        StageSpec(spec.name, dataclasses.replace(spec.options, autocast=mode))
+        if getattr(spec.options, "autocast", None) == "auto"
+        else spec
+        for spec in stages
     )
 
 

@@ -18,7 +18,18 @@ def _features(arch: ArchSpec) -> str:
     if arch.fused:
         traits.append("fused " + "/".join(f.name.rpartition(".")[2] for f in arch.fused))
     traits.append(f"{arch.ffn.activation} FFN")
+    if arch.experts:
+        traits.append(f"MoE: per-expert linears ({arch.experts.path}.N.*), float router {arch.experts.router}")
     return ", ".join(traits)
+
+
+def _formats(arch: ArchSpec, formats: tuple[str, ...]) -> dict[str, str]:
+    """Every format writes any family's linears as they are; MoE experts in compressed-tensors must be symmetric
+    (what vLLM's MoE kernels and transformers' fused-experts decompressor read: export/validate.py)."""
+    found = dict.fromkeys(formats, "yes")
+    if arch.experts and "compressed-tensors" in found:
+        found["compressed-tensors"] = "yes (symmetric experts)"
+    return found
 
 
 def support_matrix() -> list[dict[str, object]]:
@@ -35,7 +46,7 @@ def support_matrix() -> list[dict[str, object]]:
                 "model_types": list(arch.model_types),
                 "traits": _features(arch),
                 "stages": stages,
-                "formats": dict.fromkeys(FORMATS, "yes"),  # every format writes any family's linears as they are
+                "formats": _formats(arch, FORMATS),
             }
         )
     return rows

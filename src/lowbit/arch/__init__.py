@@ -7,13 +7,25 @@ from typing import Any
 from lowbit.arch.base import ArchSpec, FFNNeurons, FusedLinear, ScaleGroup
 from lowbit.arch.gemma import GEMMA2, GEMMA3
 from lowbit.arch.llama import LLAMA_LIKE, QWEN3
+from lowbit.arch.moe import ExpertParam, ExpertsSpec
 from lowbit.arch.opt import OPT
 from lowbit.arch.phi3 import PHI3
+from lowbit.arch.qwen3_moe import QWEN3_MOE
 from lowbit.errors import LowbitError
 
-ARCH_SPECS: tuple[ArchSpec, ...] = (LLAMA_LIKE, OPT, QWEN3, GEMMA2, GEMMA3, PHI3)
+ARCH_SPECS: tuple[ArchSpec, ...] = (LLAMA_LIKE, OPT, QWEN3, GEMMA2, GEMMA3, PHI3, QWEN3_MOE)
 
-__all__ = ["ARCH_SPECS", "ArchSpec", "FFNNeurons", "FusedLinear", "ScaleGroup", "arch_for", "window_bos_id"]
+__all__ = [
+    "ARCH_SPECS",
+    "ArchSpec",
+    "ExpertParam",
+    "ExpertsSpec",
+    "FFNNeurons",
+    "FusedLinear",
+    "ScaleGroup",
+    "arch_for",
+    "window_bos_id",
+]
 
 
 def arch_for(model_or_config: Any) -> ArchSpec:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lowbit.arch.moe import ExpertsSpec, expert_count, linearize_experts
 from lowbit.errors import LowbitError
 
 
@@ -119,11 +120,64 @@ class ArchSpec:
     # the family is far out of distribution without a leading BOS (Gemma): calibration and perplexity windows
     # then start with the tokenizer's BOS (data.py, eval/perplexity.py); other families keep the GPTQ protocol
     window_bos: bool = False
+    # sparse mixture-of-experts blocks (Qwen3-MoE): the fused experts become per-expert linears (arch/moe.py), which
+    # replace the dense FFN linears of `sequential` in a sparse block; the router stays float
+    experts: ExpertsSpec | None = None
 
     @property
     def linear_names(self) -> tuple[str, ...]:
-        """Every quantized linear of a block, in true-sequential order."""
+        """Every quantized linear of a dense block, in true-sequential order (`linear_names_for`: of a given block)."""
         return tuple(name for subset in self.sequential for name in subset)
+
+    def expert_count(self, block: nn.Module) -> int:
+        """The number of experts of `block` (0: a dense block, or a dense family)."""
+        return expert_count(block, self.experts) if self.experts else 0
+
+    def prepare_block(self, block: nn.Module) -> None:
+        """Present the block in the form every stage works on: fused experts become per-expert linears (once,
+        exact); a no-op for dense blocks."""
+        if self.experts:
+            linearize_experts(block, self.experts)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """`prepare_block` on every decoder block of `model` (in place); returns the model."""
+        for block in self.blocks(model):
+            self.prepare_block(block)
+        return model
+
+    def _dense_ffn(self) -> set[str]:
+        return {*self.ffn.expand, self.ffn.contract}
+
+    def sequential_for(self, block: nn.Module) -> tuple[tuple[str, ...], ...]:
+        """The true-sequential subsets of this block: `sequential`, with a sparse block's FFN subsets replaced by
+        the per-expert subsets (each covering every expert) and the shared expert's."""
+        count = self.expert_count(block)
+        if not count:
+            return self.sequential
+        spec, dense = self.experts, self._dense_ffn()
+        experts = tuple(
+            tuple(f"{spec.path}.{index}.{name}" for index in range(count) for name in subset)
+            for subset in spec.sequential
+        )
+        subsets: list[tuple[str, ...]] = []
+        for subset in self.sequential:
+            if not dense.intersection(subset):
+                subsets.append(subset)
+            elif experts:
+                subsets.extend((*experts, *spec.shared))
+                experts = ()
+        return tuple(subsets)
+
+    def linear_names_for(self, block: nn.Module) -> tuple[str, ...]:
+        """Every quantized linear of this block (per-expert names in a sparse block), in true-sequential order."""
+        return tuple(name for subset in self.sequential_for(block) for name in subset)
+
+    def expert_linear_names(self, block: nn.Module) -> tuple[str, ...]:
+        """The per-expert linears of a sparse block, all experts (empty for a dense block)."""
+        if not self.expert_count(block):
+            return ()
+        prefix = f"{self.experts.path}."
+        return tuple(name for name in self.linear_names_for(block) if name.startswith(prefix))
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         """The decoder blocks of `model`."""
@@ -134,9 +188,12 @@ class ArchSpec:
         return f"{self.blocks_path}.{index}"
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        """The block's linears by relative name, in true-sequential order; checks the block really has them."""
+        """The block's linears by relative name, in true-sequential order; checks the block really has them.
+
+        A sparse block's fused experts are presented as per-expert linears first (`prepare_block`)."""
+        self.prepare_block(block)
         found = {}
-        for name in self.linear_names:
+        for name in self.linear_names_for(block):
             try:
                 module = block.get_submodule(name)
             except AttributeError as error:
@@ -181,8 +238,12 @@ class ArchSpec:
         return fused.rows(block_config(block), group.prev_part)
 
     def groups_for(self, block: nn.Module) -> list[ScaleGroup]:
-        """The scale groups that are exact on this block."""
-        return [group for group in self.scale_groups if group.applies_to(block, self.prev_rows(block, group))]
+        """The scale groups that are exact on this block (a sparse block has none over the dense FFN linears)."""
+        groups = self.scale_groups
+        if self.expert_count(block):
+            dense = self._dense_ffn()
+            groups = tuple(g for g in groups if g.prev not in dense and not dense.intersection(g.linears))
+        return [group for group in groups if group.applies_to(block, self.prev_rows(block, group))]
 
 
 def block_config(block: nn.Module) -> object:

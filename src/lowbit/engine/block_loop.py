@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from lowbit.arch import ArchSpec
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.context import BlockContext
+from lowbit.engine.moe import routing_metrics
 from lowbit.engine.stage import BlockStage
 from lowbit.engine.workdir import GroupCheckpoint
 from lowbit.errors import LowbitError
@@ -153,6 +154,8 @@ def run_block_stages(
             _restore_block(checkpoint, ctx, result)  # instead of the stages: the chain below replays exactly
         else:
             known = set(_all_artifacts(stages)) if checkpoint else set()
+            if needs_data and (routing := routing_metrics(ctx)) is not None:
+                ctx.metrics["routing"] = routing  # tokens per expert of a sparse MoE block (engine/moe.py)
             for stage in stages:
                 stage.process_block(ctx)
             block_records = _write_quantized(ctx) if has_quantizer else {}

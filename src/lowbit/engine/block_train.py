@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +26,7 @@ from lowbit.errors import LowbitError
 log = logging.getLogger(__name__)
 
 AUTOCAST_MODES = ("off", "bf16", "fp16")
+TuneAutocast = Literal["auto", "off", "bf16"]  # the `autocast` option of SignRound, TEQ and AWQ
 
 Forward = Callable[[dict[str, Tensor], Tensor], Tensor]
 
@@ -84,10 +85,18 @@ def restore(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
         param.copy_(value)
 
 
-def resolve_autocast(mode: str, device: torch.device, bits: int) -> str:
-    """'auto' -> fp16 on CUDA (OmniQuant's AMP, off at >= 8 bits as the reference), off elsewhere."""
+# What `autocast=auto` means for SignRound, TEQ and AWQ, by device type: fp32 everywhere until bf16 has been
+# measured (issue 16). Turning it on is this one line, e.g. {"cuda": "bf16"}; `--opt engine.dtype` overrides it.
+AUTO_AUTOCAST: dict[str, str] = {}
+
+
+def resolve_autocast(mode: str, device: torch.device, bits: int | None = None) -> str:
+    """'auto' -> with `bits`, OmniQuant's AMP (fp16 on CUDA below 8 bits, as its reference; off elsewhere); without,
+    the tuners' default `AUTO_AUTOCAST` for the device (off unless set)."""
     if mode != "auto":
         return mode
+    if bits is None:
+        return AUTO_AUTOCAST.get(device.type, "off")
     return "fp16" if device.type == "cuda" and bits < 8 else "off"
 
 
@@ -97,6 +106,20 @@ def autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManag
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def autocast_forward(forward: Forward, mode: str, device: torch.device) -> Forward:
+    """`forward` under `autocast(mode)`, its output cast back to fp32 so the loss against the fp32 targets is an
+    fp32 loss; with mode 'off' `forward` itself (bit-identical to plain fp32 training)."""
+    if mode == "off":
+        return forward
+
+    def run(weights: dict[str, Tensor], hidden: Tensor) -> Tensor:
+        with autocast(mode, device):
+            out = forward(weights, hidden)
+        return out.float()
+
+    return run
 
 
 class Trainable(Protocol):

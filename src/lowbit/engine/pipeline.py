@@ -62,6 +62,7 @@ def run_stages(
         reason = stage.refuses(arch)
         if reason:
             raise LowbitError(f"stage '{stage.name}' does not support the {arch.family} family: {reason}")
+    arch.prepare(model)  # MoE: fused experts become per-expert linears before any capture or checkpoint restore
     result = PipelineResult()
     records, metrics, artifacts = result.records, result.metrics, result.artifacts
     for index, group in enumerate(stage_groups(stages)):

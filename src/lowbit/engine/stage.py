@@ -37,6 +37,11 @@ class Stage:
     # meant to see quantized activations (the engine chains W-A block outputs; a training stage wraps its student
     # forwards in `ctx.act_quant()`). build_config refuses a W-A scheme with any stage that leaves it False.
     supports_act_quant: ClassVar[bool] = False
+    # Whether the stage is correct on sparse mixture-of-experts blocks (ArchSpec.experts): per-expert linears that
+    # see only the tokens routed to them (possibly none), a float router between the FFN norm and the experts. A
+    # stage that leaves it False is refused on such families by `refuses`, with `experts_reason` as the why.
+    supports_experts: ClassVar[bool] = False
+    experts_reason: ClassVar[str] = "not validated on mixture-of-experts blocks (per-expert linears, float router)"
 
     def __init__(self, options: Any, scheme: QuantScheme) -> None:
         self.options = options
@@ -54,7 +59,9 @@ class Stage:
     @classmethod
     def refuses(cls, arch: ArchSpec) -> str | None:
         """Why this stage cannot run on a model family (None: it can). The support matrix (`lowbit archs`) and the
-        pipeline both ask this, so what is printed is what is enforced."""
+        pipeline both ask this, so what is printed is what is enforced. An override should start from this one."""
+        if arch.experts is not None and not cls.supports_experts:
+            return f"{cls.experts_reason} (`lowbit archs` lists the stages that run on {arch.family})"
         return None
 
     def artifacts(self) -> dict[str, torch.Tensor]:

@@ -5,11 +5,11 @@ W8A8 (a run with 8-bit activations): per linear an unpacked int8 `weight` (code 
 which is what vLLM serves (lowbit simulated asymmetric ones; the validation warns).
 
 Per quantized linear `<p>`: `weight_packed` (int32, codes packed along in_features), `weight_scale` (model dtype),
-`weight_shape`, and for asymmetric schemes `weight_zero_point` (signed zeros packed along out_features); a
-non-trivial act-order map is written as `weight_g_idx`. lowbit's packer (export/packing.py) writes the words; it is
-byte-identical to compressed-tensors' `pack_to_int32` for every width (checked by the tests against the pinned
-version), so the export needs no optional package. With `packer="compressed-tensors"` the library's own
-`pack_to_int32` is used instead (it must be installed).
+`weight_shape`, and for asymmetric schemes `weight_zero_point` (signed zeros packed along out_features). A
+non-trivial act-order map (g_idx) is refused: compressed-tensors 0.20 removed actorder "group". lowbit's packer
+(export/packing.py) writes the words; it is byte-identical to compressed-tensors' `pack_to_int32` for every width
+(checked by the tests against the pinned version), so the export needs no optional package. With
+`packer="compressed-tensors"` the library's own `pack_to_int32` is used instead (it must be installed).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.export.layout import LOWBIT_KEY, ExportPlan, exact_regex
 from lowbit.export.packing import pack_codes
-from lowbit.export.validate import has_g_idx, is_symmetric, scheme_key
+from lowbit.export.validate import is_symmetric, scheme_key
 from lowbit.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,6 @@ def layer_tensors(
     if not is_symmetric(record):
         # Stored signed zero zp = z - 2^(b-1); packing adds 2^(b-1) back, so the fields hold z itself.
         tensors["weight_zero_point"] = _pack(record.zero.to(torch.uint8).T.contiguous(), bits, packing, packer).T
-    if has_g_idx(record):
-        tensors["weight_g_idx"] = record.g_idx.to(torch.int32)
     return tensors
 
 
@@ -88,7 +86,7 @@ def _weights_args(record: QuantizedWeight) -> dict[str, Any]:
         "strategy": "channel" if g == -1 else "group",
         "group_size": None if g == -1 else g,
         "dynamic": False,
-        "actorder": "group" if has_g_idx(record) else None,
+        "actorder": None,  # act-order group maps are refused (validate.py); static-group act-order needs no flag
         "observer": "minmax",
         "block_structure": None,
     }

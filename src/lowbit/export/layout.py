@@ -43,15 +43,35 @@ def block_structure(model: nn.Module) -> tuple[list[tuple[str, ...]], set[str]]:
     except LowbitError:
         return [], set()
     fused, row = [], set()
-    for index in range(len(arch.blocks(model))):
+    for index, block in enumerate(arch.blocks(model)):
         prefix = arch.block_name(index)
+        names = set(arch.linear_names_for(block))
         for group in arch.scale_groups:
+            if not names.issuperset(group.linears):
+                continue  # the dense FFN's groups in a sparse MoE block
             if group.prev_kind == "norm" and len(group.linears) > 1:
                 fused.append(tuple(f"{prefix}.{name}" for name in group.linears))
             if group.needs_same_shape:  # v -> o: o's input is the attention output, split by heads
                 row.update(f"{prefix}.{name}" for name in group.linears)
-        row.add(f"{prefix}.{arch.ffn.contract}")
+        experts = arch.expert_linear_names(block)
+        if experts:  # vLLM's FusedMoE loads every expert of a block as one layer; TP splits each down_proj's input
+            fused.append(tuple(f"{prefix}.{name}" for name in experts))
+            row.update(f"{prefix}.{name}" for name in experts if name.endswith(f".{arch.experts.down}"))
+        else:
+            row.add(f"{prefix}.{arch.ffn.contract}")
     return fused, row
+
+
+def expert_linears(model: nn.Module) -> set[str]:
+    """Full names of the per-expert linears of every sparse MoE block (empty for a dense or unknown family)."""
+    try:
+        arch = arch_for(model)
+    except LowbitError:
+        return set()
+    blocks = arch.blocks(model)
+    return {
+        f"{arch.block_name(i)}.{name}" for i, block in enumerate(blocks) for name in arch.expert_linear_names(block)
+    }
 
 
 def build_plan(model: nn.Module, records: dict[str, QuantizedWeight]) -> ExportPlan:

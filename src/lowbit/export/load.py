@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from lowbit.arch import arch_for
 from lowbit.errors import LowbitError
 from lowbit.export.artifacts import ARTIFACTS_FILE
 from lowbit.export.fake import RECORD_FILE
@@ -188,6 +189,8 @@ def _skeleton(directory: Path) -> nn.Module:
         delattr(config, "quantization_config")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+    with contextlib.suppress(LowbitError):  # MoE: per-expert linears to receive the checkpoint's per-expert layers
+        arch_for(model).prepare(model)
     return model.eval()
 
 

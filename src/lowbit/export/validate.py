@@ -16,11 +16,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
-from lowbit.export.layout import ExportPlan, block_structure
+from lowbit.export.layout import ExportPlan, block_structure, expert_linears
 from lowbit.export.packing import PACKINGS
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
@@ -236,6 +236,33 @@ def _check_gptq(plan: ExportPlan, findings: Findings, *, values: bool = True) ->
             return
 
 
+def _check_ct_experts(plan: ExportPlan, findings: Findings) -> None:
+    """MoE experts in compressed-tensors: vLLM's MoE methods assert symmetric weights, and transformers 5.x
+    decompresses experts (into its fused 3-D parameters) from weight_packed/scale/shape only, dropping the zero
+    point. No third-party loader reads asymmetric experts, so they are refused for every target."""
+    experts = [name for name in expert_linears(plan.model) if name in plan.records]
+    asym = next((name for name in experts if not is_symmetric(plan.records[name])), None)
+    if asym:
+        findings.add(
+            True,
+            f"compressed-tensors MoE experts must be symmetric ({asym} has zero points): vLLM's compressed-tensors "
+            "MoE kernels accept only symmetric experts and transformers' fused-experts decompressor drops the zero "
+            "point; re-run with a symmetric scheme (e.g. w4g128-sym), or use --format gptq (or fake)",
+        )
+
+
+def _check_ct_g_idx(plan: ExportPlan, findings: Findings) -> None:
+    """compressed-tensors 0.20 removed activation-ordered groups (actorder "group" with a stored g_idx): no current
+    loader maps a column to its group, so an act-order run without static groups cannot be written there."""
+    name = next((name for name, record in plan.records.items() if has_g_idx(record)), None)
+    if name:
+        findings.add(
+            True,
+            f"compressed-tensors no longer stores act-order group maps (g_idx, {name}); re-run GPTQ with "
+            "--opt gptq.static_groups=true (act-order, groups in column order), or use --format gptq (desc_act)",
+        )
+
+
 def _check_ct_scales(plan: ExportPlan, findings: Findings) -> None:
     for name, record in plan.records.items():
         scale = record.scale
@@ -253,7 +280,8 @@ def _check_model(plan: ExportPlan, findings: Findings) -> None:
     """No wrapper or runtime-only module, every record valid and folded into its linear (formats.md §1)."""
     for name, module in plan.model.named_modules():
         origin = type(module).__module__
-        if not origin.startswith(("torch.nn", "transformers")):
+        # lowbit.arch modules are structure, not runtime: an MoE block's experts as per-expert nn.Linears (arch/moe.py)
+        if not origin.startswith(("torch.nn", "transformers", "lowbit.arch")):
             findings.add(True, f"module {name} is a {type(module).__name__} (runtime-only); fold it before export")
             return
     for name, record in plan.records.items():
@@ -322,6 +350,8 @@ def _check_plan(
     if fmt == "compressed-tensors":
         if values:
             _check_ct_scales(plan, findings)
+        _check_ct_experts(plan, findings)
+        _check_ct_g_idx(plan, findings)
         _check_groups(plan, True, tp, "compressed-tensors' decompressor and vLLM require", findings)
     else:
         _check_gptq(plan, findings, values=values)
@@ -349,7 +379,12 @@ class PlannedWeight:
 
     shape: tuple[int, int]
     scheme: QuantScheme
-    g_idx: None = None  # the engine's records have the trivial group map until act-order says otherwise
+    g_idx: Tensor | None = None  # a stand-in non-trivial map when the run's GPTQ is act-order without static groups
+
+
+def _stand_in_g_idx(k: int, scheme: QuantScheme) -> Tensor:
+    """A group map like act-order's (columns out of order); trivial when one group spans the row, as act-order's is."""
+    return torch.arange(k - 1, -1, -1, dtype=torch.int32) // scheme.group_width(k)
 
 
 def preflight_export(
@@ -360,8 +395,11 @@ def preflight_export(
     target: str = "any",
     tp: int = 1,
     ct_packing: str | None = None,
+    act_order_groups: bool = False,
 ) -> list[str]:
     """Before any calibration or tuning: refuse an export the scheme and the model's shapes can never satisfy.
+
+    `act_order_groups`: the run's GPTQ is act-order without static groups, so its records will carry a g_idx.
 
     Runs the same checks as `validate_export` on stand-in records for the linears the engine will quantize (every
     block's `arch.linears`, all with `scheme`), skipping only those that read codes or scales (GPTQ's zero of 0,
@@ -376,7 +414,8 @@ def preflight_export(
     for index, block in enumerate(arch.blocks(model)):
         for name, linear in arch.linears(block).items():
             shape = (int(linear.weight.shape[0]), int(linear.weight.shape[1]))
-            records[f"{arch.block_name(index)}.{name}"] = PlannedWeight(shape, scheme)
+            g_idx = _stand_in_g_idx(shape[1], scheme) if act_order_groups else None
+            records[f"{arch.block_name(index)}.{name}"] = PlannedWeight(shape, scheme, g_idx)
     fused, row = block_structure(model)
     dtype = model.get_input_embeddings().weight.dtype
     plan = ExportPlan(model, records, [], fused, row, dtype)  # type: ignore[arg-type]  # stand-in records

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lowbit.arch import ScaleGroup
 from lowbit.engine import BlockContext, BlockStage
+from lowbit.engine.block_train import TuneAutocast, autocast, resolve_autocast
 from lowbit.engine.context import move_to
 from lowbit.errors import LowbitError
 from lowbit.methods.awq_clip import apply_clip, clip_applies, fake_quant_rows, sample_tokens, search_clip
@@ -56,6 +57,13 @@ class AWQOptions:
     search_inputs: Literal["float", "student"] = field(
         default="float",
         metadata={"help": "block inputs of the search: float chain (llm-awq) or the student's (quantized) chain"},
+    )
+    autocast: TuneAutocast = field(
+        default="auto",
+        metadata={
+            "help": "scale-search forwards in bf16 autocast or off (fp32; the targets and the gram loss stay fp32/"
+            "fp64); auto = engine.dtype, else fp32"
+        },
     )
 
 
@@ -148,6 +156,10 @@ class AWQ(BlockStage):
     kind: ClassVar[str] = "transform"
     needs_data: ClassVar[bool] = True
     summary: ClassVar[str] = "AWQ: activation-aware scales folded into the previous op, then auto-clip"
+    experts_reason: ClassVar[str] = (
+        "its FFN scales fold into the norm that also feeds the float mixture-of-experts router, and its search and "
+        "clipping are not implemented over per-expert linears that see only their routed tokens"
+    )
     Options: ClassVar[type] = AWQOptions
 
     def __init__(self, options: Any, scheme: QuantScheme) -> None:
@@ -169,6 +181,10 @@ class AWQ(BlockStage):
                 out[f"awq.clip.{block}.{name}"] = t
         return out
 
+    def precision(self, ctx: BlockContext) -> str:
+        """The resolved autocast mode of the grid search's forwards on this block's device."""
+        return resolve_autocast(self.options.autocast, ctx.device)
+
     # -- the inspected module f(x) ---------------------------------------------------------------------
     def _call(self, ctx: BlockContext, module: nn.Module, call: tuple | None, x: Tensor) -> Tensor:
         if call is None:
@@ -182,9 +198,11 @@ class AWQ(BlockStage):
 
     @torch.no_grad()
     def _loss(self, ctx: BlockContext, module: nn.Module, call: tuple | None, x: Tensor, y0: list[Tensor]) -> float:
+        """Mean squared error of the module (forward in the search precision, output fp32) to the fp32 targets."""
         total, count = 0.0, 0
         for part, want in zip(ctx.batches(x.shape[0]), y0, strict=True):
-            out = self._call(ctx, module, call, ctx.batch(x, part))
+            with autocast(self.precision(ctx), ctx.device):
+                out = self._call(ctx, module, call, ctx.batch(x, part))
             total += float((out - want.to(out.device)).double().square().sum())
             count += want.numel()
         return total / count
@@ -260,6 +278,7 @@ class AWQ(BlockStage):
             key = keys[group.linears[0]]
             features[key] = features[key] / s
         ctx.metrics["awq_scale"] = {**group_metrics, **({"skipped": skipped} if skipped else {})}
+        ctx.metrics["awq_autocast"] = self.precision(ctx)
         clips = self._clip(ctx, features, keys) if self.options.clip else {}
         self.results[ctx.name] = {
             "scales": [(g.prev, g.linears, scales[g.prev]) for g in groups],

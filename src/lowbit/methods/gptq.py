@@ -18,6 +18,8 @@ from torch import nn
 from lowbit.engine import BlockContext, BlockStage, call_block
 from lowbit.errors import LowbitError
 from lowbit.methods.hessian import HessianAccumulator, gptq_quantize, input_gram
+from lowbit.quantizer import quantize_weight
+from lowbit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,11 @@ class GPTQOptions:
         default=True, metadata={"help": "collect each subset's Hessians after quantizing the earlier subsets"}
     )
     mse: bool = field(default=False, metadata={"help": "shrink-grid search of the group range (|err|^2.4)"})
+    min_tokens: int = field(
+        default=1,
+        metadata={"help": "a linear whose Hessian saw fewer calibration tokens (an MoE expert the router rarely picks) "
+                  "is rounded with RTN instead, with a warning"},
+    )  # fmt: skip
 
 
 class _SubsetSeen(Exception):
@@ -64,6 +71,7 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...]) -> dict[str, Hes
             if cached is None or cached[0] is not x:  # the identity check guards against a reused id
                 cached = grams[id(x)] = (x, *input_gram(x.detach()))
             accumulators[name].add_gram(cached[1], cached[2])
+            accumulators[name].tokens += x.numel() // x.shape[-1]
             pending.discard(name)
             if not pending:
                 raise _SubsetSeen
@@ -84,6 +92,20 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...]) -> dict[str, Hes
     return accumulators
 
 
+def _rtn_fallback(
+    ctx: BlockContext, name: str, linear: nn.Linear, tokens: int, min_tokens: int, scheme: QuantScheme
+) -> dict:
+    """Round a linear its Hessian cannot describe with RTN, as auto-round and llm-compressor do for unused experts."""
+    log.warning(
+        "GPTQ %s.%s: its Hessian saw %d calibration token(s) (min_tokens %d): rounded with RTN instead",
+        ctx.name, name, tokens, min_tokens,
+    )  # fmt: skip
+    ctx.quantized[name] = record = quantize_weight(linear.weight.detach(), scheme)
+    with torch.no_grad():
+        linear.weight.copy_(record.dequantize().to(linear.weight.dtype))
+    return {"fallback": "rtn", "tokens": tokens}
+
+
 class GPTQ(BlockStage):
     """Hessian-aware column-wise rounding with error feedback (Frantar et al.; IST-DASLab/gptq)."""
 
@@ -93,6 +115,7 @@ class GPTQ(BlockStage):
     # W-A: Hessians come from the block's float activations on the (W-A) quantized chain, as QuaRot runs GPTQ
     # before enabling its activation quantizers.
     supports_act_quant: ClassVar[bool] = True
+    supports_experts: ClassVar[bool] = True  # per-expert linears like any other (arch/moe.py)
     summary: ClassVar[str] = "GPTQ: Hessian-based error compensation, true-sequential, act-order option"
     uses_float_chain: bool = False
     Options: ClassVar[type] = GPTQOptions
@@ -100,15 +123,19 @@ class GPTQ(BlockStage):
     def process_block(self, ctx: BlockContext) -> None:
         opts: GPTQOptions = self.options
         linears = ctx.linears()
-        subsets = ctx.arch.sequential if opts.true_sequential else (tuple(linears),)
+        subsets = ctx.arch.sequential_for(ctx.block) if opts.true_sequential else (tuple(linears),)
         layer_metrics: dict[str, dict] = {}
         for subset in subsets:
             hessians = collect_hessians(ctx, subset)
             for name in subset:
                 linear = linears[name]
+                hessian = hessians.pop(name)
+                if hessian.tokens < opts.min_tokens:  # an MoE expert no calibration token was routed to
+                    layer_metrics[name] = _rtn_fallback(ctx, name, linear, hessian.tokens, opts.min_tokens, self.scheme)
+                    continue
                 result = gptq_quantize(
                     linear.weight.detach(),
-                    hessians.pop(name).H,
+                    hessian.H,
                     self.scheme,
                     percdamp=opts.percdamp,
                     block_size=opts.block_size,

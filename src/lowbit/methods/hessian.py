@@ -46,6 +46,7 @@ class HessianAccumulator:
     def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.nsamples = 0
+        self.tokens = 0  # rows (tokens) seen, counted by the caller: an MoE expert may see none
 
     def add_batch(self, x: Tensor) -> None:
         """Add one batch of layer inputs [batch, ..., k]; a 2-D input counts as one sequence per row."""

@@ -121,6 +121,10 @@ class InvarExplore(ModelStage):
     kind: ClassVar[str] = "transform"
     needs_data: ClassVar[bool] = True
     summary: ClassVar[str] = "InvarExplore: search FFN permutations/scales/rotations with RTN in the loop, folded"
+    experts_reason: ClassVar[str] = (
+        "its neuron permutations, scalings and rotations act on one dense FFN per block, and a mixture-of-experts "
+        "block has one per expert behind a router: not implemented"
+    )
     Options: ClassVar[type] = InvarExploreOptions
 
     def __init__(self, options: InvarExploreOptions, scheme: QuantScheme) -> None:
@@ -130,6 +134,8 @@ class InvarExplore(ModelStage):
     @classmethod
     def refuses(cls, arch: ArchSpec) -> str | None:
         """FFN neurons over the row slices of a fused gate_up_proj (Phi-3) are not implemented."""
+        if reason := super().refuses(arch):
+            return reason
         try:
             neuron_roles(arch.ffn)
         except LowbitError as error:

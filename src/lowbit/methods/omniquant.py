@@ -143,6 +143,7 @@ class OmniQuant(BlockStage):
     needs_data: ClassVar[bool] = True
     supports_act_quant: ClassVar[bool] = True
     summary: ClassVar[str] = "learnable weight clipping + equivalent transformation, AdamW per block (OmniQuant)"
+    supports_experts: ClassVar[bool] = True  # LET pairs stop at attention in a sparse block (ArchSpec.groups_for)
     Options: ClassVar[type] = OmniQuantOptions
 
     def __init__(self, options: OmniQuantOptions, scheme: QuantScheme) -> None:

@@ -19,6 +19,7 @@ class RTN(BlockStage):
     kind: ClassVar[str] = "quantizer"
     needs_data: ClassVar[bool] = False
     supports_act_quant: ClassVar[bool] = True  # the W-A baseline row (activations quantized at evaluation)
+    supports_experts: ClassVar[bool] = True  # per-expert linears like any other (arch/moe.py)
     uses_float_chain: bool = False
     summary: ClassVar[str] = "round-to-nearest with min-max scales (no data)"
 

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.engine import BlockContext, BlockStage
-from lowbit.engine.block_train import block_forward
+from lowbit.engine.block_train import TuneAutocast, block_forward, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.frozen import frozen
 from lowbit.methods.signround_opt import TunedLinear, TuneResult, TuneSettings, split_holdout, tune_block
@@ -72,6 +72,10 @@ class SignRoundOptions:
     low_bit_lr_boost: bool = field(
         default=False, metadata={"help": "lr = 2/iters when iters >= 1000 and bits <= 3 (reference rule)"}
     )
+    autocast: TuneAutocast = field(
+        default="auto",
+        metadata={"help": "block forward/backward in bf16 autocast or off (fp32); auto = engine.dtype, else fp32"},
+    )
 
 
 class SignRound(BlockStage):
@@ -81,6 +85,7 @@ class SignRound(BlockStage):
     kind: ClassVar[str] = "quantizer"
     needs_data: ClassVar[bool] = True
     summary: ClassVar[str] = "SignSGD-tuned rounding and clipping per block (SignRound / auto-round)"
+    supports_experts: ClassVar[bool] = True  # an expert no token reaches gets no gradient: it keeps its RTN init
     Options: ClassVar[type] = SignRoundOptions
 
     def __init__(self, options: SignRoundOptions, scheme) -> None:
@@ -90,8 +95,9 @@ class SignRound(BlockStage):
     def preferred_quantized_input(self) -> bool | None:
         return self.options.quantized_input
 
-    def settings(self) -> TuneSettings:
-        """Resolve the learning rates (1/iters by default, the reference's low-bit boost on request)."""
+    def settings(self, device: torch.device | None = None) -> TuneSettings:
+        """Resolve the learning rates (1/iters by default, the reference's low-bit boost on request) and the
+        training precision on `device` (default CPU)."""
         opts = self.options
         lr = opts.lr
         if lr is None:
@@ -111,6 +117,7 @@ class SignRound(BlockStage):
             holdout=opts.holdout,
             holdout_every=opts.holdout_every,
             early_stop_patience=opts.early_stop_patience,
+            autocast=resolve_autocast(opts.autocast, device or torch.device("cpu")),
         )
 
     @classmethod
@@ -124,7 +131,7 @@ class SignRound(BlockStage):
     def process_block(self, ctx: BlockContext) -> None:
         linears = ctx.linears()
         layers = [TunedLinear.wrap(name, linear, self.scheme) for name, linear in linears.items()]
-        settings = self.settings()
+        settings = self.settings(ctx.device)
         if settings.iters > 0:
             self._tune(ctx, layers, settings)
         for layer in layers:
@@ -175,6 +182,7 @@ class SignRound(BlockStage):
                 "loss_trace": loss_trace(result.losses),  # the report's per-block curve
                 "best_iter": result.best_iter,
                 "best_select": settings.best_select,
+                "autocast": settings.autocast,
                 "iters_run": len(result.losses),
                 "tune_seconds": round(time.perf_counter() - started, 3),
             }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowbit.engine.block_train import Forward, IndexSampler, block_mse, restore, snapshot
+from lowbit.engine.block_train import Forward, IndexSampler, autocast_forward, block_mse, restore, snapshot
 from lowbit.errors import LowbitError
 from lowbit.methods.signround_qdq import GroupedWeight, supports_fast_qdq
 from lowbit.quantizer import QuantizedWeight, fake_quant, quantize_weight
@@ -103,6 +103,7 @@ class TuneSettings:
     holdout: int = 16
     holdout_every: int = 10
     early_stop_patience: int = 0
+    autocast: str = "off"  # block forward/backward precision (resolved); V, alpha, beta and the loss stay fp32
 
 
 @dataclass
@@ -139,9 +140,12 @@ def tune_block(
 ) -> TuneResult:
     """SignSGD on V, alpha, beta against the block-output MSE; restores the best parameters (spec §5).
 
-    The QDQ weights depend only on the parameters, so they are computed once per iteration and the micro-batch
-    forwards use detached copies; their gradients are pushed through the QDQ graph once per iteration.
+    The QDQ weights depend only on the parameters, so they are computed once per iteration (fp32, outside autocast)
+    and the micro-batch forwards use detached copies; their gradients are pushed through the QDQ graph once per
+    iteration. With `settings.autocast` the block forward (and so its backward) runs in reduced precision; the
+    gradients reach the fp32 copies through autocast's casts, and the loss is computed in fp32.
     """
+    forward = autocast_forward(forward, settings.autocast, inputs.device)
     result = TuneResult()
     sampler = IndexSampler(train_indices, settings.batch_size, generator)
     v_schedule = linear_schedule(settings.lr, settings.iters)
@@ -175,7 +179,11 @@ def tune_block(
         if improved and settings.use_best:
             best = _snapshot(layers)
         since_best = 0 if improved else since_best + 1
-        torch.autograd.backward(qdq, [leaves[layer.name].grad for layer in layers])
+        # a linear no sample reached (an MoE expert the router never picked) has no gradient: its parameters stay
+        reached = [(q, leaves[layer.name].grad) for layer, q in zip(layers, qdq, strict=True)]
+        reached = [(q, grad) for q, grad in reached if grad is not None]
+        if reached:
+            torch.autograd.backward(*zip(*reached, strict=True))
         for layer in layers:
             sign_step([layer.v], v_schedule[t])
             sign_step([layer.alpha, layer.beta], m_schedule[t])

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lowbit.engine import BlockContext, BlockStage, ModelContext, ModelStage, call_block
+from lowbit.engine.block_train import TuneAutocast, autocast, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.frozen import frozen
 from lowbit.methods.teq_train import (
@@ -61,6 +62,10 @@ class TEQOptions:
     )
     checkpoint_dir: str | None = field(default=None, metadata={"help": "save training state here; a rerun resumes"})
     checkpoint_every: int = field(default=50, metadata={"help": "steps between training checkpoints"})
+    autocast: TuneAutocast = field(
+        default="auto",
+        metadata={"help": "training forward/backward in bf16 autocast or off (fp32); auto = engine.dtype, else fp32"},
+    )
 
 
 class TEQ(BlockStage, ModelStage):
@@ -71,6 +76,10 @@ class TEQ(BlockStage, ModelStage):
     scope: ClassVar[str] = "model"
     needs_data: ClassVar[bool] = True
     summary: ClassVar[str] = "trainable equivalent per-channel scales, folded (loss=ce: paper; mse: block-wise)"
+    experts_reason: ClassVar[str] = (
+        "its FFN scales fold into the norm that also feeds the float mixture-of-experts router, and per-expert "
+        "scale groups are not implemented"
+    )
     Options: ClassVar[type] = TEQOptions
 
     def __init__(self, options: TEQOptions, scheme: QuantScheme) -> None:
@@ -116,6 +125,7 @@ class TEQ(BlockStage, ModelStage):
         checkpoint = TrainingCheckpoint.at(directory, f"teq-ce-{init}", self._fingerprint(windows))
         start = checkpoint.restore(sets, optimizer) if checkpoint else 0
         use_checkpointing = self._use_gradient_checkpointing(ctx.model)
+        precision = resolve_autocast(self.options.autocast, ctx.device)
         trace = []
         with CheckpointedBlocks(ctx.arch.blocks(ctx.model), enabled=use_checkpointing):
             for step in tqdm(
@@ -128,7 +138,8 @@ class TEQ(BlockStage, ModelStage):
                     sample_index(step * self.batch_size + i, windows.shape[0], ctx.seed) for i in range(self.batch_size)
                 ]
                 batch = windows[rows].to(ctx.device)
-                loss = ctx.model(input_ids=batch, labels=batch, use_cache=False).loss
+                with autocast(precision, ctx.device):  # transformers computes the loss on fp32 logits
+                    loss = ctx.model(input_ids=batch, labels=batch, use_cache=False).loss.float()
                 _check_finite(loss, step)
                 loss.backward()
                 optimizer.step()
@@ -147,6 +158,7 @@ class TEQ(BlockStage, ModelStage):
             "scale_max": round(values.max().item(), 4),
             "scale_mean": round(values.mean().item(), 4),
             "parameters": sum(p.numel() for p in params),
+            "autocast": precision,
             "sets": sets,
         }
 
@@ -173,9 +185,12 @@ class TEQ(BlockStage, ModelStage):
         optimizer = torch.optim.Adam(params, lr=self.options.lr, betas=(0.9, 0.9), weight_decay=0.0)
         kwargs = ctx.device_kwargs()
         n = ctx.nsamples
+        precision = resolve_autocast(self.options.autocast, ctx.device)
 
-        def loss_on(rows: list[int]) -> torch.Tensor:
-            out = call_block(ctx.block, ctx.batch(ctx.inputs, rows), kwargs)
+        def loss_on(rows: list[int], mode: str = "off") -> torch.Tensor:
+            """fp32 MSE to the fp32 targets; `mode` is the forward's precision (the scoring losses stay fp32)."""
+            with autocast(mode, ctx.device):
+                out = call_block(ctx.block, ctx.batch(ctx.inputs, rows), kwargs)
             return F.mse_loss(out.float(), ctx.batch(ctx.targets, rows).float())
 
         with torch.no_grad():
@@ -186,7 +201,7 @@ class TEQ(BlockStage, ModelStage):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             rows = [sample_index(step * self.batch_size + i, n, ctx.seed + ctx.index) for i in range(self.batch_size)]
-            loss = loss_on(rows)
+            loss = loss_on(rows, precision)
             _check_finite(loss, step)
             loss.backward()
             losses.append(loss.item())
@@ -199,6 +214,7 @@ class TEQ(BlockStage, ModelStage):
             "final_loss": final,
             "parameters": sum(p.numel() for p in params),
             "loss_trace": loss_trace(losses),
+            "autocast": precision,
         }
 
     # --- helpers ------------------------------------------------------------------------------------------

@@ -80,9 +80,11 @@ class TEQLinear(nn.Module):
         if self.divide_input:
             x = x / clamped(self.in_scale).to(x.dtype)
         bias = self.inner.bias
-        if bias is not None and self.out_scale is not None:
-            bias = _divide_rows(bias.float(), clamped(self.out_scale), self.out_rows).to(bias.dtype)
-        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+        with torch.autocast(x.device.type, enabled=False):  # Q(W_eff) in fp32 also under autocast (what RTN sees)
+            weight = self.quantized_weight()
+            if bias is not None and self.out_scale is not None:
+                bias = _divide_rows(bias.float(), clamped(self.out_scale), self.out_rows).to(bias.dtype)
+        return F.linear(x, weight.to(x.dtype), bias)
 
 
 def _divide_rows(t: Tensor, s: Tensor, rows: slice | None) -> Tensor:
