@@ -76,6 +76,19 @@ def test_auto_resolves_to_fp32_for_the_tuners_and_keeps_omniquant_amp():
     assert resolve_autocast("auto", CPU) == "off" and resolve_autocast("auto", cuda) == "off"
     assert resolve_autocast("bf16", CPU) == "bf16" and resolve_autocast("off", cuda) == "off"
     assert resolve_autocast("auto", cuda, 4) == "fp16" and resolve_autocast("auto", CPU, 4) == "off"
+
+
+def test_a_bf16_default_applies_only_where_bf16_is_native(monkeypatch):
+    import lowbit.engine.block_train as block_train
+
+    monkeypatch.setattr(block_train, "native_bf16", lambda device: device.type == "cpu")
+    assert resolve_autocast("auto", CPU, default="bf16") == "bf16"
+    assert resolve_autocast("auto", torch.device("cuda"), default="bf16") == "off"
+    assert (
+        resolve_autocast("auto", CPU, default="off") == "off" and resolve_autocast("off", CPU, default="bf16") == "off"
+    )
+    monkeypatch.setattr(block_train, "native_bf16", lambda device: False)
+    assert resolve_autocast("auto", CPU, default="bf16") == "off"
     assert SignRound(SignRoundOptions(), W2).settings().autocast == "off"
 
 

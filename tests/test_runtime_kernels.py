@@ -1,7 +1,8 @@
 """The packed runtime's kernel paths (torch's int4/int8 CPU matmuls) against its bit-exact reference path.
 
-Tolerances are the ones runtime.py states: a layer's output within 1e-5 * max|output| of the reference path's on
-the same input, a model's logits within 1e-4 * max|logit|, and the same greedy tokens.
+Tolerances are the ones runtime.py states: the int4 path computes in bf16 (the kernel's only fast path), so a layer's
+output is within kernels.INT4_TOL (2e-2) * max|output| of the reference path's on the same input and a model's logits
+within 3e-2 * max|logit|, with the same greedy tokens; the int8 path stays fp32 (1e-5 per layer).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from lowbit.models import load_model
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import parse_scheme
 
-LAYER_TOL = 1e-5  # relative to max |output| of the layer
-LOGIT_TOL = 1e-4  # relative to max |logit|
+LAYER_TOL = kernels.INT4_TOL  # int4 (bf16 compute), relative to max |output| of the layer
+INT8_TOL = 1e-5  # int8 (fp32 compute)
+LOGIT_TOL = 3e-2  # relative to max |logit|
 PROMPTS = [torch.arange(3, 11), torch.arange(40, 52), torch.tensor([7, 300, 12, 99, 5, 5, 61])]
 
 pytestmark = pytest.mark.skipif(not kernels.int4_available(), reason="torch has no usable int4 CPU kernel")
@@ -44,13 +46,13 @@ def test_int4_kernel_matches_the_reference_layer(kind, group):
     record, reference, fast = _layer(f"w4g{group}-{kind}", (48, 1024))
     assert fast.use_kernel("auto") == "int4" and reference.path == "reference"
     assert fast.kernel_group == (256 if group in (512, -1) else group)
-    assert fast.packed is None and fast.scale is None  # one packed copy, in the kernel's layout
+    assert fast.packed is None  # one packed copy of the codes, in the kernel's layout
     assert torch.equal(fast.codes(), record.codes) and torch.equal(fast.dequantize(), record.dequantize())
     with torch.no_grad():
         for tokens in (1, 7, 130):
             x = torch.randn(2, tokens, 1024)
             _assert_close(fast(x), reference(x), LAYER_TOL)
-        assert fast(x.bfloat16()).dtype == torch.bfloat16  # other float inputs run too (scales cast per call)
+        assert fast(x.bfloat16()).dtype == torch.bfloat16  # the output keeps the input's dtype
 
 
 def test_int8_kernel_takes_symmetric_per_channel_only():
@@ -59,7 +61,7 @@ def test_int8_kernel_takes_symmetric_per_channel_only():
     assert torch.equal(fast.dequantize(), record.dequantize())
     x = torch.randn(5, 192)
     with torch.no_grad():
-        _assert_close(fast(x), reference(x), LAYER_TOL)
+        _assert_close(fast(x), reference(x), INT8_TOL)
     assert _layer("w8g-1-asym", (64, 192))[2].use_kernel() == "reference"  # code - zero leaves int8
     assert _layer("w8g32-sym", (64, 192))[2].use_kernel() == "reference"  # grouped: the kernel is per-channel
 

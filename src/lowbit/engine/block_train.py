@@ -85,19 +85,26 @@ def restore(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
         param.copy_(value)
 
 
-# What `autocast=auto` means for SignRound, TEQ and AWQ, by device type: fp32 everywhere until bf16 has been
-# measured (issue 16). Turning it on is this one line, e.g. {"cuda": "bf16"}; `--opt engine.dtype` overrides it.
-AUTO_AUTOCAST: dict[str, str] = {}
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX): only
+    there is bf16 autocast faster than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's feature probes
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
 
 
-def resolve_autocast(mode: str, device: torch.device, bits: int | None = None) -> str:
-    """'auto' -> with `bits`, OmniQuant's AMP (fp16 on CUDA below 8 bits, as its reference; off elsewhere); without,
-    the tuners' default `AUTO_AUTOCAST` for the device (off unless set)."""
+def resolve_autocast(mode: str, device: torch.device, bits: int | None = None, default: str = "off") -> str:
+    """The training precision `mode` stands for on `device`. 'auto': with `bits`, OmniQuant's AMP (fp16 on CUDA
+    below 8 bits, as its reference; off elsewhere); without, the stage's measured `default` ("bf16" only where
+    `native_bf16`, else off). `--opt engine.dtype` has already replaced 'auto' when the user set it."""
     if mode != "auto":
         return mode
-    if bits is None:
-        return AUTO_AUTOCAST.get(device.type, "off")
-    return "fp16" if device.type == "cuda" and bits < 8 else "off"
+    if bits is not None:
+        return "fp16" if device.type == "cuda" and bits < 8 else "off"
+    return "bf16" if default == "bf16" and native_bf16(device) else "off"
 
 
 def autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManager:

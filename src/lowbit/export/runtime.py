@@ -3,21 +3,23 @@
 Memory is that of the packed checkpoint (codes at b bits, scales, zeros). Two paths (`PackedLinear.path`):
 - "int4" / "int8": torch's low-bit CPU matmul kernels read the codes inside the matmul (lowbit.export.kernels);
   decode no longer rebuilds a float weight per token. They hold the codes in the kernel's own layout (the same
-  4 or 8 bits per weight) plus an fp32 (scale, scale * (8 - zero)) pair per kernel group for int4.
+  4 or 8 bits per weight) plus, for int4, a bf16 (scale, scale * (8 - zero)) pair per kernel group.
 - "reference": each forward rebuilds the float weight scale * (code - zero) in fp32, exactly the weight lowbit's
   fake-quant model holds (quantizer.md §11), multiplies, and drops it; a loaded export reproduces its logits bit
   for bit. Layers the kernels cannot take (2/3/5-7 bit, act-order g_idx, partial groups, grouped 8-bit, ...) and
   `kernel="reference"` use it.
 
-Memory per weight at 4 bits: int4 g32 ~0.78 bytes (codes 0.5, fp32 pair 0.25, zero 0.03) vs ~0.59 on the reference
-path (fp16 scale); g64 ~0.64 vs ~0.55. The reference path deliberately does not cache the float weight (that is the
-float model's memory again); it subtracts the zero in uint8 rather than fp32, one fp32 pass fewer per forward.
+Memory per weight at 4 bits, int4 path: codes 0.5 bytes + the bf16 pair (4 bytes per kernel group: 0.125 at g32,
+0.0625 at g64) + the exported scale and zero kept for `dequantize()`. The reference path deliberately does not cache
+the float weight (that is the float model's memory again); it subtracts the zero in uint8 rather than fp32.
 
-Tolerance of the kernel paths (fp32 activations; tests/test_runtime_kernels.py asserts it): a layer's output is
-within 1e-5 * max|output| of the reference path's on the same input, a model's logits within 1e-4 * max|logit|.
-Observed: layers <= 2e-6, logits <= 3.1e-6 * max|logit| (1.3e-4 absolute at max|logit| ~ 41) on SmolLM2-135M RTN
-W4 g32 / g64 / per-channel, sym and asym; logits <= 3.2e-7 on the tests' tiny Llamas; greedy tokens identical in
-every case measured. Not bit for bit: the kernel rounds s * (8 - zero) once and accumulates in its own order.
+Tolerance of the kernel paths (tests/test_runtime_kernels.py asserts it). int4 computes in bf16, the only input
+dtype torch's int4 CPU kernel vectorizes (fp32 input runs a scalar loop 15-100x slower than fp32 F.linear): a
+layer's output is within 2e-2 * max|output| of the reference path's on the same input, a model's logits within
+3e-2 * max|logit| on the tests' tiny Llamas. Observed on SmolLM2-135M RTN W4 (g32, g64 sym/asym, per-channel):
+layers <= 8.4e-3, logits <= 3.6e-2 * max|logit| (what a bf16 forward of the float model deviates by too); 32 greedy
+tokens identical for g32 and g64 sym/asym, not for per-channel (it diverges within 32). int8 (per-channel symmetric)
+stays fp32: within 1e-5 * max|output|. Use kernel="reference" for the bit-exact fake-quant numbers.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ class PackedLinear(nn.Module):
         path, kernel_group, reason = kernels.plan(self.bits, self.groups, self.group_size, n, k, self.g_idx is not None)
         if path == "int4":
             weight, scales_and_zeros = kernels.int4_weights(self.codes(), self.scale, self.zero, kernel_group)
-            self.packed = self.scale = None
+            self.packed = None  # scale stays: dequantize() is exact on every path
             self.register_buffer("int4_weight", weight)
             self.register_buffer("scales_and_zeros", scales_and_zeros)
             self.kernel_group = kernel_group
@@ -135,8 +137,6 @@ class PackedLinear(nn.Module):
 
     def _scale(self) -> Tensor:
         """The per-group scale [out, G] in fp32 (exact on every path)."""
-        if self.path == "int4":
-            return kernels.int4_scale(self.scales_and_zeros, self.groups)
         return self.scale.to(torch.float32)
 
     def _expand(self, t: Tensor) -> Tensor:

@@ -87,6 +87,9 @@ class SignRound(BlockStage):
     summary: ClassVar[str] = "SignSGD-tuned rounding and clipping per block (SignRound / auto-round)"
     supports_experts: ClassVar[bool] = True  # an expert no token reaches gets no gradient: it keeps its RTN init
     Options: ClassVar[type] = SignRoundOptions
+    # what autocast=auto means where bf16 is native (block_train.native_bf16); chosen by measurement
+    # (benchmarks/RESULTS.md, "SignRound at auto-round's light settings")
+    autocast_default: ClassVar[str] = "off"
 
     def __init__(self, options: SignRoundOptions, scheme) -> None:
         super().__init__(options, scheme)
@@ -117,7 +120,7 @@ class SignRound(BlockStage):
             holdout=opts.holdout,
             holdout_every=opts.holdout_every,
             early_stop_patience=opts.early_stop_patience,
-            autocast=resolve_autocast(opts.autocast, device or torch.device("cpu")),
+            autocast=resolve_autocast(opts.autocast, device or torch.device("cpu"), default=self.autocast_default),
         )
 
     @classmethod
