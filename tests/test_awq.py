@@ -267,3 +267,144 @@ def test_gram_loss_equals_the_replayed_loss_and_picks_the_same_scales(tiny_model
     assert sum(g.linears == (g.inspect,) for g in arch.groups_for(arch.blocks(tiny_model)[0])) >= 1  # gram ran
     for key, tensor in results["gram"][1].items():
         assert torch.equal(tensor, results["replay"][1][key]), key
+
+
+# --- search_samples: the attention/MLP replay searches on evenly spaced whole samples (issue 16) ---------------
+
+
+def run_awq(model, options):
+    stage = AWQ(options, SCHEME)
+    found = run_block_stages(
+        model, arch_for(model), [stage], SCHEME, calibration_ids(), EngineOptions(progress=False), seed=0
+    )
+    return stage, found.metrics
+
+
+@pytest.mark.parametrize("count", [8, 100])
+def test_search_samples_covering_every_sample_is_the_default_search(tiny_model, count):
+    reference = copy.deepcopy(tiny_model)
+    ref_stage, ref_metrics = run_awq(reference, AWQOptions(clip=False))
+    stage, metrics = run_awq(tiny_model, AWQOptions(clip=False, search_samples=count))
+    for block, ref_block in zip(metrics, ref_metrics, strict=True):
+        assert block["awq_scale"] == ref_block["awq_scale"]  # ratios, losses (bit for bit), samples
+        assert {info["search_samples"] for info in block["awq_scale"].values()} == {8}
+    assert ref_stage.artifacts().keys() == stage.artifacts().keys()
+    for name, scale in stage.artifacts().items():
+        assert torch.equal(scale, ref_stage.artifacts()[name]), name
+
+
+def test_spaced_samples_and_replay_samples():
+    from lowbit.methods.awq import replay_samples, spaced_samples
+
+    assert spaced_samples(8, None) is None and spaced_samples(8, 8) is None and spaced_samples(8, 9) is None
+    assert spaced_samples(128, 8).tolist() == [0, 18, 36, 54, 73, 91, 109, 127]
+    assert spaced_samples(10, 1).tolist() == [0] and spaced_samples(10, 4).tolist() == [0, 3, 6, 9]
+    x = torch.arange(10 * 3 * 2, dtype=torch.float32).reshape(10, 3, 2)
+    picked = torch.tensor([0, 3, 6, 9])
+    sub, used = replay_samples(x, 10, 4, None)
+    assert used == 4 and torch.equal(sub, x[picked])
+    broadcast = (False, (), {"position_embeddings": (torch.ones(1, 3, 4), torch.ones(1, 3, 4)), "mask": None})
+    assert torch.equal(replay_samples(x, None, 4, broadcast)[0], x[picked])
+    flat, used = replay_samples(x.reshape(30, 2), 10, 4, (True, (), {}))  # OPT's FFN: [tokens, k]
+    assert used == 4 and torch.equal(flat, x[picked].reshape(12, 2))
+    unknown, used = replay_samples(x.reshape(30, 2), None, 4, None)
+    assert used is None and unknown.shape == (30, 2)  # no sample structure: every row
+    batched = (False, (), {"mask": torch.zeros(2, 1, 3, 3)})  # batch-shaped call arguments: a subset cannot match
+    kept, used = replay_samples(x, 10, 4, batched)
+    assert used == 10 and torch.equal(kept, x)
+
+
+def test_search_samples_replays_only_the_evenly_spaced_samples():
+    """The MLP group on 10 samples with search_samples=4: y0 and every grid point replay exactly samples 0, 3, 6, 9;
+    the candidates' x̄ covers all 10; losses and the chosen ratio are recomputed here on those 4."""
+    from conftest import make_llama
+    from lowbit.engine import BlockContext
+
+    model = make_llama()
+    arch = arch_for(model)
+    block = arch.blocks(model)[0]
+    group = next(g for g in arch.scale_groups if g.prev == "post_attention_layernorm")
+    mlp = block.get_submodule(group.inspect)
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(10, 16, 64, generator=gen) * (torch.rand(64, generator=gen) * 4)
+    x[4:6] *= 6  # samples 4 and 5 are left out and dominate the full loss
+    picked = torch.tensor([0, 3, 6, 9])
+    ctx = BlockContext(0, "b", block, arch, SCHEME, {}, torch.device("cpu"), 3, 0)
+    stage = AWQ(AWQOptions(search_samples=4), SCHEME)
+    seen = []
+    handle = mlp.register_forward_pre_hook(lambda _module, args: seen.append(args[0].clone()))
+    try:
+        s, info = stage.search_scale(ctx, group, x, None, 10)
+    finally:
+        handle.remove()
+    assert len(seen) == 21 * 2  # y0 + 20 grid points, each 4 samples in batches of 3 and 1
+    for i in range(0, len(seen), 2):
+        assert torch.equal(torch.cat(seen[i : i + 2]), x[picked])
+
+    weights = {name: block.get_submodule(name).weight.detach().clone() for name in group.linears}
+    xbar = x.reshape(-1, 64).abs().mean(0)
+    losses = []
+    with torch.no_grad():
+        y0 = mlp(x[picked])
+        for i in range(20):
+            si = normalised_scales(xbar, i / 20)
+            for name, w in weights.items():
+                block.get_submodule(name).weight.copy_(fake_quant(w * si, stage.search_scheme) / si)
+            losses.append(float((mlp(x[picked]) - y0).double().square().mean()))
+        for name, w in weights.items():
+            block.get_submodule(name).weight.copy_(w)
+    best = min(range(20), key=lambda i: losses[i])
+    assert info["search_samples"] == 4 and info["ratio"] == best / 20
+    assert info["loss"] == pytest.approx(losses[best], rel=1e-4)
+    assert info["loss_r0"] == pytest.approx(losses[0], rel=1e-4)
+    torch.testing.assert_close(s, normalised_scales(xbar, best / 20))  # x̄ over every sample
+    full = AWQ(AWQOptions(), SCHEME).search_scale(ctx, group, x, None, 10)[1]
+    assert full["search_samples"] == 10 and full["loss_r0"] > 2 * info["loss_r0"]  # the subset changed the loss
+
+
+class _CountingAWQ(AWQ):
+    """AWQ that counts the tokens each inspected module replays in the search (`_call` serves only the search)."""
+
+    def __init__(self, options, scheme):
+        super().__init__(options, scheme)
+        self.tokens: dict[tuple[int, str], int] = {}
+
+    def _call(self, ctx, module, call, x):
+        name = next(n for n, m in ctx.block.named_modules() if m is module)
+        self.tokens[ctx.index, name] = self.tokens.get((ctx.index, name), 0) + x.shape[:-1].numel()
+        return super()._call(ctx, module, call, x)
+
+
+@pytest.mark.parametrize("linear_loss", ["gram", "replay"])
+def test_search_samples_in_the_block_loop_and_the_run_record(tiny_model, linear_loss):
+    """3 of 8 samples: attention (its rotary/mask call arguments broadcast over the subset) and MLP replay only
+    those, as do the linear-only groups under linear_loss=replay (OPT's fc1/fc2 inputs are flattened [tokens, k]);
+    the Gram groups cover all 8. The block metrics record the count."""
+    stage = _CountingAWQ(AWQOptions(clip=False, n_grid=4, search_samples=3, linear_loss=linear_loss), SCHEME)
+    metrics = run_block_stages(
+        tiny_model, arch_for(tiny_model), [stage], SCHEME, calibration_ids(), EngineOptions(progress=False), seed=0
+    ).metrics
+    arch = arch_for(tiny_model)
+    for block in metrics:
+        groups = arch.groups_for(arch.blocks(tiny_model)[block["block"]])
+        assert len(groups) == 4
+        for group in groups:
+            gram = linear_loss == "gram" and group.linears == (group.inspect,)
+            assert block["awq_scale"][group.prev]["search_samples"] == (8 if gram else 3), group.prev
+            assert stage.tokens.get((block["block"], group.inspect), 0) == (0 if gram else 5 * 3 * 32), group.prev
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_search_samples_must_be_positive(value):
+    from lowbit.config import build_config
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError, match=r"awq\.search_samples must be a positive"):
+        AWQ(AWQOptions(search_samples=value), SCHEME)
+    with pytest.raises(LowbitError, match=r"awq\.search_samples"):
+        build_config(recipe="awq+rtn", scheme="w3g64", options={"awq": {"search_samples": str(value)}})
+    options = {"awq": {"search_samples": "16"}}
+    assert build_config(recipe="awq+rtn", scheme="w3g64", options=options).to_dict()["options"]["awq"] == {
+        **build_config(recipe="awq+rtn", scheme="w3g64").to_dict()["options"]["awq"],
+        "search_samples": 16,
+    }

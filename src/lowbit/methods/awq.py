@@ -6,6 +6,9 @@ per `ArchSpec` scale group against the block's original weights, fold every scal
 (`methods/fold.py`), then clamp the float weights per (row, group) (`methods/awq_clip.py`). Any quantizer stage
 follows (awq+rtn, awq+gptq, awq+signround).
 
+`search_samples` runs the attention/MLP replay searches on evenly spaced whole calibration samples (the candidate
+scales' x̄ and the Gram losses of the linear-only groups still cover every token); the default is all, as llm-awq.
+
 The quantizer inside the search is the run's scheme with `include_zero` set by the `include_zero` option
 (default False: llm-awq's raw min/max asymmetric preset, quantizer.md §3).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -57,6 +61,13 @@ class AWQOptions:
     search_inputs: Literal["float", "student"] = field(
         default="float",
         metadata={"help": "block inputs of the search: float chain (llm-awq) or the student's (quantized) chain"},
+    )
+    search_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "calibration samples (whole sequences) the attention/MLP replay searches use, evenly spaced; "
+            "None = all, as llm-awq"
+        },
     )
     autocast: TuneAutocast = field(
         default="auto",
@@ -130,6 +141,51 @@ def gram_loss(error: Tensor, gram: Tensor, tokens: int) -> float:
     return float(((e @ gram) * e).sum()) / (tokens * e.shape[0])
 
 
+def spaced_samples(n: int, count: int | None) -> Tensor | None:
+    """Indices of `count` evenly spaced samples out of n (first and last included; rounding may merge two), or
+    None where `count` covers them all."""
+    if count is None or count >= n:
+        return None
+    return torch.linspace(0, n - 1, count).round().long().unique()
+
+
+def _batch_shaped(value: Any) -> bool:
+    """Whether a call argument has a leading batch dimension > 1 (the engine's captured kwargs broadcast: dim 1)."""
+    if isinstance(value, Tensor):
+        return value.dim() >= 2 and value.shape[0] > 1
+    if isinstance(value, (tuple, list)):
+        return any(_batch_shaped(v) for v in value)
+    if isinstance(value, dict):
+        return any(_batch_shaped(v) for v in value.values())
+    return False
+
+
+def replay_samples(x: Tensor, nsamples: int | None, count: int | None, call: tuple | None) -> tuple[Tensor, int | None]:
+    """The inputs a replay search runs on: the `count` evenly spaced samples of x (`spaced_samples`), and how many
+    samples that is (None: x's sample structure is unknown, all rows are used).
+
+    x is [n, L, k], or [n * L, k] where the block flattens the tokens (OPT's FFN); `nsamples` is n (None: x's first
+    dimension when x is 3-D). All of x is kept where the structure is unknown, or where the inspected module's
+    call arguments are batch-shaped rather than broadcast over samples (a subset could not match them)."""
+    n = nsamples if nsamples is not None else (x.shape[0] if x.dim() >= 3 else None)
+    if n is None or not (x.shape[0] == n or (x.dim() == 2 and x.shape[0] % n == 0)):
+        return x, None
+    index = spaced_samples(n, count)
+    if index is None:
+        return x, n
+    if call is not None and _batch_shaped((call[1], call[2])):
+        log.warning("awq: the inspected module's call arguments are batch-shaped; its search uses all %d samples", n)
+        return x, n
+    if x.shape[0] == n:
+        return x[index], len(index)
+    return x.reshape(n, -1, x.shape[-1])[index].reshape(-1, x.shape[-1]), len(index)
+
+
+def first_argmin(losses: list[float]) -> int | None:
+    """Index of the first smallest finite loss (awq.md §4's r*), or None when none is finite."""
+    return min((i for i, loss in enumerate(losses) if math.isfinite(loss)), key=losses.__getitem__, default=None)
+
+
 def normalised_scales(xbar: Tensor, r: float, wbar: Tensor | None = None) -> Tensor:
     """s = max(xbar^r, 1e-4) (or xbar^r / wbar^(1-r) with duo scaling), normalised so max(s)·min(s) = 1."""
     s = xbar.pow(r) if wbar is None else xbar.pow(r) / wbar.pow(1 - r).clamp(min=1e-4)
@@ -164,11 +220,20 @@ class AWQ(BlockStage):
 
     def __init__(self, options: Any, scheme: QuantScheme) -> None:
         super().__init__(options, scheme)
-        if options.n_grid < 1 or options.clip_grid < 1 or not 0 < options.clip_max_shrink < 1:
-            raise LowbitError("awq needs n_grid >= 1, clip_grid >= 1 and 0 < clip_max_shrink < 1")
+        self.validate(options, scheme)
         self.search_scheme = dataclasses.replace(scheme, include_zero=options.include_zero)
         self.uses_float_chain = options.search_inputs == "float"
         self.results: dict[str, dict[str, Any]] = {}  # block name -> scales and clips (awq.md §8), on CPU
+
+    @classmethod
+    def validate(cls, options: AWQOptions, scheme: QuantScheme) -> None:
+        if options.n_grid < 1 or options.clip_grid < 1 or not 0 < options.clip_max_shrink < 1:
+            raise LowbitError("awq needs n_grid >= 1, clip_grid >= 1 and 0 < clip_max_shrink < 1")
+        count = options.search_samples
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise LowbitError(
+                f"awq.search_samples must be a positive number of calibration samples (or none for all), got {count!r}"
+            )
 
     def artifacts(self) -> dict[str, Tensor]:
         """awq.md §8: every scale (`awq.scale.<block>.<previous op>`, its linears are in the run record) and
@@ -208,10 +273,13 @@ class AWQ(BlockStage):
         return total / count
 
     @torch.no_grad()
-    def search_scale(
-        self, ctx: BlockContext, group: ScaleGroup, x: Tensor, call: tuple | None
-    ) -> tuple[Tensor, dict[str, Any]]:
-        """The grid search of awq.md §4 for one group on its cached inputs x [n, L, k]; weights are restored."""
+    def grid_losses(
+        self, ctx: BlockContext, group: ScaleGroup, x: Tensor, call: tuple | None, nsamples: int | None = None
+    ) -> tuple[list[float], list[Tensor], int | None]:
+        """awq.md §4's loss at every ratio r = i/n_grid for one group on its cached inputs x ([n, L, k], or
+        [n * L, k] where the block flattens tokens; `nsamples` = n). Returns the losses, the candidate scales (CPU)
+        and the samples the loss covered: a replayed module runs on `search_samples` of them (`replay_samples`),
+        the Gram loss and x̄ always cover every token. The weights are restored."""
         module = ctx.block.get_submodule(group.inspect)
         linears = [ctx.block.get_submodule(name) for name in group.linears]
         originals = [linear.weight.detach().clone() for linear in linears]
@@ -219,58 +287,74 @@ class AWQ(BlockStage):
         if self.options.linear_loss == "gram" and group.linears == (group.inspect,):
             gram = input_gram(ctx, x)  # the inspected module is the linear itself: its loss is quadratic in E
             y0: list[Tensor] = []
+            replay, used = x, replay_samples(x, nsamples, None, call)[1]
         else:
-            y0 = [self._call(ctx, module, call, ctx.batch(x, part)).cpu() for part in ctx.batches(x.shape[0])]
+            replay, used = replay_samples(x, nsamples, self.options.search_samples, call)
+            y0 = [self._call(ctx, module, call, ctx.batch(replay, p)).cpu() for p in ctx.batches(replay.shape[0])]
         xbar = x.reshape(-1, x.shape[-1]).abs().mean(dim=0).to(ctx.device)
         wbar = weight_mean(linears, self.search_scheme).to(ctx.device) if self.options.duo_scaling else None
         losses: list[float] = []
-        best = (float("inf"), 0, None)
+        candidates: list[Tensor] = []
         try:
             for i in range(self.options.n_grid):
-                r = i / self.options.n_grid
-                s = normalised_scales(xbar, r, wbar)
+                s = normalised_scales(xbar, i / self.options.n_grid, wbar)
                 for linear, w in zip(linears, originals, strict=True):
                     q = fake_quant(w.float() * s[None, :], self.search_scheme, ste="identity") / s[None, :]
                     linear.weight.copy_(q.to(w.dtype))
                 if gram is None:
-                    loss = self._loss(ctx, module, call, x, y0)
+                    losses.append(self._loss(ctx, module, call, replay, y0))
                 else:
-                    loss = gram_loss(linears[0].weight - originals[0], gram, x.numel() // x.shape[-1])
-                losses.append(loss)
-                if loss < best[0]:
-                    best = (loss, i, s.cpu())
+                    losses.append(gram_loss(linears[0].weight - originals[0], gram, x.numel() // x.shape[-1]))
+                candidates.append(s.cpu())
         finally:
             for linear, w in zip(linears, originals, strict=True):
                 linear.weight.copy_(w)
-        if best[2] is None:
+        return losses, candidates, used
+
+    def search_scale(
+        self, ctx: BlockContext, group: ScaleGroup, x: Tensor, call: tuple | None, nsamples: int | None = None
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """The grid search of awq.md §4 for one group (`grid_losses`): the scale of the first smallest loss."""
+        losses, candidates, used = self.grid_losses(ctx, group, x, call, nsamples)
+        best = first_argmin(losses)
+        if best is None:
             raise LowbitError(f"AWQ scale search for {ctx.name}.{group.prev} produced no finite loss: check the model")
         info = {
-            "ratio": best[1] / self.options.n_grid,
-            "loss": best[0],
+            "ratio": best / self.options.n_grid,
+            "loss": losses[best],
             "loss_r0": losses[0],
             "linears": list(group.linears),
+            "search_samples": used,
         }
-        return best[2], info
+        return candidates[best], info
+
+    def group_inputs(
+        self, ctx: BlockContext, inputs: Tensor
+    ) -> tuple[list[ScaleGroup], dict[str, str], dict[str, Tensor], dict[str, tuple]]:
+        """Run the block (current weights) on `inputs` once, recording every group's input features: the block's
+        groups, linear -> feature key, the features by key, and each inspected module's call arguments."""
+        groups = ctx.arch.groups_for(ctx.block)
+        keys = _feature_keys(ctx)
+        recorder = _Inputs(ctx.block, keys, sorted({g.inspect for g in groups}))
+        try:
+            ctx.run(inputs)
+        finally:
+            features = recorder.remove()
+        return groups, keys, features, recorder.calls
 
     def process_block(self, ctx: BlockContext) -> None:
         inputs = ctx.fp_inputs if self.options.search_inputs == "float" else ctx.inputs
         if inputs is None:
             raise LowbitError("AWQ needs calibration data; pass --dataset (or 'builtin' for the offline default)")
-        groups = ctx.arch.groups_for(ctx.block)
+        groups, keys, features, calls = self.group_inputs(ctx, inputs)  # float chain unless search_inputs=student
         skipped = [g.prev for g in ctx.arch.scale_groups if g not in groups]
-        keys = _feature_keys(ctx)
-        recorder = _Inputs(ctx.block, keys, sorted({g.inspect for g in groups}))
-        try:
-            ctx.run(inputs)  # current (float) weights; the float chain unless search_inputs=student
-        finally:
-            features = recorder.remove()
 
         scales: dict[str, Tensor] = {}
         group_metrics: dict[str, Any] = {}
         for group in groups:  # all searched on the unscaled block, then folded (as the reference)
             x = features[keys[group.linears[0]]]
             scales[group.prev], group_metrics[group.prev] = self.search_scale(
-                ctx, group, x, recorder.calls.get(group.inspect)
+                ctx, group, x, calls.get(group.inspect), inputs.shape[0]
             )
         for group in groups:
             s = scales[group.prev]
@@ -321,4 +405,4 @@ RECIPES: dict[str, RecipePreset] = {
     )
 }
 
-__all__ = ["AWQ", "AWQOptions", "fake_quant_rows", "normalised_scales", "weight_mean"]
+__all__ = ["AWQ", "AWQOptions", "fake_quant_rows", "first_argmin", "normalised_scales", "spaced_samples", "weight_mean"]
