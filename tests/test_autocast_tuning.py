@@ -112,18 +112,28 @@ def test_engine_dtype_fills_every_autocast_left_at_auto():
 
 
 def test_signround_off_is_the_fp32_path_bit_for_bit():
-    """auto (= off for now), off and engine.dtype=fp32 are one run, and it is the run measured before autocast."""
-    default = run([signround()], W2)
+    """off and engine.dtype=fp32 are one run, and it is the run measured before autocast existed."""
     off = run([signround(autocast="off")], W2)
     options = {"signround": {"iters": 8, "batch_size": 4}, "engine": {"dtype": "fp32"}}
     config = build_config(recipe="signround", scheme="w2g32", options=options)
     via_engine = run([SignRound(config.stages[0].options, W2)], W2)
-    assert_same_codes(codes_of(default), codes_of(off))
-    assert_same_codes(codes_of(default), codes_of(via_engine))
-    for metrics, (first, best) in zip(default.metrics, GOLDEN_SIGNROUND, strict=True):
+    assert_same_codes(codes_of(off), codes_of(via_engine))
+    for metrics, (first, best) in zip(off.metrics, GOLDEN_SIGNROUND, strict=True):
         assert metrics["autocast"] == "off"
         assert metrics["loss_first"] == pytest.approx(first, rel=1e-5)
         assert metrics["best_loss"] == pytest.approx(best, rel=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_signround_auto_is_bf16_where_bf16_is_native_else_fp32(monkeypatch, native):
+    """SignRound's measured default: auto = bf16 on hardware with native bf16, the fp32 run elsewhere."""
+    import lowbit.engine.block_train as block_train
+
+    monkeypatch.setattr(block_train, "native_bf16", lambda device: native)
+    default = run([signround()], W2)
+    explicit = run([signround(autocast="bf16" if native else "off")], W2)
+    assert_same_codes(codes_of(default), codes_of(explicit))
+    assert {metrics["autocast"] for metrics in default.metrics} == {"bf16" if native else "off"}
 
 
 def test_signround_bf16_keeps_parameters_fp32_and_codes_from_the_fp32_weights(monkeypatch):

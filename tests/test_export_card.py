@@ -60,11 +60,13 @@ def test_card_snippets_load_the_export(tiny_llama_dir, tmp_path, scheme, extra, 
     assert record["format"] == fmt
     code = snippet(out, "transformers")
     assert ("dequantize=True" in code) == dequantize
-    reference = load(out).model
+    reference = load(out, kernel="reference").model  # bit for bit the quantized model
     with torch.no_grad():
         want = reference(torch.arange(3, 20)[None]).logits
     torch.testing.assert_close(run_snippet(code, tmp_path), want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(run_snippet(snippet(out, "lowbit"), tmp_path), want, rtol=0, atol=0)
+    # lowbit's default runtime: packed 4-bit layers on the bf16 int4 kernel, within runtime.py's logit tolerance
+    kernel_tol = 3e-2 * float(want.abs().max())
+    torch.testing.assert_close(run_snippet(snippet(out, "lowbit"), tmp_path), want, rtol=0, atol=kernel_tol)
 
 
 def test_gptq_card_points_to_lowbit_on_cpu(tiny_llama_dir, tmp_path):
