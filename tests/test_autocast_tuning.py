@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import make_llama
 from lowbit.arch import arch_for
 from lowbit.config import build_config, opts_to_mapping
-from lowbit.engine import EngineOptions, ModelContext, run_block_stages
+from lowbit.engine import EngineOptions, ModelContext, call_block, capture_block_inputs, run_block_stages
 from lowbit.engine.block_train import autocast_forward, block_forward, block_mse, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods import signround as signround_module
@@ -163,6 +163,55 @@ def test_signround_bf16_keeps_parameters_fp32_and_codes_from_the_fp32_weights(mo
             record = found.records[name]
             assert torch.equal(record.codes, expected.codes) and torch.equal(record.scale, expected.scale)
             assert torch.equal(record.zero, expected.zero)
+
+
+class ReplaySpy(SignRound):
+    """SignRound that records the precision of the engine's replays and the chain input of each block."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def process_block(self, ctx):
+        self.seen.append((ctx.autocast, ctx.inputs.clone(), ctx.targets.clone()))
+        super().process_block(ctx)
+
+
+def replay_run(stages, engine: EngineOptions):
+    model = make_llama()
+    return model, run_block_stages(model, arch_for(model), stages, W2, IDS, engine, seed=0)
+
+
+def test_signround_bf16_replays_the_float_targets_and_the_chain_in_bf16():
+    """auto-round's way: the engine's block replays run in the tuner's bf16; outputs and targets stay fp32."""
+    stage = ReplaySpy(SignRoundOptions(iters=2, batch_size=4, autocast="bf16"), W2)
+    model, found = replay_run([stage], EngineOptions(progress=False))
+    assert [seen[0] for seen in stage.seen] == ["bf16", "bf16"]
+    assert [metrics.get("replay_autocast") for metrics in found.metrics] == ["bf16", "bf16"]
+    arch = arch_for(model)
+    block0 = arch.blocks(model)[0]  # quantized in place: block 1's chain input is block 0 under bf16 autocast
+    kwargs = capture_block_inputs(make_llama(), arch, IDS, batch_size=8, device=CPU).kwargs
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        chain = call_block(block0, stage.seen[0][1], kwargs).float()
+    fp32_chain = call_block(block0, stage.seen[0][1], kwargs).detach()
+    assert stage.seen[1][1].dtype == torch.float32 and stage.seen[1][2].dtype == torch.float32
+    assert torch.equal(stage.seen[1][1], chain) and not torch.equal(stage.seen[1][1], fp32_chain)
+
+
+@pytest.mark.parametrize(
+    "stages, engine",
+    [
+        (lambda: [ReplaySpy(SignRoundOptions(iters=2, batch_size=4, autocast="bf16"), W2)], {"replay": "fp32"}),
+        (lambda: [ReplaySpy(SignRoundOptions(iters=2, batch_size=4, autocast="off"), W2)], {}),
+        (lambda: [AWQ(AWQOptions(), W2), ReplaySpy(SignRoundOptions(iters=2, batch_size=4, autocast="bf16"), W2)], {}),
+    ],
+    ids=["engine.replay=fp32", "signround-fp32", "mixed-with-an-fp32-stage"],
+)
+def test_replays_stay_fp32_unless_every_data_stage_asks_for_the_same_reduced_precision(stages, engine):
+    built = stages()
+    _, found = replay_run(built, EngineOptions(progress=False, **engine))
+    assert [seen[0] for seen in built[-1].seen] == ["off", "off"]
+    assert all("replay_autocast" not in metrics for metrics in found.metrics)
 
 
 def tiny_block(fast: bool = True, seed: int = 1):

@@ -210,7 +210,7 @@ def test_stage_option_controls_the_input_chain(tiny_model):
             [stage],
             W2,
             calibration_ids(),
-            EngineOptions(progress=False, quantized_input=not quantized_input),
+            EngineOptions(progress=False, quantized_input=not quantized_input, replay="fp32"),
             seed=0,
         )
         assert torch.equal(seen[1][0], seen[1][1]) is (not quantized_input)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -35,6 +35,13 @@ class EngineOptions:
     )
     device: str = field(default="cpu", metadata={"help": "compute device for one block (activations stay on CPU)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar per block"})
+    replay: Literal["auto", "fp32"] = field(
+        default="auto",
+        metadata={
+            "help": "precision of the engine's block replays (float targets, quantized chain): auto = the tuning "
+            "stages' autocast when they all ask for the same (SignRound: bf16 where native), fp32 = always fp32"
+        },
+    )
 
 
 def _write_quantized(ctx: BlockContext) -> dict[str, QuantizedWeight]:
@@ -52,6 +59,14 @@ def _write_quantized(ctx: BlockContext) -> dict[str, QuantizedWeight]:
             linear.weight.copy_(record.dequantize().to(linear.weight.dtype))
         records[f"{ctx.name}.{name}"] = record
     return records
+
+
+def _replay_autocast(stages: list[BlockStage], options: EngineOptions, device: torch.device) -> str:
+    """The autocast of the engine's replays: the one every data stage asks for (`replay_autocast`), else off."""
+    if options.replay == "fp32":
+        return "off"
+    modes = {stage.replay_autocast(device) for stage in stages if stage.needs_data}
+    return modes.pop() if len(modes) == 1 else "off"
 
 
 def _chain_choice(stages: list[BlockStage], default: bool) -> bool:
@@ -107,6 +122,7 @@ def run_block_stages(
     device = torch.device(options.device)
     quantized_input = _chain_choice(stages, options.quantized_input)
     has_quantizer = any(stage.kind == "quantizer" for stage in stages)
+    replay_autocast = _replay_autocast(stages, options, device)
     needs_data = any(stage.needs_data for stage in stages)
     float_chain = needs_data and (
         not (quantized_input and has_quantizer) or any(stage.uses_float_chain for stage in stages)
@@ -143,6 +159,7 @@ def run_block_stages(
             seed=seed,
             inputs=q_in,
             fp_inputs=fp_in if float_chain else None,
+            autocast=replay_autocast,
         )
         if first == len(blocks):  # everything finished before: no forward needed
             _restore_block(checkpoint, ctx, result)
@@ -156,6 +173,8 @@ def run_block_stages(
             known = set(_all_artifacts(stages)) if checkpoint else set()
             if needs_data and (routing := routing_metrics(ctx)) is not None:
                 ctx.metrics["routing"] = routing  # tokens per expert of a sparse MoE block (engine/moe.py)
+            if needs_data and replay_autocast != "off":
+                ctx.metrics["replay_autocast"] = replay_autocast
             for stage in stages:
                 stage.process_block(ctx)
             block_records = _write_quantized(ctx) if has_quantizer else {}

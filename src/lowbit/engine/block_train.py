@@ -107,12 +107,16 @@ def resolve_autocast(mode: str, device: torch.device, bits: int | None = None, d
     return "bf16" if default == "bf16" and native_bf16(device) else "off"
 
 
+def autocast_dtype(mode: str) -> torch.dtype:
+    """The compute dtype of an autocast mode ("off": fp32)."""
+    return {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
 def autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Reduced-precision autocast for the block forward/backward; parameters, targets and the loss stay fp32."""
     if mode == "off":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype(mode))
 
 
 def autocast_forward(forward: Forward, mode: str, device: torch.device) -> Forward:

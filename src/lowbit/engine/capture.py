@@ -2,9 +2,10 @@
 own call kwargs (attention mask, position ids, rotary embeddings).
 
 Families with alternating sliding-window / global attention (Gemma 2/3) or per-layer rotary give each layer
-different kwargs, so replaying block i with block 0's kwargs would be wrong. The first batch therefore runs
-through every block with pre-hooks on all of them; the other batches stop at block 0. Kwargs equal across blocks
-share one object, so memory grows only with the number of distinct layer types.
+different kwargs, so replaying block i with block 0's kwargs would be wrong. A first pass of one sample therefore
+runs through every block with pre-hooks on all of them (one sample: the kwargs are recorded per sample anyway, and a
+whole batch through every block costs a full model forward); then every batch stops at block 0. Kwargs equal across
+blocks share one object, so memory grows only with the number of distinct layer types.
 """
 
 from __future__ import annotations
@@ -98,34 +99,31 @@ def capture_block_inputs(
     hidden_parts: list[torch.Tensor] = []
     per_block: list[dict[str, Any] | None] = [None] * len(blocks)
     distinct: dict[str, list[Any]] = {}
-    state = {"first": True}
 
     def hook_for(index: int):
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if index == 0:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                hidden_parts.append(hidden.detach().to("cpu", torch.float32))
-            if state["first"]:
+            if state["kwargs_pass"]:
                 per_block[index] = {
                     key: _shared(_batch_one(value), distinct.setdefault(key, []))
                     for key, value in kwargs.items()
                     if key != "hidden_states" and key not in _DROPPED_KWARGS
                 }
-            if not state["first"] or index == len(blocks) - 1:
-                raise _StopForward
+                if index == len(blocks) - 1:
+                    raise _StopForward
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden_parts.append(hidden.detach().to("cpu", torch.float32))
+            raise _StopForward
 
         return hook
 
     handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    state = {"kwargs_pass": True}
     try:
+        _forward_to_hook(model, input_ids[:1].to(device))
+        state["kwargs_pass"] = False
         for start in range(0, input_ids.shape[0], batch_size):
-            batch = input_ids[start : start + batch_size].to(device)
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _StopForward:
-                state["first"] = False
-                continue
-            raise LowbitError("capture hook never fired: the ArchSpec's blocks are not on the forward path")
+            _forward_to_hook(model, input_ids[start : start + batch_size].to(device))
     finally:
         for handle in handles:
             handle.remove()
@@ -136,3 +134,12 @@ def capture_block_inputs(
     if not torch.isfinite(hidden).all():
         raise LowbitError("the model's embeddings produce NaN/Inf; check the checkpoint or load it in float32")
     return BlockInputs(hidden=hidden, per_block=per_block)
+
+
+def _forward_to_hook(model: nn.Module, batch: torch.Tensor) -> None:
+    """Run the model until a capture hook stops it; a forward that ends without stopping missed the blocks."""
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _StopForward:
+        return
+    raise LowbitError("capture hook never fired: the ArchSpec's blocks are not on the forward path")

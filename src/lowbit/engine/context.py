@@ -12,6 +12,7 @@ from torch import nn
 
 from lowbit.actquant import activation_quant
 from lowbit.arch import ArchSpec
+from lowbit.engine.block_train import autocast
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
@@ -38,7 +39,9 @@ class BlockContext:
 
     `inputs` is what the student block sees (the quantized chain by default), `fp_inputs` the float chain and
     `targets` the float block's outputs on `fp_inputs`, cached once. All three live on CPU in fp32; a stage moves
-    one batch at a time with `batch()`. A quantizer stage fills `quantized` (relative linear name -> record);
+    one batch at a time with `batch()`. `autocast` is the precision of `run` (the engine's replays): "off" (fp32)
+    unless the tuning stage asked for its own reduced precision (`BlockStage.replay_autocast`).
+    A quantizer stage fills `quantized` (relative linear name -> record);
     the engine then writes the dequantized weights into the block.
     """
 
@@ -54,6 +57,7 @@ class BlockContext:
     inputs: torch.Tensor | None = None
     fp_inputs: torch.Tensor | None = None
     targets: torch.Tensor | None = None
+    autocast: str = "off"
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -91,13 +95,15 @@ class BlockContext:
 
     @torch.no_grad()
     def run(self, hidden: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
-        """Run `block` (default: this block in its current state) over all samples of `hidden`, batch by batch."""
+        """Run `block` (default: this block in its current state) over all samples of `hidden`, batch by batch, under
+        `self.autocast`; the outputs are fp32 on CPU."""
         module = self.block if block is None else block
         kwargs = self.device_kwargs()
-        outputs = [
-            call_block(module, self.batch(hidden, part), kwargs).to("cpu", torch.float32)
-            for part in self.batches(hidden.shape[0])
-        ]
+        with autocast(self.autocast, self.device):
+            outputs = [
+                call_block(module, self.batch(hidden, part), kwargs).to("cpu", torch.float32)
+                for part in self.batches(hidden.shape[0])
+            ]
         out = torch.cat(outputs)
         if not torch.isfinite(out).all():
             raise LowbitError(

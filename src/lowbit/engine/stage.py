@@ -82,6 +82,11 @@ class BlockStage(Stage):
         """The input chain this stage wants for the next block (True: quantized, False: float); None = engine's."""
         return None
 
+    def replay_autocast(self, device: torch.device) -> str:
+        """The precision this stage wants the engine's replays of the block in (float targets, quantized chain):
+        "off" (fp32) unless it tunes in reduced precision against them and that was measured to hold quality."""
+        return "off"
+
     def process_block(self, ctx: BlockContext) -> None:
         """Transform the block's float weights, or (quantizer) fill `ctx.quantized` for every linear."""
         raise NotImplementedError

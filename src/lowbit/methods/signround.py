@@ -102,6 +102,11 @@ class SignRound(BlockStage):
     def preferred_quantized_input(self) -> bool | None:
         return self.options.quantized_input
 
+    def replay_autocast(self, device: torch.device) -> str:
+        # auto-round computes its targets and chain in its AMP dtype too; measured in benchmarks/RESULTS.md
+        # ("Speed (issue 16)": bf16 replays vs fp32 replays); `--opt engine.replay=fp32` keeps them fp32
+        return self.settings(device).autocast
+
     def settings(self, device: torch.device | None = None) -> TuneSettings:
         """Resolve the learning rates (1/iters by default, the reference's low-bit boost on request) and the
         training precision on `device` (default CPU)."""

@@ -13,7 +13,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowbit.engine.block_train import Forward, IndexSampler, autocast_forward, block_mse, restore, snapshot
+from lowbit.engine.block_train import (
+    Forward,
+    IndexSampler,
+    autocast_dtype,
+    autocast_forward,
+    block_mse,
+    restore,
+    snapshot,
+)
 from lowbit.errors import LowbitError
 from lowbit.methods.signround_qdq import GroupedWeight, supports_fast_qdq
 from lowbit.quantizer import QuantizedWeight, fake_quant, quantize_weight
@@ -146,6 +154,7 @@ def tune_block(
     gradients reach the fp32 copies through autocast's casts, and the loss is computed in fp32.
     """
     forward = autocast_forward(forward, settings.autocast, inputs.device)
+    leaf_dtype = autocast_dtype(settings.autocast)  # the cast autocast would make in every linear, made once
     result = TuneResult()
     sampler = IndexSampler(train_indices, settings.batch_size, generator)
     v_schedule = linear_schedule(settings.lr, settings.iters)
@@ -155,7 +164,7 @@ def tune_block(
     for t in range(settings.iters):
         with torch.enable_grad():
             qdq = [layer.qdq() for layer in layers]
-        leaves = {layer.name: q.detach().requires_grad_() for layer, q in zip(layers, qdq, strict=True)}
+        leaves = {layer.name: q.detach().to(leaf_dtype).requires_grad_() for layer, q in zip(layers, qdq, strict=True)}
         if holdout_indices is not None and t % settings.holdout_every == 0:
             _check_holdout(result, t, _holdout_mse(forward, leaves, inputs, targets, holdout_indices, settings))
         idx = sampler.next()
@@ -181,7 +190,7 @@ def tune_block(
         since_best = 0 if improved else since_best + 1
         # a linear no sample reached (an MoE expert the router never picked) has no gradient: its parameters stay
         reached = [(q, leaves[layer.name].grad) for layer, q in zip(layers, qdq, strict=True)]
-        reached = [(q, grad) for q, grad in reached if grad is not None]
+        reached = [(q, grad.to(q.dtype)) for q, grad in reached if grad is not None]
         if reached:
             torch.autograd.backward(*zip(*reached, strict=True))
         for layer in layers:
