@@ -40,6 +40,8 @@ VARIANTS = {  # lowbit-only row variants, as a method suffix (e.g. awq+gptq:nocl
     "zeronoclip": {"awq": {"include_zero": True, "clip": False}},
     "student": {"awq": {"search_inputs": "student"}},  # AWQ searched on the quantized chain (llmcompressor's)
     "studentnoclip": {"awq": {"search_inputs": "student", "clip": False}},
+    "search8": {"awq": {"search_samples": 8}},
+    "bf16": {"gptq": {**GPTQ_OPTS, "autocast": "bf16"}},  # Hessian forwards and the chain in bf16 autocast  # attention/MLP scale searches on 8 evenly spaced samples (issue 16)
 }
 
 
@@ -102,6 +104,7 @@ def main() -> None:
         default="",
         help="extra lowbit-only g64 rows; with a variant suffix from VARIANTS, e.g. awq+gptq:noclip",
     )
+    parser.add_argument("--awq-variant", default="", help="VARIANTS suffix for lowbit's side-by-side AWQ rows")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gptq_awq.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -122,7 +125,9 @@ def main() -> None:
             jobs.append(("lowbit", method, g128, lowbit_options(method)))
         jobs.append(("lowbit", "rtn", g64, {}))
         for method in filter(None, args.side_methods.split(",")):
-            ours = "awq+rtn" if method == "awq" else method
+            ours = method
+            if method == "awq":
+                ours = f"awq+rtn:{args.awq_variant}" if args.awq_variant else "awq+rtn"
             jobs += [("lowbit", ours, g64, lowbit_options(ours)), ("llmcompressor", method, g64, None)]
         for method in filter(None, args.g64_lowbit_methods.split(",")):
             jobs.append(("lowbit", method, g64, lowbit_options(method)))

@@ -1,5 +1,6 @@
 """AWQ (specs/awq.md §9): exact folds, scale search, GQA skip, auto-clip, recipes with a quantizer after it."""
 
+import contextlib
 import copy
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 import lowbit
 from lowbit.arch import arch_for
-from lowbit.engine import EngineOptions, call_block, capture_block_inputs, run_block_stages
+from lowbit.engine import BlockStage, EngineOptions, call_block, capture_block_inputs, run_block_stages
 from lowbit.methods.awq import AWQ, AWQOptions, normalised_scales
 from lowbit.methods.awq_clip import apply_clip, search_clip
 from lowbit.methods.fold import fold_group
@@ -408,3 +409,57 @@ def test_search_samples_must_be_positive(value):
         **build_config(recipe="awq+rtn", scheme="w3g64").to_dict()["options"]["awq"],
         "search_samples": 16,
     }
+
+
+# --- the engine's float-target forward doubles as AWQ's feature pass (issue 16) ---------------------------------
+
+
+class CountingAWQ(AWQ):
+    """AWQ that counts its own block forwards (`group_inputs`); `observe=False` refuses the engine's offer."""
+
+    def __init__(self, options, scheme, observe=True):
+        super().__init__(options, scheme)
+        self.observe, self.own_passes = observe, 0
+
+    def observe_targets(self, ctx):
+        return super().observe_targets(ctx) if self.observe else contextlib.nullcontext()
+
+    def group_inputs(self, ctx, inputs):
+        self.own_passes += 1
+        return super().group_inputs(ctx, inputs)
+
+
+class ScaleWeights(BlockStage):
+    """A transform that changes every weight of the block before AWQ runs (as a preceding stage might)."""
+
+    name, kind, needs_data, summary = "scale-weights", "transform", True, "test only"
+
+    def process_block(self, ctx):
+        with torch.no_grad():
+            for linear in ctx.linears().values():
+                linear.weight.mul_(1.01)
+
+
+@pytest.mark.parametrize("search_inputs", ["float", "student"])
+def test_awq_records_its_features_in_the_engines_target_forward(tiny_model, search_inputs):
+    found, stages = {}, {}
+    for observe in (True, False):
+        model = copy.deepcopy(tiny_model)
+        stages[observe] = CountingAWQ(AWQOptions(search_inputs=search_inputs), SCHEME, observe=observe)
+        run = run_block_stages(model, arch_for(model), [stages[observe]], SCHEME, calibration_ids(),
+                               EngineOptions(progress=False), seed=0)  # fmt: skip
+        found[observe] = ([m["awq_scale"] for m in run.metrics], model.state_dict())
+    blocks = len(arch_for(tiny_model).blocks(tiny_model))
+    assert stages[False].own_passes == blocks
+    assert stages[True].own_passes == (0 if search_inputs == "float" else blocks)
+    assert found[True][0] == found[False][0]
+    for key, tensor in found[True][1].items():
+        assert torch.equal(tensor, found[False][1][key]), key
+
+
+def test_awq_runs_its_own_pass_when_an_earlier_stage_changed_the_block(tiny_model):
+    awq = CountingAWQ(AWQOptions(), SCHEME)
+    model = copy.deepcopy(tiny_model)
+    run_block_stages(model, arch_for(model), [ScaleWeights(None, SCHEME), awq], SCHEME, calibration_ids(),
+                     EngineOptions(progress=False), seed=0)  # fmt: skip
+    assert awq.own_passes == len(arch_for(tiny_model).blocks(tiny_model))

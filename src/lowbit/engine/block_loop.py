@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -165,7 +166,10 @@ def run_block_stages(
             _restore_block(checkpoint, ctx, result)
             continue
         if float_chain:
-            ctx.targets = ctx.run(fp_in)
+            with contextlib.ExitStack() as observers:
+                for stage in stages if index >= first else ():
+                    observers.enter_context(stage.observe_targets(ctx))
+                ctx.targets = ctx.run(fp_in)
         block_records: dict[str, QuantizedWeight] = {}
         if index < first:
             _restore_block(checkpoint, ctx, result)  # instead of the stages: the chain below replays exactly

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -86,6 +87,12 @@ class BlockStage(Stage):
         """The precision this stage wants the engine's replays of the block in (float targets, quantized chain):
         "off" (fp32) unless it tunes in reduced precision against them and that was measured to hold quality."""
         return "off"
+
+    def observe_targets(self, ctx: BlockContext) -> contextlib.AbstractContextManager:
+        """A context around the engine's float-target forward of the block (the float chain, weights not yet
+        touched by any stage): a stage that needs the block's float activations records them there instead of
+        running the block once more."""
+        return contextlib.nullcontext()
 
     def process_block(self, ctx: BlockContext) -> None:
         """Transform the block's float weights, or (quantizer) fill `ctx.quantized` for every linear."""

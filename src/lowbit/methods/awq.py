@@ -15,9 +15,11 @@ The quantizer inside the search is the run's scheme with `include_zero` set by t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -113,6 +115,11 @@ class _Inputs:
         return {key: torch.cat(parts) for key, parts in self.features.items()}
 
 
+def _versions(block: nn.Module) -> tuple[int, ...]:
+    """The in-place version counters of a block's tensors: they change whenever any stage writes a weight."""
+    return tuple(t._version for t in (*block.parameters(), *block.buffers()))
+
+
 def _feature_keys(ctx: BlockContext) -> dict[str, str]:
     """Linear name -> the linear whose input it shares (the first of its scale group), for caching once."""
     keys = {name: name for name in ctx.linears()}
@@ -125,12 +132,13 @@ def _feature_keys(ctx: BlockContext) -> dict[str, str]:
 @torch.no_grad()
 def input_gram(ctx: BlockContext, x: Tensor) -> Tensor:
     """H = X^T X over every cached token of x ([n, L, k], or [tokens, k] where a block flattens them, as OPT's
-    FFN does), accumulated in float64 one batch at a time."""
+    FFN does): one fp32 product per batch (a float64 GEMM runs at a quarter of the rate on a CPU), summed in
+    float64 so the sum over all batches loses nothing."""
     k = x.shape[-1]
     gram = torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
     for part in ctx.batches(x.shape[0]):
-        rows = ctx.batch(x, part).reshape(-1, k).double()
-        gram += rows.T @ rows
+        rows = ctx.batch(x, part).reshape(-1, k).float()
+        gram += (rows.T @ rows).double()
     return gram
 
 
@@ -224,6 +232,7 @@ class AWQ(BlockStage):
         self.search_scheme = dataclasses.replace(scheme, include_zero=options.include_zero)
         self.uses_float_chain = options.search_inputs == "float"
         self.results: dict[str, dict[str, Any]] = {}  # block name -> scales and clips (awq.md §8), on CPU
+        self._observed: tuple | None = None  # (block index, weight versions, features, calls) from observe_targets
 
     @classmethod
     def validate(cls, options: AWQOptions, scheme: QuantScheme) -> None:
@@ -342,11 +351,34 @@ class AWQ(BlockStage):
             features = recorder.remove()
         return groups, keys, features, recorder.calls
 
+    @contextlib.contextmanager
+    def _record(self, ctx: BlockContext) -> Iterator[None]:
+        recorder = _Inputs(ctx.block, _feature_keys(ctx), sorted({g.inspect for g in ctx.arch.groups_for(ctx.block)}))
+        try:
+            yield
+        finally:
+            features = recorder.remove()
+        self._observed = (ctx.index, _versions(ctx.block), features, recorder.calls)
+
+    def observe_targets(self, ctx: BlockContext) -> contextlib.AbstractContextManager:
+        """With the float chain (llm-awq's search inputs) the engine's target forward is exactly `group_inputs`'s
+        forward: record the features there, one block forward saved."""
+        return self._record(ctx) if self.options.search_inputs == "float" else contextlib.nullcontext()
+
+    def _observed_inputs(self, ctx: BlockContext) -> tuple | None:
+        """What `observe_targets` recorded for this block, if no stage has changed a weight of it since."""
+        observed, self._observed = self._observed, None
+        if observed is None or observed[0] != ctx.index or observed[1] != _versions(ctx.block):
+            return None
+        return ctx.arch.groups_for(ctx.block), _feature_keys(ctx), observed[2], observed[3]
+
     def process_block(self, ctx: BlockContext) -> None:
         inputs = ctx.fp_inputs if self.options.search_inputs == "float" else ctx.inputs
         if inputs is None:
             raise LowbitError("AWQ needs calibration data; pass --dataset (or 'builtin' for the offline default)")
-        groups, keys, features, calls = self.group_inputs(ctx, inputs)  # float chain unless search_inputs=student
+        observed = self._observed_inputs(ctx) if self.options.search_inputs == "float" else None
+        # float chain unless search_inputs=student
+        groups, keys, features, calls = observed or self.group_inputs(ctx, inputs)
         skipped = [g.prev for g in ctx.arch.scale_groups if g not in groups]
 
         scales: dict[str, Tensor] = {}

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.engine import BlockContext, BlockStage, call_block
+from lowbit.engine.block_train import TuneAutocast, autocast, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.hessian import HessianAccumulator, gptq_quantize, input_gram
 from lowbit.quantizer import quantize_weight
@@ -38,6 +39,11 @@ class GPTQOptions:
         default=True, metadata={"help": "collect each subset's Hessians after quantizing the earlier subsets"}
     )
     mse: bool = field(default=False, metadata={"help": "shrink-grid search of the group range (|err|^2.4)"})
+    autocast: TuneAutocast = field(
+        default="auto",
+        metadata={"help": "block forwards that collect the Hessians (and the engine's chain) in bf16 autocast or off "
+                  "(fp32); X^T X, the damping and the column solve stay fp32; auto = engine.dtype, else fp32"},
+    )  # fmt: skip
     min_tokens: int = field(
         default=1,
         metadata={"help": "a linear whose Hessian saw fewer calibration tokens (an MoE expert the router rarely picks) "
@@ -50,8 +56,12 @@ class _SubsetSeen(Exception):
 
 
 @torch.no_grad()
-def collect_hessians(ctx: BlockContext, names: tuple[str, ...]) -> dict[str, HessianAccumulator]:
+def collect_hessians(
+    ctx: BlockContext, names: tuple[str, ...], precision: str = "off"
+) -> dict[str, HessianAccumulator]:
     """Run the block (current weights) on `ctx.inputs` and accumulate the input Hessian of each named linear.
+
+    With `precision` "bf16" the block runs under bf16 autocast; the Gram products of its (bf16) inputs are fp32.
 
     Each batch stops as soon as every named linear has seen its input (the true-sequential subsets of the early
     linears then cost a fraction of a block forward); the Hessians are those of a full forward. Linears called on
@@ -84,7 +94,7 @@ def collect_hessians(ctx: BlockContext, names: tuple[str, ...]) -> dict[str, Hes
         for part in ctx.batches():
             pending.update(names)
             grams.clear()
-            with contextlib.suppress(_SubsetSeen):
+            with contextlib.suppress(_SubsetSeen), autocast(precision, ctx.device):
                 call_block(ctx.block, ctx.batch(ctx.inputs, part), kwargs)
     finally:
         for handle in handles:
@@ -120,13 +130,23 @@ class GPTQ(BlockStage):
     uses_float_chain: bool = False
     Options: ClassVar[type] = GPTQOptions
 
+    # what autocast=auto means where bf16 is native; "off" until measured (benchmarks/RESULTS.md, Speed)
+    autocast_default: ClassVar[str] = "off"
+
+    def precision(self, device: torch.device) -> str:
+        """The resolved autocast of the Hessian forwards on `device`."""
+        return resolve_autocast(self.options.autocast, device, default=self.autocast_default)
+
+    def replay_autocast(self, device: torch.device) -> str:
+        return self.precision(device)
+
     def process_block(self, ctx: BlockContext) -> None:
         opts: GPTQOptions = self.options
         linears = ctx.linears()
         subsets = ctx.arch.sequential_for(ctx.block) if opts.true_sequential else (tuple(linears),)
         layer_metrics: dict[str, dict] = {}
         for subset in subsets:
-            hessians = collect_hessians(ctx, subset)
+            hessians = collect_hessians(ctx, subset, self.precision(ctx.device))
             for name in subset:
                 linear = linears[name]
                 hessian = hessians.pop(name)
@@ -156,3 +176,4 @@ class GPTQ(BlockStage):
                 if result.dead_columns:
                     layer_metrics[name]["dead_columns"] = result.dead_columns
         ctx.metrics["gptq"] = layer_metrics
+        ctx.metrics["gptq_autocast"] = self.precision(ctx.device)

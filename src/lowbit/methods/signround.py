@@ -19,7 +19,14 @@ from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.block_train import TuneAutocast, block_forward, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.frozen import frozen
-from lowbit.methods.signround_opt import TunedLinear, TuneResult, TuneSettings, split_holdout, tune_block
+from lowbit.methods.signround_opt import (
+    TunedLinear,
+    TuneResult,
+    TuneSettings,
+    check_holdout_size,
+    split_holdout,
+    tune_block,
+)
 from lowbit.presets import RecipePreset
 from lowbit.record import loss_trace
 
@@ -134,11 +141,8 @@ class SignRound(BlockStage):
 
     @classmethod
     def check_run(cls, options: SignRoundOptions, *, nsamples: int, seqlen: int, depth: int) -> None:
-        if options.best_select == "holdout" and not 1 <= options.holdout < nsamples:
-            raise LowbitError(
-                f"best_select=holdout needs 1 <= signround.holdout < nsamples ({nsamples}), got {options.holdout}: "
-                "lower --opt signround.holdout or raise --nsamples"
-            )
+        if options.best_select == "holdout":
+            check_holdout_size(nsamples, options.holdout)
 
     def process_block(self, ctx: BlockContext) -> None:
         linears = ctx.linears()

@@ -243,12 +243,17 @@ def _holdout_mse(
     return total
 
 
-def split_holdout(nsamples: int, holdout: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """A fixed random subset of `holdout` samples for best selection; the rest train."""
+def check_holdout_size(nsamples: int, holdout: int) -> None:
+    """best_select=holdout needs at least one held-out and one training sample."""
     if holdout < 1 or nsamples - holdout < 1:
         raise LowbitError(
             f"best_select=holdout needs 1 <= signround.holdout < nsamples ({nsamples}), got {holdout}: "
             "lower --opt signround.holdout or raise --nsamples"
         )
+
+
+def split_holdout(nsamples: int, holdout: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A fixed random subset of `holdout` samples for best selection; the rest train."""
+    check_holdout_size(nsamples, holdout)
     order = torch.randperm(nsamples, generator=generator)
     return order[holdout:].sort().values, order[:holdout].sort().values
