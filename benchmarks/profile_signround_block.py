@@ -29,7 +29,8 @@ def block_context(attn: str, nsamples: int, seqlen: int, block_index: int, schem
 
     loaded = load_model(None)
     model = loaded.model
-    model.set_attn_implementation(attn)  # before the capture: the causal mask's form depends on it
+    if model.config._attn_implementation != attn:  # before the capture: the causal mask's form depends on it
+        model.set_attn_implementation(attn)
     arch = arch_for(model)
     ids = load_calibration(loaded.tokenizer, "builtin", nsamples=nsamples, seqlen=seqlen, seed=42).input_ids
     captured = capture_block_inputs(model, arch, ids, batch_size=8, device=torch.device("cpu"))
