@@ -342,14 +342,11 @@ class AWQ(BlockStage):
     ) -> tuple[list[ScaleGroup], dict[str, str], dict[str, Tensor], dict[str, tuple]]:
         """Run the block (current weights) on `inputs` once, recording every group's input features: the block's
         groups, linear -> feature key, the features by key, and each inspected module's call arguments."""
-        groups = ctx.arch.groups_for(ctx.block)
-        keys = _feature_keys(ctx)
-        recorder = _Inputs(ctx.block, keys, sorted({g.inspect for g in groups}))
-        try:
+        with self._record(ctx):
             ctx.run(inputs)
-        finally:
-            features = recorder.remove()
-        return groups, keys, features, recorder.calls
+        observed = self._observed_inputs(ctx)
+        assert observed is not None  # nothing ran between the recording and here
+        return observed
 
     @contextlib.contextmanager
     def _record(self, ctx: BlockContext) -> Iterator[None]:
