@@ -40,8 +40,9 @@ VARIANTS = {  # lowbit-only row variants, as a method suffix (e.g. awq+gptq:nocl
     "zeronoclip": {"awq": {"include_zero": True, "clip": False}},
     "student": {"awq": {"search_inputs": "student"}},  # AWQ searched on the quantized chain (llmcompressor's)
     "studentnoclip": {"awq": {"search_inputs": "student", "clip": False}},
-    "search8": {"awq": {"search_samples": 8}},
-    "bf16": {"gptq": {**GPTQ_OPTS, "autocast": "bf16"}},  # Hessian forwards and the chain in bf16 autocast  # attention/MLP scale searches on 8 evenly spaced samples (issue 16)
+    "search8": {"awq": {"search_samples": 8}},  # attention/MLP scale searches on 8 evenly spaced samples (issue 16)
+    "search8noclip": {"awq": {"search_samples": 8, "clip": False}},
+    "bf16": {"gptq": {**GPTQ_OPTS, "autocast": "bf16"}},  # Hessian forwards and the chain in bf16 autocast
 }
 
 

@@ -1,5 +1,6 @@
 """Where one SignRound block's time goes on SmolLM2 (CPU): the engine's replay of the block over the calibration in
-fp32 and in bf16, and the time per SignSGD iteration with transformers' SDPA or eager attention.
+fp32 and in bf16, and the time per SignSGD iteration with transformers' SDPA, lowbit's chunked causal attention
+(`engine.attention=chunked`) or eager attention.
 
 Usage (the command behind benchmarks/RESULTS.md, "SignRound light, second round"):
     flock /tmp/lowbit-bench.lock python benchmarks/profile_signround_block.py \
@@ -9,6 +10,7 @@ Usage (the command behind benchmarks/RESULTS.md, "SignRound light, second round"
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -47,28 +49,38 @@ def block_context(attn: str, nsamples: int, seqlen: int, block_index: int, schem
     )  # fmt: skip
 
 
-def attention_ms(heads: int, seqlen: int, head_dim: int, repeats: int = 5) -> dict[str, float]:
+def attention_ms(heads: int, kv_heads: int, seqlen: int, head_dim: int, repeats: int = 5) -> dict[str, float]:
     """Forward+backward of causal attention over one SignSGD batch (8 samples) in bf16: SDPA's CPU flash kernel,
-    its math backend, and plain matmul + softmax (what eager attention does)."""
+    its math backend, plain matmul + softmax (what eager attention does) and lowbit's chunked kernel."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(8, heads, seqlen, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    from lowbit.engine.causal_attention import chunked_causal_attention
+
+    q = torch.randn(8, heads, seqlen, head_dim, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(8, kv_heads, seqlen, head_dim, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     mask = torch.full((seqlen, seqlen), float("-inf")).triu(1).to(torch.bfloat16)
+    groups = heads // kv_heads
 
     def flash():
-        F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
 
     def math():
         with sdpa_kernel(SDPBackend.MATH):
-            F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward()
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
 
     def matmul_softmax():
-        scores = (q @ k.transpose(-1, -2)).float() * head_dim**-0.5 + mask.float()
-        (scores.softmax(-1).to(torch.bfloat16) @ v).sum().backward()
+        kr, vr = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = (q @ kr.transpose(-1, -2)).float() * head_dim**-0.5 + mask.float()
+        (scores.softmax(-1).to(torch.bfloat16) @ vr).sum().backward()
+
+    def chunked(chunk: int):
+        return lambda: chunked_causal_attention(q, k, v, head_dim**-0.5, chunk).sum().backward()
 
     timings = {}
-    for name, fn in (("sdpa_flash", flash), ("sdpa_math", math), ("matmul_softmax", matmul_softmax)):
+    kernels = [("sdpa_flash", flash), ("sdpa_math", math), ("matmul_softmax", matmul_softmax)]
+    kernels += [(f"chunked{chunk}", chunked(chunk)) for chunk in (64, 128, 256)]
+    for name, fn in kernels:
         fn()
         started = time.perf_counter()
         for _ in range(repeats):
@@ -88,14 +100,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from lowbit.engine.causal_attention import block_attention
     from lowbit.methods.signround import SignRound, SignRoundOptions
     from lowbit.scheme import parse_scheme
 
     scheme = parse_scheme("w2g128")
     rows = []
-    for attn in ("sdpa", "eager"):
-        ctx = block_context(attn, args.nsamples, args.seqlen, args.block, scheme)
+    stack = contextlib.ExitStack()
+    for attn in ("sdpa", "chunked", "eager"):
+        ctx = block_context("sdpa" if attn == "chunked" else attn, args.nsamples, args.seqlen, args.block, scheme)
         row = {"attention": attn}
+        switch = block_attention(ctx.block, ctx.arch.attention, "chunked" if attn == "chunked" else "sdpa")
+        stack.enter_context(switch)  # the chunked kernel for this row's replays and iterations
         for mode in ("off", "bf16"):
             ctx.autocast = mode
             started = time.perf_counter()
@@ -112,9 +128,10 @@ def main() -> None:
         stage.process_block(ctx)
         row["iteration_ms_bf16"] = round(1000 * (time.perf_counter() - started) / args.iters, 1)
         row["best_loss"] = ctx.metrics["best_loss"]
+        stack.close()
         print(row, flush=True)
         rows.append(row)
-    kernels = attention_ms(9, args.seqlen, 64)  # SmolLM2: 9 query heads of 64
+    kernels = attention_ms(9, 3, args.seqlen, 64)  # SmolLM2: 9 query heads of 64 over 3 key/value heads
     print(kernels, flush=True)
     payload = {
         "benchmark": "profile_signround_block",

@@ -13,6 +13,7 @@ from lowbit.arch import arch_for
 from lowbit.config import build_config, opts_to_mapping
 from lowbit.engine import EngineOptions, ModelContext, call_block, capture_block_inputs, run_block_stages
 from lowbit.engine.block_train import autocast_forward, block_forward, block_mse, resolve_autocast
+from lowbit.engine.causal_attention import block_attention
 from lowbit.errors import LowbitError
 from lowbit.methods import signround as signround_module
 from lowbit.methods import teq_wrap
@@ -191,9 +192,10 @@ def test_signround_bf16_replays_the_float_targets_and_the_chain_in_bf16():
     arch = arch_for(model)
     block0 = arch.blocks(model)[0]  # quantized in place: block 1's chain input is block 0 under bf16 autocast
     kwargs = capture_block_inputs(make_llama(), arch, IDS, batch_size=8, device=CPU).kwargs
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        chain = call_block(block0, stage.seen[0][1], kwargs).float()
-    fp32_chain = call_block(block0, stage.seen[0][1], kwargs).detach()
+    with block_attention(block0, arch.attention, "chunked"):  # the engine's attention on CPU (engine.attention=auto)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            chain = call_block(block0, stage.seen[0][1], kwargs).float()
+        fp32_chain = call_block(block0, stage.seen[0][1], kwargs).detach()
     assert stage.seen[1][1].dtype == torch.float32 and stage.seen[1][2].dtype == torch.float32
     assert torch.equal(stage.seen[1][1], chain) and not torch.equal(stage.seen[1][1], fp32_chain)
 

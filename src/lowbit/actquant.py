@@ -42,7 +42,8 @@ ACT_KIND = "per-token asym dynamic"
 ATTENTION_NAME = "lowbit_act_quant"
 OPERAND_LAYOUTS = ("head", "token")
 _STATE = "_lowbit_act_quant"  # attribute holding an attention module's _AttentionState while installed
-_DELEGATES = ("eager", "sdpa", None)  # attention implementations whose masks _attend understands
+# attention implementations whose masks _attend understands (the engine's chunked kernel gets sdpa's)
+_DELEGATES = ("eager", "sdpa", "lowbit_chunked_causal", None)
 
 # observer(point, shared): called each time a quantized tensor is consumed. `point` is the consuming linear's name
 # (relative to root) or "<attention>.query|key|value"; `shared` is True when a linear reused the quantization made

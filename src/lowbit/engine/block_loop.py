@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec
 from lowbit.engine.capture import capture_block_inputs
+from lowbit.engine.causal_attention import block_attention, resolve_attention
 from lowbit.engine.context import BlockContext
 from lowbit.engine.moe import routing_metrics
 from lowbit.engine.stage import BlockStage
@@ -36,6 +37,13 @@ class EngineOptions:
     )
     device: str = field(default="cpu", metadata={"help": "compute device for one block (activations stay on CPU)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar per block"})
+    attention: Literal["auto", "sdpa", "chunked"] = field(
+        default="auto",
+        metadata={
+            "help": "attention kernel of every block forward where the model uses SDPA: sdpa (torch's), chunked "
+            "(causal attention in query chunks, faster on CPU: engine/causal_attention.py), auto = chunked on CPU"
+        },
+    )
     replay: Literal["auto", "fp32"] = field(
         default="auto",
         metadata={
@@ -124,6 +132,7 @@ def run_block_stages(
     quantized_input = _chain_choice(stages, options.quantized_input)
     has_quantizer = any(stage.kind == "quantizer" for stage in stages)
     replay_autocast = _replay_autocast(stages, options, device)
+    attention = resolve_attention(options.attention, device)
     needs_data = any(stage.needs_data for stage in stages)
     float_chain = needs_data and (
         not (quantized_input and has_quantizer) or any(stage.uses_float_chain for stage in stages)
@@ -165,31 +174,35 @@ def run_block_stages(
         if first == len(blocks):  # everything finished before: no forward needed
             _restore_block(checkpoint, ctx, result)
             continue
-        if float_chain:
-            with contextlib.ExitStack() as observers:
-                for stage in stages if index >= first else ():
-                    observers.enter_context(stage.observe_targets(ctx))
-                ctx.targets = ctx.run(fp_in)
-        block_records: dict[str, QuantizedWeight] = {}
-        if index < first:
-            _restore_block(checkpoint, ctx, result)  # instead of the stages: the chain below replays exactly
-        else:
-            known = set(_all_artifacts(stages)) if checkpoint else set()
-            if needs_data and (routing := routing_metrics(ctx)) is not None:
-                ctx.metrics["routing"] = routing  # tokens per expert of a sparse MoE block (engine/moe.py)
-            if needs_data and replay_autocast != "off":
-                ctx.metrics["replay_autocast"] = replay_autocast
-            for stage in stages:
-                stage.process_block(ctx)
-            block_records = _write_quantized(ctx) if has_quantizer else {}
-            result.records.update(block_records)
-        if needs_data:
-            fp_in = ctx.targets
-            if quantized_input and has_quantizer:
-                with ctx.act_quant():  # the student chain runs W-A; the float targets above never do
-                    q_in = ctx.run(q_in)
+        # every forward of this block (targets, stages, chain) on the chosen attention kernel
+        with block_attention(ctx.block, arch.attention, attention) as chunked:
+            if float_chain:
+                with contextlib.ExitStack() as observers:
+                    for stage in stages if index >= first else ():
+                        observers.enter_context(stage.observe_targets(ctx))
+                    ctx.targets = ctx.run(fp_in)
+            block_records: dict[str, QuantizedWeight] = {}
+            if index < first:
+                _restore_block(checkpoint, ctx, result)  # instead of the stages: the chain below replays exactly
             else:
-                q_in = fp_in
+                known = set(_all_artifacts(stages)) if checkpoint else set()
+                if needs_data and (routing := routing_metrics(ctx)) is not None:
+                    ctx.metrics["routing"] = routing  # tokens per expert of a sparse MoE block (engine/moe.py)
+                if needs_data and replay_autocast != "off":
+                    ctx.metrics["replay_autocast"] = replay_autocast
+                if needs_data and chunked:
+                    ctx.metrics["attention"] = "chunked"
+                for stage in stages:
+                    stage.process_block(ctx)
+                block_records = _write_quantized(ctx) if has_quantizer else {}
+                result.records.update(block_records)
+            if needs_data:
+                fp_in = ctx.targets
+                if quantized_input and has_quantizer:
+                    with ctx.act_quant():  # the student chain runs W-A; the float targets above never do
+                        q_in = ctx.run(q_in)
+                else:
+                    q_in = fp_in
         if index < first:
             continue
         ctx.metrics["seconds"] = round(time.perf_counter() - start, 3)
