@@ -106,7 +106,11 @@ def main() -> None:
     parser.add_argument("--eval-dataset", default="builtin")
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=6)
-    parser.add_argument("--extra", default="", help="extra lowbit option sets to measure, e.g. best_select=holdout")
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="extra lowbit option sets to measure, e.g. best_select=holdout;lr=1e-2 or engine.attention=sdpa",
+    )
     parser.add_argument("--rows", default="float,rtn,signround,auto-round", help="which base rows to run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/signround.json"))
     args = parser.parse_args()
@@ -142,7 +146,10 @@ def main() -> None:
         if "auto-round" in rows:
             add(measure_autoround(bits, settings))
         for extra in extras if scheme in args.extra_schemes.split(",") else []:
-            row = run_isolated(measure_lowbit, "signround", scheme, settings, {"signround": sr_options | extra})
+            engine = {k.removeprefix("engine."): v for k, v in extra.items() if k.startswith("engine.")}
+            tuned = {k: v for k, v in extra.items() if not k.startswith("engine.")}
+            options = {"signround": sr_options | tuned} | ({"engine": {"progress": False} | engine} if engine else {})
+            row = run_isolated(measure_lowbit, "signround", scheme, settings, options)
             row["recipe"] = "signround " + ",".join(f"{k}={v}" for k, v in extra.items())
             add(row)
     print_table(payload["rows"])
