@@ -10,7 +10,6 @@ Usage (the command behind benchmarks/RESULTS.md, "SignRound light, second round"
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -89,6 +88,28 @@ def attention_ms(heads: int, kv_heads: int, seqlen: int, head_dim: int, repeats:
     return timings
 
 
+def measure_block(ctx, scheme, iters: int) -> dict:
+    """The block's replay in fp32 and bf16 (the fp32 one becomes the targets), then `iters` bf16 SignSGD steps."""
+    from lowbit.methods.signround import SignRound, SignRoundOptions
+
+    row = {}
+    for mode in ("off", "bf16"):
+        ctx.autocast = mode
+        started = time.perf_counter()
+        out = ctx.run(ctx.fp_inputs)
+        row[f"replay_seconds_{'fp32' if mode == 'off' else mode}"] = round(time.perf_counter() - started, 3)
+        if mode == "off":
+            ctx.targets = out
+        else:
+            row["replay_bf16_relative_difference"] = round(float((out - ctx.targets).norm() / ctx.targets.norm()), 5)
+    stage = SignRound(SignRoundOptions(iters=iters, lr=5e-3, autocast="bf16"), scheme)
+    started = time.perf_counter()
+    stage.process_block(ctx)
+    row["iteration_ms_bf16"] = round(1000 * (time.perf_counter() - started) / iters, 1)
+    row["best_loss"] = ctx.metrics["best_loss"]
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nsamples", type=int, default=128)
@@ -101,34 +122,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from lowbit.engine.causal_attention import block_attention
-    from lowbit.methods.signround import SignRound, SignRoundOptions
     from lowbit.scheme import parse_scheme
 
     scheme = parse_scheme("w2g128")
     rows = []
-    stack = contextlib.ExitStack()
     for attn in ("sdpa", "chunked", "eager"):
         ctx = block_context("sdpa" if attn == "chunked" else attn, args.nsamples, args.seqlen, args.block, scheme)
-        row = {"attention": attn}
-        switch = block_attention(ctx.block, ctx.arch.attention, "chunked" if attn == "chunked" else "sdpa")
-        stack.enter_context(switch)  # the chunked kernel for this row's replays and iterations
-        for mode in ("off", "bf16"):
-            ctx.autocast = mode
-            started = time.perf_counter()
-            out = ctx.run(ctx.fp_inputs)
-            row[f"replay_seconds_{'fp32' if mode == 'off' else mode}"] = round(time.perf_counter() - started, 3)
-            if mode == "off":
-                ctx.targets = out
-            else:
-                row["replay_bf16_relative_difference"] = round(
-                    float((out - ctx.targets).norm() / ctx.targets.norm()), 5
-                )
-        stage = SignRound(SignRoundOptions(iters=args.iters, lr=5e-3, autocast="bf16"), scheme)
-        started = time.perf_counter()
-        stage.process_block(ctx)
-        row["iteration_ms_bf16"] = round(1000 * (time.perf_counter() - started) / args.iters, 1)
-        row["best_loss"] = ctx.metrics["best_loss"]
-        stack.close()
+        with block_attention(ctx.block, ctx.arch.attention, "chunked" if attn == "chunked" else "sdpa"):
+            row = {"attention": attn} | measure_block(ctx, scheme, args.iters)
         print(row, flush=True)
         rows.append(row)
     kernels = attention_ms(9, 3, args.seqlen, 64)  # SmolLM2: 9 query heads of 64 over 3 key/value heads
