@@ -282,9 +282,9 @@ def run_awq(model, options):
 
 
 @pytest.mark.parametrize("count", [8, 100])
-def test_search_samples_covering_every_sample_is_the_default_search(tiny_model, count):
+def test_search_samples_covering_every_sample_equals_the_full_search(tiny_model, count):
     reference = copy.deepcopy(tiny_model)
-    ref_stage, ref_metrics = run_awq(reference, AWQOptions(clip=False))
+    ref_stage, ref_metrics = run_awq(reference, AWQOptions(clip=False, search_samples=None))
     stage, metrics = run_awq(tiny_model, AWQOptions(clip=False, search_samples=count))
     for block, ref_block in zip(metrics, ref_metrics, strict=True):
         assert block["awq_scale"] == ref_block["awq_scale"]  # ratios, losses (bit for bit), samples
@@ -359,7 +359,7 @@ def test_search_samples_replays_only_the_evenly_spaced_samples():
     assert info["loss"] == pytest.approx(losses[best], rel=1e-4)
     assert info["loss_r0"] == pytest.approx(losses[0], rel=1e-4)
     torch.testing.assert_close(s, normalised_scales(xbar, best / 20))  # x̄ over every sample
-    full = AWQ(AWQOptions(), SCHEME).search_scale(ctx, group, x, None, 10)[1]
+    full = AWQ(AWQOptions(search_samples=None), SCHEME).search_scale(ctx, group, x, None, 10)[1]
     assert full["search_samples"] == 10 and full["loss_r0"] > 2 * info["loss_r0"]  # the subset changed the loss
 
 
