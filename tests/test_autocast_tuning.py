@@ -351,9 +351,13 @@ def test_teq_ce_bf16_trains_and_folds_in_fp32():
 
 
 def test_awq_off_is_the_fp32_path_and_bf16_only_changes_the_replayed_groups():
-    stage_off, stage_bf16 = AWQ(AWQOptions(autocast="off"), W3), AWQ(AWQOptions(autocast="bf16"), W3)
+    # the golden ratios were recorded on llm-awq's float chain (search_inputs=float), before autocast existed
+    def awq(**options):
+        return AWQ(AWQOptions(search_inputs="float", **options), W3)
+
+    stage_off, stage_bf16 = awq(autocast="off"), awq(autocast="bf16")
     off = run([stage_off, RTN(RTN.Options(), W3)], W3)
-    assert_same_codes(codes_of(off), codes_of(run([AWQ(AWQOptions(), W3), RTN(RTN.Options(), W3)], W3)))
+    assert_same_codes(codes_of(off), codes_of(run([awq(), RTN(RTN.Options(), W3)], W3)))
     for metrics, ratios in zip(off.metrics, GOLDEN_AWQ_RATIOS, strict=True):
         assert tuple(info["ratio"] for info in metrics["awq_scale"].values()) == ratios
     bf16 = run([stage_bf16, RTN(RTN.Options(), W3)], W3)

@@ -241,13 +241,14 @@ def test_awq_student_preset_expands_to_student_chain_without_clip():
     assert config.recipe == "awq+gptq"
     options = config.to_dict()["options"]["awq"]
     assert options["search_inputs"] == "student" and options["clip"] is True  # explicit options win over the preset
-    assert build_config(recipe="awq+gptq", scheme="w3g64").to_dict()["options"]["awq"]["search_inputs"] == "float"
+    assert build_config(recipe="awq+gptq", scheme="w3g64").to_dict()["options"]["awq"]["search_inputs"] == "student"
+    assert build_config(recipe="awq+gptq", scheme="w3g64").to_dict()["options"]["awq"]["clip"] is True
 
 
 def test_awq_needs_the_float_chain_only_when_it_searches_on_it():
     scheme = parse_scheme("w3g64")
-    assert AWQ(AWQOptions(), scheme).uses_float_chain
-    assert not AWQ(AWQOptions(search_inputs="student"), scheme).uses_float_chain
+    assert AWQ(AWQOptions(search_inputs="float"), scheme).uses_float_chain
+    assert not AWQ(AWQOptions(), scheme).uses_float_chain  # the default searches on the quantized chain
 
 
 def test_gram_loss_equals_the_replayed_loss_and_picks_the_same_scales(tiny_model):

@@ -1,14 +1,16 @@
 """AWQ as a block-scope transform stage (spec: awq.md): activation-aware scale search, exact fold, auto-clip.
 
-Per block: record the group inputs (and the inspected modules' call arguments) on the *float* chain
-(`ctx.fp_inputs`, as llm-awq; `search_inputs=student` uses the quantized chain, as llm-compressor), search a scale
-per `ArchSpec` scale group against the block's original weights, fold every scale exactly into the previous op
-(`methods/fold.py`), then clamp the float weights per (row, group) (`methods/awq_clip.py`). Any quantizer stage
-follows (awq+rtn, awq+gptq, awq+signround).
+Per block: record the group inputs (and the inspected modules' call arguments) on the quantized chain (`ctx.inputs`,
+the inputs the following quantizer sees, as llm-compressor; `search_inputs=float` uses llm-awq's float chain
+`ctx.fp_inputs`), search a scale per `ArchSpec` scale group against the block's original weights, fold every scale
+exactly into the previous op (`methods/fold.py`), then clamp the float weights per (row, group)
+(`methods/awq_clip.py`). Any quantizer stage follows (awq+rtn, awq+gptq, awq+signround).
 
 `search_samples` runs the attention/MLP replay searches on evenly spaced whole calibration samples (the candidate
 scales' x̄ and the Gram losses of the linear-only groups still cover every token). The default is 8 (llm-awq uses all):
 measured on SmolLM2 W4G64 at 128 x 512, 8 samples give the same perplexity in 0.21x the time (benchmarks/RESULTS.md).
+The quantized-chain default is a measured departure from llm-awq: AWQ+RTN on SmolLM2 at 128 x 512, W4G64 13.987 vs
+14.096 and W3G64 22.221 vs 23.272 (float chain), and faster (no float-chain replay to record features on).
 
 The quantizer inside the search is the run's scheme with `include_zero` set by the `include_zero` option
 (default False: llm-awq's raw min/max asymmetric preset, quantizer.md §3).
@@ -62,8 +64,12 @@ class AWQOptions:
         },
     )
     search_inputs: Literal["float", "student"] = field(
-        default="float",
-        metadata={"help": "block inputs of the search: float chain (llm-awq) or the student's (quantized) chain"},
+        default="student",
+        metadata={
+            "help": "block inputs of the search: student = the quantized chain the following quantizer sees (as "
+            "llm-compressor; measured better than the float chain with AWQ+RTN at W3G64 and W4G64 on SmolLM2), "
+            "float = the float chain (llm-awq's reference way)"
+        },
     )
     search_samples: int | None = field(
         default=8,
@@ -375,7 +381,7 @@ class AWQ(BlockStage):
         if inputs is None:
             raise LowbitError("AWQ needs calibration data; pass --dataset (or 'builtin' for the offline default)")
         observed = self._observed_inputs(ctx) if self.options.search_inputs == "float" else None
-        # float chain unless search_inputs=student
+        # quantized chain unless search_inputs=float
         groups, keys, features, calls = observed or self.group_inputs(ctx, inputs)
         skipped = [g.prev for g in ctx.arch.scale_groups if g not in groups]
 
@@ -425,7 +431,7 @@ class AWQ(BlockStage):
 
 
 # `--recipe awq-student+gptq`: AWQ searched on the inputs the following quantizer sees, without clip (measured for
-# awq+gptq at W3/W4 g64 on SmolLM2 in benchmarks/RESULTS.md; not the default, which follows llm-awq).
+# awq+gptq at W3/W4 g64 on SmolLM2 in benchmarks/RESULTS.md; the default keeps the clip search).
 RECIPES: dict[str, RecipePreset] = {
     "awq-student": RecipePreset(
         "awq-student",
