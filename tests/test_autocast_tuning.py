@@ -376,7 +376,7 @@ def test_awq_off_is_the_fp32_path_and_bf16_only_changes_the_replayed_groups():
 
 
 def test_gptq_auto_is_the_fp32_path_and_bf16_collects_hessians_and_replays_in_bf16(monkeypatch):
-    from lowbit.methods import gptq as gptq_module
+    from lowbit.methods import gptq_passes as gptq_module
     from lowbit.methods.gptq import GPTQ, GPTQOptions
 
     grams = []

@@ -10,7 +10,7 @@ from lowbit.arch import arch_for
 from lowbit.engine import EngineOptions, run_block_stages
 from lowbit.engine.stage import NoOptions
 from lowbit.methods.gptq import GPTQ, GPTQOptions
-from lowbit.methods.hessian import HessianAccumulator, gptq_quantize
+from lowbit.methods.hessian import HessianAccumulator, gptq_quantize, gram_matrix
 from lowbit.methods.rtn import RTN
 from lowbit.models import LoadedModel
 from lowbit.quantizer import quantize_weight
@@ -44,6 +44,13 @@ def test_running_hessian_equals_two_over_n_xtx():
     expected = 2 / 8 * rows.t() @ rows
     assert acc.nsamples == 8
     torch.testing.assert_close(acc.H.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("k", [7, 16, 40])  # one panel, whole panels, a partial last panel
+def test_panelled_gram_is_the_symmetric_full_product(k):
+    rows = torch.randn(300, k, generator=torch.Generator().manual_seed(k))
+    result = gram_matrix(rows, panel=8)
+    torch.testing.assert_close(result.double(), rows.double().t() @ rows.double(), rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("scheme", ["w4g128", "w3g32-sym", "w8g-1", "w4g-1-sym_full"])
@@ -194,7 +201,7 @@ def test_gptq_recipe_through_the_api(tiny_llama_dir, text_file):
 def test_early_stopped_hessians_equal_those_of_a_full_block_forward(make_name):
     import conftest
     from lowbit.engine import BlockContext, capture_block_inputs
-    from lowbit.methods.gptq import collect_hessians
+    from lowbit.methods.gptq_passes import collect_hessians
 
     model = getattr(conftest, make_name)()
     arch = arch_for(model)
@@ -212,3 +219,79 @@ def test_early_stopped_hessians_equal_those_of_a_full_block_forward(make_name):
         for name in subset:
             assert early[name].nsamples == full[name].nsamples > 0
             torch.testing.assert_close(early[name].H, full[name].H, rtol=0, atol=0)
+
+
+def test_entry_module_is_the_common_parent_that_holds_the_previous_subset():
+    from lowbit.methods.gptq_passes import entry_module
+
+    assert entry_module(("mlp.down_proj",), ("mlp.up_proj", "mlp.gate_proj")) == "mlp"
+    assert entry_module(("self_attn.o_proj",), ("self_attn.k_proj", "self_attn.q_proj")) == "self_attn"
+    assert entry_module(("mlp.up_proj", "mlp.gate_proj"), ("self_attn.o_proj",)) is None  # its input moved
+    assert entry_module(("fc2",), ("fc1",)) is None  # OPT: direct children of the block
+    assert entry_module(("mlp.experts.0.down_proj", "mlp.experts.1.down_proj"), ("mlp.experts.0.up_proj",)) == (
+        "mlp.experts"
+    )
+    assert entry_module(("mlp.down_proj",), ()) is None
+
+
+@pytest.mark.parametrize("make_name", ["make_llama", "make_opt"])
+def test_passes_started_at_a_recorded_module_give_the_whole_block_hessians(make_name, monkeypatch):
+    """The o_proj (out_proj) pass starts at self_attn, LLaMA's down_proj pass at mlp, on the calls recorded in the
+    pass before; the quantized block is bit-identical to the one whose every pass runs the whole block."""
+    import conftest
+    import lowbit.methods.gptq as gptq_module
+
+    scheme = parse_scheme("w3g32")
+    starts = []
+    real_collect = gptq_module.collect_hessians
+
+    def spy(ctx, names, precision="off", *, start=None, record=None):
+        starts.append(start.path if start is not None else None)
+        return real_collect(ctx, names, precision, start=start, record=record)
+
+    monkeypatch.setattr(gptq_module, "collect_hessians", spy)
+    make = getattr(conftest, make_name)
+
+    def quantize():
+        model = make()
+        stage = GPTQ(GPTQOptions(act_order=True), scheme)
+        engine = EngineOptions(progress=False, batch_size=3)  # batches of 3, 3 and 2 samples
+        return run_block_stages(model, arch_for(model), [stage], scheme, calibration_ids(), engine, seed=0).records
+
+    shortcut = quantize()
+    monkeypatch.setattr(gptq_module, "entry_module", lambda *_: None)
+    whole = quantize()
+    blocks = len(arch_for(make()).blocks(make()))
+    expected = [None, "self_attn", None, "mlp" if make_name == "make_llama" else None]  # OPT's fc1/fc2: no parent
+    assert starts[: 4 * blocks] == expected * blocks and starts[4 * blocks :] == [None] * 4 * blocks
+    for name, record in whole.items():
+        assert torch.equal(record.codes, shortcut[name].codes), name
+        assert torch.equal(record.scale, shortcut[name].scale), name
+
+
+def gptq_block_context(model, scheme):
+    from lowbit.engine import BlockContext, capture_block_inputs
+
+    arch = arch_for(model)
+    captured = capture_block_inputs(model, arch, calibration_ids(n=5), batch_size=2, device=torch.device("cpu"))
+    return BlockContext(0, arch.block_name(0), arch.blocks(model)[0], arch, scheme, captured.kwargs,
+                        torch.device("cpu"), batch_size=2, seed=0, inputs=captured.hidden)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["llama", "opt", "w4a8", "post_norm"])
+def test_gptq_hands_the_engine_the_chain_only_where_residual_plus_mlp_is_the_block(case):
+    """LLaMA's block output is the residual entering post_attention_layernorm plus the MLP: GPTQ rebuilds the chain
+    from its last pass's records, bit for bit the block's replay. OPT (no MLP module), a W-A scheme (the chain runs
+    W-A) and a block whose output is not that sum (checked on the first batch) get the engine's replay."""
+    import conftest
+
+    scheme = parse_scheme("w4a8g32" if case == "w4a8" else "w4g32")
+    ctx = gptq_block_context(conftest.make_opt() if case == "opt" else conftest.make_llama(), scheme)
+    if case == "post_norm":  # as a post-feedforward norm would: the output is no longer residual + mlp
+        ctx.block.register_forward_hook(lambda _m, _a, out: out * 1.001 if isinstance(out, torch.Tensor) else out)
+    GPTQ(GPTQOptions(), scheme).process_block(ctx)
+    if case == "llama":
+        assert ctx.metrics["gptq_chain"] == "residual + mlp"
+        assert torch.equal(ctx.outputs, ctx.run(ctx.inputs))
+    else:
+        assert ctx.outputs is None and ctx.metrics["gptq_chain"] == "block forward"

@@ -193,12 +193,15 @@ def run_block_stages(
                 if needs_data and chunked:
                     ctx.metrics["attention"] = "chunked"
                 for stage in stages:
+                    ctx.outputs = None  # only the last stage's outputs describe the final block
                     stage.process_block(ctx)
                 block_records = _write_quantized(ctx) if has_quantizer else {}
                 result.records.update(block_records)
             if needs_data:
                 fp_in = ctx.targets
-                if quantized_input and has_quantizer:
+                if quantized_input and has_quantizer and ctx.outputs is not None:
+                    q_in = ctx.outputs  # computed by the last stage with the final weights
+                elif quantized_input and has_quantizer:
                     with ctx.act_quant():  # the student chain runs W-A; the float targets above never do
                         q_in = ctx.run(q_in)
                 else:

@@ -42,7 +42,9 @@ class BlockContext:
     one batch at a time with `batch()`. `autocast` is the precision of `run` (the engine's replays): "off" (fp32)
     unless the tuning stage asked for its own reduced precision (`BlockStage.replay_autocast`).
     A quantizer stage fills `quantized` (relative linear name -> record);
-    the engine then writes the dequantized weights into the block.
+    the engine then writes the dequantized weights into the block. `outputs`: the block's outputs on `inputs`
+    with its final weights (fp32, CPU), set by the last stage when it computed them on the way (GPTQ's residual
+    chain); the engine then takes them as the quantized chain instead of replaying the block.
     """
 
     index: int
@@ -58,6 +60,7 @@ class BlockContext:
     fp_inputs: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     autocast: str = "off"
+    outputs: torch.Tensor | None = None
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -104,7 +107,10 @@ class BlockContext:
                 call_block(module, self.batch(hidden, part), kwargs).to("cpu", torch.float32)
                 for part in self.batches(hidden.shape[0])
             ]
-        out = torch.cat(outputs)
+        return self.checked(torch.cat(outputs))
+
+    def checked(self, out: torch.Tensor) -> torch.Tensor:
+        """`out` if every value is finite, else a clear error naming this block."""
         if not torch.isfinite(out).all():
             raise LowbitError(
                 f"block {self.index} produced NaN/Inf; the checkpoint may be broken, or a fp16 model overflowed: "

@@ -36,6 +36,7 @@ from lowbit.engine.context import move_to
 from lowbit.errors import LowbitError
 from lowbit.methods.awq_clip import apply_clip, clip_applies, fake_quant_rows, sample_tokens, search_clip
 from lowbit.methods.fold import fold_group
+from lowbit.methods.hessian import gram_matrix
 from lowbit.presets import RecipePreset
 from lowbit.quantizer import fake_quant
 from lowbit.scheme import QuantScheme
@@ -142,11 +143,10 @@ def input_gram(ctx: BlockContext, x: Tensor) -> Tensor:
     FFN does): one fp32 product per batch (a float64 GEMM runs at a quarter of the rate on a CPU), summed in
     float64 so the sum over all batches loses nothing."""
     k = x.shape[-1]
-    gram = torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
+    total = torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
     for part in ctx.batches(x.shape[0]):
-        rows = ctx.batch(x, part).reshape(-1, k).float()
-        gram += (rows.T @ rows).double()
-    return gram
+        total += gram_matrix(ctx.batch(x, part).reshape(-1, k).float()).double()
+    return total
 
 
 def gram_loss(error: Tensor, gram: Tensor, tokens: int) -> float:

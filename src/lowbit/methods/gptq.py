@@ -1,13 +1,13 @@
 """GPTQ as a block-scope quantizer stage (spec: gptq.md): true-sequential subsets, Hessians from hooks.
 
-For each subset of `ArchSpec.sequential` the whole block runs on the engine's student inputs (`ctx.inputs`,
-the quantized chain by default) with forward hooks accumulating one Hessian per linear of the subset; earlier
-subsets of the block are already quantized at that point. The math lives in `methods/hessian.py`.
+For each subset of `ArchSpec.sequential` the block runs on the engine's student inputs (`ctx.inputs`, the
+quantized chain by default) with hooks accumulating one Hessian per linear of the subset; earlier subsets of the
+block are already quantized at that point. The passes live in `methods/gptq_passes.py`, the math in
+`methods/hessian.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -15,12 +15,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from lowbit.engine import BlockContext, BlockStage, call_block
-from lowbit.engine.block_train import TuneAutocast, autocast, resolve_autocast
-from lowbit.errors import LowbitError
-from lowbit.methods.hessian import HessianAccumulator, gptq_quantize, input_gram
+from lowbit.engine import BlockContext, BlockStage
+from lowbit.engine.block_train import TuneAutocast, resolve_autocast
+from lowbit.methods.gptq_passes import ModuleCalls, collect_hessians, entry_module, residual_chain, residual_norm
+from lowbit.methods.hessian import gptq_quantize
 from lowbit.quantizer import quantize_weight
-from lowbit.scheme import QuantScheme
+from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -49,57 +49,6 @@ class GPTQOptions:
         metadata={"help": "a linear whose Hessian saw fewer calibration tokens (an MoE expert the router rarely picks) "
                   "is rounded with RTN instead, with a warning"},
     )  # fmt: skip
-
-
-class _SubsetSeen(Exception):
-    """Raised by the last hook of a subset: the rest of the block cannot change these Hessians, so skip it."""
-
-
-@torch.no_grad()
-def collect_hessians(
-    ctx: BlockContext, names: tuple[str, ...], precision: str = "off"
-) -> dict[str, HessianAccumulator]:
-    """Run the block (current weights) on `ctx.inputs` and accumulate the input Hessian of each named linear.
-
-    With `precision` "bf16" the block runs under bf16 autocast; the Gram products of its (bf16) inputs are fp32.
-
-    Each batch stops as soon as every named linear has seen its input (the true-sequential subsets of the early
-    linears then cost a fraction of a block forward); the Hessians are those of a full forward. Linears called on
-    the same input tensor in a batch (q/k/v, gate/up) share one X^T X product.
-    """
-    if ctx.inputs is None:
-        raise LowbitError("GPTQ needs calibration data; pass --dataset (or 'builtin' for the offline default)")
-    linears = ctx.linears()
-    accumulators = {name: HessianAccumulator(linears[name].in_features, device=ctx.device) for name in names}
-    pending: set[str] = set()
-    grams: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(input) -> (input, X^T X, n), per batch
-
-    def hook_for(name: str):
-        def hook(_module: nn.Module, args: tuple, _out: torch.Tensor) -> None:
-            x = args[0]
-            cached = grams.get(id(x))
-            if cached is None or cached[0] is not x:  # the identity check guards against a reused id
-                cached = grams[id(x)] = (x, *input_gram(x.detach()))
-            accumulators[name].add_gram(cached[1], cached[2])
-            accumulators[name].tokens += x.numel() // x.shape[-1]
-            pending.discard(name)
-            if not pending:
-                raise _SubsetSeen
-
-        return hook
-
-    handles = [linears[name].register_forward_hook(hook_for(name)) for name in names]
-    kwargs = ctx.device_kwargs()
-    try:
-        for part in ctx.batches():
-            pending.update(names)
-            grams.clear()
-            with contextlib.suppress(_SubsetSeen), autocast(precision, ctx.device):
-                call_block(ctx.block, ctx.batch(ctx.inputs, part), kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return accumulators
 
 
 def _rtn_fallback(
@@ -145,8 +94,18 @@ class GPTQ(BlockStage):
         linears = ctx.linears()
         subsets = ctx.arch.sequential_for(ctx.block) if opts.true_sequential else (tuple(linears),)
         layer_metrics: dict[str, dict] = {}
-        for subset in subsets:
-            hessians = collect_hessians(ctx, subset, self.precision(ctx.device))
+        start = chain = None
+        for index, subset in enumerate(subsets):
+            following = subsets[index + 1] if index + 1 < len(subsets) else ()
+            path = entry_module(following, subset) if following else None
+            records = (ModuleCalls(path),) if path is not None else ()
+            norm = residual_norm(ctx.arch, path) if path is not None and index + 2 == len(subsets) else None
+            if norm is not None and self.scheme.act_bits >= ACT_BITS_OFF:  # the chain then runs W-A: no shortcut
+                records += (ModuleCalls(norm),)
+            hessians = collect_hessians(ctx, subset, self.precision(ctx.device), start=start, record=records)
+            start = records[0] if records and records[0].calls else None
+            if len(records) == 2 and all(r.calls for r in records):
+                chain = records  # the last pass starts at the MLP: the chain may be residual + MLP
             for name in subset:
                 linear = linears[name]
                 hessian = hessians.pop(name)
@@ -175,5 +134,8 @@ class GPTQ(BlockStage):
                     layer_metrics[name]["fallback"] = "rtn"
                 if result.dead_columns:
                     layer_metrics[name]["dead_columns"] = result.dead_columns
+        if chain is not None:
+            ctx.outputs = residual_chain(ctx, *chain)
+        ctx.metrics["gptq_chain"] = "residual + mlp" if ctx.outputs is not None else "block forward"
         ctx.metrics["gptq"] = layer_metrics
         ctx.metrics["gptq_autocast"] = self.precision(ctx.device)

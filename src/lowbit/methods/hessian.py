@@ -25,14 +25,34 @@ MSE_MAX_SHRINK = 0.8
 MSE_NORM = 2.4
 
 
+GRAM_PANEL = 512
+
+
+def gram_matrix(rows: Tensor, panel: int = GRAM_PANEL) -> Tensor:
+    """rows^T rows for rows [tokens, k], computing only the upper triangle's panels and mirroring them.
+
+    A Gram matrix is symmetric: with panels of `panel` columns the products cover k(k + panel)/2 entries instead
+    of k^2 (0.67x the multiply-adds at k = 1536); the entries are the full product's dot products (their summation
+    order, and so their last bits, may differ).
+    """
+    k = rows.shape[-1]
+    if k <= panel:
+        return rows.t() @ rows
+    out = torch.empty(k, k, dtype=rows.dtype, device=rows.device)
+    for start in range(0, k, panel):
+        stop = min(start + panel, k)
+        out[start:stop, start:] = rows[:, start:stop].t() @ rows[:, start:]
+        out[stop:, start:stop] = out[start:stop, stop:].t()
+    return out
+
+
 def input_gram(x: Tensor) -> tuple[Tensor, int]:
     """(X^T X in fp32 over every token of a batch of layer inputs [batch, ..., k], sequences in the batch).
 
     A 2-D input counts as one sequence per row. Linears fed the same tensor (q/k/v, gate/up) can share it.
     """
     n = x.shape[0] if x.dim() > 2 else 1 if x.dim() == 1 else x.shape[0]
-    rows = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    return rows.t() @ rows, n
+    return gram_matrix(x.reshape(-1, x.shape[-1]).to(torch.float32)), n
 
 
 class HessianAccumulator:

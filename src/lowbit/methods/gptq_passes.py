@@ -1,0 +1,161 @@
+"""GPTQ's Hessian passes over one block (spec: gptq.md §1): hooks, early stops, passes that start at a recorded
+submodule, and the quantized chain rebuilt from the last pass's records.
+
+A subset whose linears share a parent module that also holds the previous subset (LLaMA's down_proj in `mlp`
+after up/gate, o_proj in `self_attn` after q/k/v) starts its pass at that module, on the calls recorded in the
+previous pass: quantizing the previous subset cannot change the module's input, so the Hessians are those of a
+whole-block pass without re-running what lies in front of it. Where the block's output is the residual entering the
+MLP's norm plus the MLP's output (pre-norm LLaMA-style blocks, checked bit for bit on the first batch), the
+quantized chain is that sum, without a last forward through the attention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.arch.base import ArchSpec
+from lowbit.engine import BlockContext, call_block
+from lowbit.engine.block_train import autocast
+from lowbit.errors import LowbitError
+from lowbit.methods.hessian import HessianAccumulator, input_gram
+
+
+class _SubsetSeen(Exception):
+    """Raised by the last hook of a subset: the rest of the block cannot change these Hessians, so skip it."""
+
+
+@dataclass
+class ModuleCalls:
+    """One block submodule's call (positional args, kwargs) in each batch of a Hessian pass, in batch order."""
+
+    path: str
+    calls: list[tuple[tuple, dict]] = field(default_factory=list)
+
+
+def entry_module(subset: tuple[str, ...], previous: tuple[str, ...]) -> str | None:
+    """The submodule a subset's pass may start at: the deepest common parent of its linears, provided it holds
+    every linear of the previous subset too (so that quantizing them leaves its input unchanged); None if none."""
+    parents = [name.split(".")[:-1] for name in subset]
+    common: list[str] = []
+    for parts in zip(*parents, strict=False):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    path = ".".join(common)
+    if not path or not previous or not all(name.startswith(path + ".") for name in previous):
+        return None
+    return path
+
+
+def _record_calls(block: nn.Module, record: ModuleCalls):
+    """A pre-hook on `record.path` that keeps a copy of each call's tensor arguments on CPU (activations stay on
+    CPU, as the engine's); the caller checks there was exactly one call per batch."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        record.calls.append((tuple(_to(a, "cpu", copy=True) for a in args), kwargs))
+
+    return block.get_submodule(record.path).register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _to(value: Any, device: torch.device | str, copy: bool = False) -> Any:
+    return value.detach().to(device, copy=copy) if isinstance(value, torch.Tensor) else value
+
+
+@torch.no_grad()
+def collect_hessians(
+    ctx: BlockContext,
+    names: tuple[str, ...],
+    precision: str = "off",
+    *,
+    start: ModuleCalls | None = None,
+    record: tuple[ModuleCalls, ...] = (),
+) -> dict[str, HessianAccumulator]:
+    """Run the block (current weights) on `ctx.inputs` and accumulate the input Hessian of each named linear.
+
+    With `precision` "bf16" the block runs under bf16 autocast; the Gram products of its (bf16) inputs are fp32.
+
+    Each batch stops as soon as every named linear has been called, before the last one computes (the
+    true-sequential subsets of the early linears then cost a fraction of a block forward); the Hessians are those
+    of a full forward. Linears called on the same input tensor in a batch (q/k/v, gate/up) share one X^T X
+    product. With `start`, each batch runs that submodule on its recorded call instead of the whole block. Each of
+    `record` gets its submodule's calls, for a later pass (left empty unless it ran exactly once per batch).
+    """
+    if ctx.inputs is None:
+        raise LowbitError("GPTQ needs calibration data; pass --dataset (or 'builtin' for the offline default)")
+    linears = ctx.linears()
+    accumulators = {name: HessianAccumulator(linears[name].in_features, device=ctx.device) for name in names}
+    pending: set[str] = set()
+    grams: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(input) -> (input, X^T X, n), per batch
+
+    def hook_for(name: str):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            cached = grams.get(id(x))
+            if cached is None or cached[0] is not x:  # the identity check guards against a reused id
+                cached = grams[id(x)] = (x, *input_gram(x.detach()))
+            accumulators[name].add_gram(cached[1], cached[2])
+            accumulators[name].tokens += x.numel() // x.shape[-1]
+            pending.discard(name)
+            if not pending:
+                raise _SubsetSeen
+
+        return hook
+
+    # pre-hooks: the last linear of the subset stops the batch before its own product
+    handles = [linears[name].register_forward_pre_hook(hook_for(name)) for name in names]
+    recorders = {id(calls): _record_calls(ctx.block, calls) for calls in record}
+    entry = ctx.block.get_submodule(start.path) if start is not None else None
+    kwargs = ctx.device_kwargs()
+    try:
+        for index, part in enumerate(ctx.batches()):
+            pending.update(names)
+            grams.clear()
+            with contextlib.suppress(_SubsetSeen), autocast(precision, ctx.device):
+                if entry is not None:
+                    args, call_kwargs = start.calls[index]
+                    entry(*(_to(a, ctx.device) for a in args), **call_kwargs)
+                else:
+                    call_block(ctx.block, ctx.batch(ctx.inputs, part), kwargs)
+            for calls in record:
+                if id(calls) in recorders and len(calls.calls) != index + 1:  # not once per batch: unusable
+                    recorders.pop(id(calls)).remove()
+                    calls.calls.clear()
+    finally:
+        for handle in (*handles, *recorders.values()):
+            handle.remove()
+    return accumulators
+
+
+def residual_norm(arch: ArchSpec, mlp: str) -> str | None:
+    """The norm in front of module `mlp` (the scale group it inspects), whose input is the block's residual."""
+    for group in arch.scale_groups:
+        if group.inspect == mlp and group.prev_kind == "norm":
+            return group.prev
+    return None
+
+
+@torch.no_grad()
+def residual_chain(ctx: BlockContext, mlp: ModuleCalls, residual: ModuleCalls) -> torch.Tensor | None:
+    """The block's outputs on `ctx.inputs` with its current weights, as residual + mlp(recorded input), when the
+    first batch shows that is exactly (bit for bit) what the block computes; None otherwise. Both records must come
+    from a pass after which only linears inside `mlp` changed."""
+    module = ctx.block.get_submodule(mlp.path)
+    outputs = []
+    with autocast(ctx.autocast, ctx.device):
+        for index, part in enumerate(ctx.batches()):
+            args, kwargs = mlp.calls[index]
+            out = module(*(_to(a, ctx.device) for a in args), **kwargs)
+            if not isinstance(out, torch.Tensor):  # e.g. an MoE block's (hidden, router logits)
+                return None
+            out = _to(residual.calls[index][0][0], ctx.device) + out
+            if index == 0 and not torch.equal(
+                out, call_block(ctx.block, ctx.batch(ctx.inputs, part), ctx.device_kwargs())
+            ):
+                return None
+            outputs.append(out.to("cpu", torch.float32))
+    return ctx.checked(torch.cat(outputs))
