@@ -24,10 +24,10 @@ from profile_signround_block import block_context  # noqa: E402
 GPTQ_OPTS = {"act_order": True, "static_groups": True, "percdamp": 0.01}  # = bench_gptq_awq.py's
 
 
-def profile(ctx, scheme, *, true_sequential: bool, shortcut: bool, chain: bool, panel: int | None) -> dict:
+def profile(ctx, scheme, *, true_sequential: bool, shortcut: bool, chain: str, panel: int | None) -> dict:
     """Seconds of each part of GPTQ's `process_block` on `ctx`'s block and of the quantized chain; `shortcut` False
-    runs every pass over the whole block, `chain` False replays the block for the chain, `panel` None forms the full
-    Gram product."""
+    runs every pass over the whole block; `chain` "replay" replays the block for the chain, "mlp" forbids caching
+    down_proj's inputs, "auto" is GPTQ's own choice; `panel` None forms the full Gram product."""
     import lowbit.methods.gptq as gptq_module
     import lowbit.methods.hessian as hessian_module
     from lowbit.methods.gptq import GPTQ, GPTQOptions
@@ -35,7 +35,8 @@ def profile(ctx, scheme, *, true_sequential: bool, shortcut: bool, chain: bool, 
     seconds = {"passes": [], "gram": 0.0, "solve": 0.0, "chain": 0.0}
     real = {"collect": gptq_module.collect_hessians, "solve": gptq_module.gptq_quantize,
             "gram": hessian_module.gram_matrix, "entry": gptq_module.entry_module,
-            "chain": gptq_module.residual_chain, "norm": gptq_module.residual_norm}  # fmt: skip
+            "chain": gptq_module.residual_chain, "norm": gptq_module.residual_norm,
+            "fits": gptq_module.fits_in_memory}  # fmt: skip
 
     def timed(fn, add):
         def wrapper(*args, **kwargs):
@@ -56,8 +57,10 @@ def profile(ctx, scheme, *, true_sequential: bool, shortcut: bool, chain: bool, 
     gptq_module.residual_chain = timed(real["chain"], adder("chain"))
     if not shortcut:
         gptq_module.entry_module = lambda *_: None
-    if not chain:
+    if chain == "replay":
         gptq_module.residual_norm = lambda *_: None
+    if chain == "mlp":
+        gptq_module.fits_in_memory = lambda *_: False
     ctx.outputs = None
     try:
         options = GPTQOptions(**GPTQ_OPTS, true_sequential=true_sequential, autocast="off")
@@ -66,6 +69,7 @@ def profile(ctx, scheme, *, true_sequential: bool, shortcut: bool, chain: bool, 
         gptq_module.collect_hessians, gptq_module.gptq_quantize = real["collect"], real["solve"]
         hessian_module.gram_matrix, gptq_module.entry_module = real["gram"], real["entry"]
         gptq_module.residual_chain, gptq_module.residual_norm = real["chain"], real["norm"]
+        gptq_module.fits_in_memory = real["fits"]
     if ctx.outputs is None:  # the engine's replay
         started = time.perf_counter()
         ctx.run(ctx.inputs)
@@ -100,8 +104,9 @@ def main() -> None:
         ctx.run(ctx.inputs)
         forward_seconds = round(time.perf_counter() - started, 3)
         variants = [  # (true_sequential, passes start at a recorded module, residual chain, Gram panel)
-            (True, False, False, None), (True, False, False, 512), (True, True, False, 512), (True, True, True, 512),
-            (False, False, False, None), (False, False, False, 512),
+            (True, False, "replay", None), (True, False, "replay", 512), (True, True, "replay", 512),
+            (True, True, "mlp", 512), (True, True, "auto", 512), (False, False, "replay", None),
+            (False, False, "replay", 512),
         ]  # fmt: skip
         for true_sequential, shortcut, chain, panel in variants:
             ctx.block.load_state_dict(original)

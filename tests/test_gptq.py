@@ -278,20 +278,30 @@ def gptq_block_context(model, scheme):
                         torch.device("cpu"), batch_size=2, seed=0, inputs=captured.hidden)  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["llama", "opt", "w4a8", "post_norm"])
-def test_gptq_hands_the_engine_the_chain_only_where_residual_plus_mlp_is_the_block(case):
+@pytest.mark.parametrize("case", ["llama", "llama_low_memory", "opt", "w4a8", "post_norm"])
+def test_gptq_hands_the_engine_the_chain_only_where_residual_plus_mlp_is_the_block(case, monkeypatch):
     """LLaMA's block output is the residual entering post_attention_layernorm plus the MLP: GPTQ rebuilds the chain
-    from its last pass's records, bit for bit the block's replay. OPT (no MLP module), a W-A scheme (the chain runs
-    W-A) and a block whose output is not that sum (checked on the first batch) get the engine's replay."""
+    from its passes' records (down_proj on its recorded inputs, or the MLP on its own where those would not fit in
+    memory), bit for bit the block's replay. OPT (no MLP module), a W-A scheme (the chain runs W-A) and a block
+    whose output is not that sum (checked on the first batch) get the engine's replay."""
     import conftest
+    import lowbit.methods.gptq as gptq_module
 
+    if case == "llama_low_memory":
+        monkeypatch.setattr(gptq_module, "fits_in_memory", lambda nbytes: False)
     scheme = parse_scheme("w4a8g32" if case == "w4a8" else "w4g32")
     ctx = gptq_block_context(conftest.make_opt() if case == "opt" else conftest.make_llama(), scheme)
     if case == "post_norm":  # as a post-feedforward norm would: the output is no longer residual + mlp
         ctx.block.register_forward_hook(lambda _m, _a, out: out * 1.001 if isinstance(out, torch.Tensor) else out)
     GPTQ(GPTQOptions(), scheme).process_block(ctx)
-    if case == "llama":
-        assert ctx.metrics["gptq_chain"] == "residual + mlp"
+    if case.startswith("llama"):
+        assert ctx.metrics["gptq_chain"] == ("residual + mlp" if "low" in case else "residual + mlp.down_proj")
         assert torch.equal(ctx.outputs, ctx.run(ctx.inputs))
     else:
         assert ctx.outputs is None and ctx.metrics["gptq_chain"] == "block forward"
+
+
+def test_fits_in_memory_compares_with_the_memory_available_now():
+    from lowbit.methods.gptq_passes import fits_in_memory
+
+    assert fits_in_memory(1) and not fits_in_memory(1 << 60)

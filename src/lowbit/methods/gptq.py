@@ -17,7 +17,14 @@ from torch import nn
 
 from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.block_train import TuneAutocast, resolve_autocast
-from lowbit.methods.gptq_passes import ModuleCalls, collect_hessians, entry_module, residual_chain, residual_norm
+from lowbit.methods.gptq_passes import (
+    ModuleCalls,
+    collect_hessians,
+    entry_module,
+    fits_in_memory,
+    residual_chain,
+    residual_norm,
+)
 from lowbit.methods.hessian import gptq_quantize
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import ACT_BITS_OFF, QuantScheme
@@ -89,6 +96,25 @@ class GPTQ(BlockStage):
     def replay_autocast(self, device: torch.device) -> str:
         return self.precision(device)
 
+    def _records_for(
+        self, ctx: BlockContext, subsets: tuple[tuple[str, ...], ...], index: int, chain: bool
+    ) -> dict[str, ModuleCalls]:
+        """What pass `index` records: the calls of the module the next pass starts at ("entry"); before the last
+        pass, the residual entering the MLP's norm ("residual"); in the last pass, with a residual + MLP chain in
+        view, the inputs of a single last linear when they fit in memory ("last_input")."""
+        subset = subsets[index]
+        following = subsets[index + 1] if index + 1 < len(subsets) else ()
+        path = entry_module(following, subset) if following else None
+        records = {"entry": ModuleCalls(path)} if path is not None else {}
+        norm = residual_norm(ctx.arch, path) if path is not None and index + 2 == len(subsets) else None
+        if norm is not None and self.scheme.act_bits >= ACT_BITS_OFF:  # a W-A chain runs W-A: no shortcut
+            records["residual"] = ModuleCalls(norm)
+        if chain and not following and len(subset) == 1:
+            linear = ctx.linears()[subset[0]]
+            if fits_in_memory(ctx.inputs.numel() // ctx.inputs.shape[-1] * linear.in_features * 4):
+                records["last_input"] = ModuleCalls(subset[0])
+        return records
+
     def process_block(self, ctx: BlockContext) -> None:
         opts: GPTQOptions = self.options
         linears = ctx.linears()
@@ -96,16 +122,15 @@ class GPTQ(BlockStage):
         layer_metrics: dict[str, dict] = {}
         start = chain = None
         for index, subset in enumerate(subsets):
-            following = subsets[index + 1] if index + 1 < len(subsets) else ()
-            path = entry_module(following, subset) if following else None
-            records = (ModuleCalls(path),) if path is not None else ()
-            norm = residual_norm(ctx.arch, path) if path is not None and index + 2 == len(subsets) else None
-            if norm is not None and self.scheme.act_bits >= ACT_BITS_OFF:  # the chain then runs W-A: no shortcut
-                records += (ModuleCalls(norm),)
-            hessians = collect_hessians(ctx, subset, self.precision(ctx.device), start=start, record=records)
-            start = records[0] if records and records[0].calls else None
-            if len(records) == 2 and all(r.calls for r in records):
-                chain = records  # the last pass starts at the MLP: the chain may be residual + MLP
+            records = self._records_for(ctx, subsets, index, chain is not None)
+            hessians = collect_hessians(
+                ctx, subset, self.precision(ctx.device), start=start, record=tuple(records.values())
+            )
+            start = records["entry"] if "entry" in records and records["entry"].calls else None
+            if "residual" in records and start is not None and records["residual"].calls:
+                chain = (start, records["residual"])  # the last pass starts at the MLP: chain = residual + MLP?
+            if chain is not None and "last_input" in records and records["last_input"].calls:
+                chain = (records["last_input"], chain[1])  # ... = residual + its last linear, on its inputs
             for name in subset:
                 linear = linears[name]
                 hessian = hessians.pop(name)
@@ -136,6 +161,6 @@ class GPTQ(BlockStage):
                     layer_metrics[name]["dead_columns"] = result.dead_columns
         if chain is not None:
             ctx.outputs = residual_chain(ctx, *chain)
-        ctx.metrics["gptq_chain"] = "residual + mlp" if ctx.outputs is not None else "block forward"
+        ctx.metrics["gptq_chain"] = f"residual + {chain[0].path}" if ctx.outputs is not None else "block forward"
         ctx.metrics["gptq"] = layer_metrics
         ctx.metrics["gptq_autocast"] = self.precision(ctx.device)

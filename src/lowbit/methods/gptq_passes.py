@@ -6,12 +6,14 @@ after up/gate, o_proj in `self_attn` after q/k/v) starts its pass at that module
 previous pass: quantizing the previous subset cannot change the module's input, so the Hessians are those of a
 whole-block pass without re-running what lies in front of it. Where the block's output is the residual entering the
 MLP's norm plus the MLP's output (pre-norm LLaMA-style blocks, checked bit for bit on the first batch), the
-quantized chain is that sum, without a last forward through the attention.
+quantized chain is that sum, without a last forward through the attention; where the inputs of the MLP's last
+linear (recorded in the last pass) fit in memory, the MLP's output is that linear on them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +61,17 @@ def _record_calls(block: nn.Module, record: ModuleCalls):
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         record.calls.append((tuple(_to(a, "cpu", copy=True) for a in args), kwargs))
 
-    return block.get_submodule(record.path).register_forward_pre_hook(hook, with_kwargs=True)
+    # prepended: it runs before a Hessian pre-hook on the same module stops the batch
+    return block.get_submodule(record.path).register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether a cache of `nbytes` takes at most a quarter of the memory available now (False where unknown)."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return nbytes <= available // 4
 
 
 def _to(value: Any, device: torch.device | str, copy: bool = False) -> Any:
@@ -142,8 +154,8 @@ def residual_norm(arch: ArchSpec, mlp: str) -> str | None:
 @torch.no_grad()
 def residual_chain(ctx: BlockContext, mlp: ModuleCalls, residual: ModuleCalls) -> torch.Tensor | None:
     """The block's outputs on `ctx.inputs` with its current weights, as residual + mlp(recorded input), when the
-    first batch shows that is exactly (bit for bit) what the block computes; None otherwise. Both records must come
-    from a pass after which only linears inside `mlp` changed."""
+    first batch shows that is exactly (bit for bit) what the block computes; None otherwise. `mlp` is the MLP
+    module or its last linear; both records come from passes after which only linears inside it changed."""
     module = ctx.block.get_submodule(mlp.path)
     outputs = []
     with autocast(ctx.autocast, ctx.device):
