@@ -111,7 +111,7 @@ class GPTQ(BlockStage):
             records["residual"] = ModuleCalls(norm)
         if chain and not following and len(subset) == 1:
             linear = ctx.linears()[subset[0]]
-            if fits_in_memory(ctx.inputs.numel() // ctx.inputs.shape[-1] * linear.in_features * 4):
+            if fits_in_memory(ctx.inputs[..., 0].numel() * linear.in_features * ctx.inputs.element_size()):
                 records["last_input"] = ModuleCalls(subset[0])
         return records
 

@@ -23,6 +23,7 @@ from torch import nn
 from lowbit.arch.base import ArchSpec
 from lowbit.engine import BlockContext, call_block
 from lowbit.engine.block_train import autocast
+from lowbit.engine.context import move_to
 from lowbit.errors import LowbitError
 from lowbit.methods.hessian import HessianAccumulator, input_gram
 
@@ -59,7 +60,7 @@ def _record_calls(block: nn.Module, record: ModuleCalls):
     CPU, as the engine's); the caller checks there was exactly one call per batch."""
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        record.calls.append((tuple(_to(a, "cpu", copy=True) for a in args), kwargs))
+        record.calls.append((tuple(_cpu_copy(a) for a in args), kwargs))
 
     # prepended: it runs before a Hessian pre-hook on the same module stops the batch
     return block.get_submodule(record.path).register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
@@ -74,8 +75,8 @@ def fits_in_memory(nbytes: int) -> bool:
     return nbytes <= available // 4
 
 
-def _to(value: Any, device: torch.device | str, copy: bool = False) -> Any:
-    return value.detach().to(device, copy=copy) if isinstance(value, torch.Tensor) else value
+def _cpu_copy(value: Any) -> Any:
+    return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
 @torch.no_grad()
@@ -130,7 +131,7 @@ def collect_hessians(
             with contextlib.suppress(_SubsetSeen), autocast(precision, ctx.device):
                 if entry is not None:
                     args, call_kwargs = start.calls[index]
-                    entry(*(_to(a, ctx.device) for a in args), **call_kwargs)
+                    entry(*move_to(args, ctx.device), **call_kwargs)
                 else:
                     call_block(ctx.block, ctx.batch(ctx.inputs, part), kwargs)
             for calls in record:
@@ -161,10 +162,10 @@ def residual_chain(ctx: BlockContext, mlp: ModuleCalls, residual: ModuleCalls) -
     with autocast(ctx.autocast, ctx.device):
         for index, part in enumerate(ctx.batches()):
             args, kwargs = mlp.calls[index]
-            out = module(*(_to(a, ctx.device) for a in args), **kwargs)
+            out = module(*move_to(args, ctx.device), **kwargs)
             if not isinstance(out, torch.Tensor):  # e.g. an MoE block's (hidden, router logits)
                 return None
-            out = _to(residual.calls[index][0][0], ctx.device) + out
+            out = move_to(residual.calls[index][0][0], ctx.device) + out
             if index == 0 and not torch.equal(
                 out, call_block(ctx.block, ctx.batch(ctx.inputs, part), ctx.device_kwargs())
             ):
