@@ -1,6 +1,7 @@
 """Where one SignRound block's time goes on SmolLM2 (CPU): the engine's replay of the block over the calibration in
 fp32 and in bf16, and the time per SignSGD iteration with transformers' SDPA, lowbit's chunked causal attention
-(`engine.attention=chunked`) or eager attention.
+(`engine.attention=chunked`), the chunked kernel with the block forward compiled (`engine.compile=on`; the compile
+itself is timed apart, on a first 2-iteration run) or eager attention.
 
 Usage (the command behind benchmarks/RESULTS.md, "SignRound light, second round"):
     flock /tmp/lowbit-bench.lock python benchmarks/profile_signround_block.py \
@@ -102,6 +103,10 @@ def measure_block(ctx, scheme, iters: int) -> dict:
             ctx.targets = out
         else:
             row["replay_bf16_relative_difference"] = round(float((out - ctx.targets).norm() / ctx.targets.norm()), 5)
+    if ctx.compile:  # the first call compiles (the forward and, at the first backward, the backward)
+        started = time.perf_counter()
+        SignRound(SignRoundOptions(iters=2, lr=5e-3, autocast="bf16"), scheme).process_block(ctx)
+        row["compile_and_2_iterations_seconds"] = round(time.perf_counter() - started, 2)
     stage = SignRound(SignRoundOptions(iters=iters, lr=5e-3, autocast="bf16"), scheme)
     started = time.perf_counter()
     stage.process_block(ctx)
@@ -126,9 +131,11 @@ def main() -> None:
 
     scheme = parse_scheme("w2g128")
     rows = []
-    for attn in ("sdpa", "chunked", "eager"):
-        ctx = block_context("sdpa" if attn == "chunked" else attn, args.nsamples, args.seqlen, args.block, scheme)
-        with block_attention(ctx.block, ctx.arch.attention, "chunked" if attn == "chunked" else "sdpa"):
+    for attn in ("sdpa", "chunked", "chunked+compile", "eager"):
+        chunked = attn.startswith("chunked")
+        ctx = block_context("eager" if attn == "eager" else "sdpa", args.nsamples, args.seqlen, args.block, scheme)
+        ctx.compile = attn.endswith("compile")
+        with block_attention(ctx.block, ctx.arch.attention, "chunked" if chunked else "sdpa"):
             row = {"attention": attn} | measure_block(ctx, scheme, args.iters)
         print(row, flush=True)
         rows.append(row)

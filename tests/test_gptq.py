@@ -278,23 +278,27 @@ def gptq_block_context(model, scheme):
                         torch.device("cpu"), batch_size=2, seed=0, inputs=captured.hidden)  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["llama", "llama_low_memory", "opt", "w4a8", "post_norm"])
+@pytest.mark.parametrize("case", ["llama", "llama_low_memory", "llama_no_memory", "opt", "w4a8", "post_norm"])
 def test_gptq_hands_the_engine_the_chain_only_where_residual_plus_mlp_is_the_block(case, monkeypatch):
     """LLaMA's block output is the residual entering post_attention_layernorm plus the MLP: GPTQ rebuilds the chain
     from its passes' records (down_proj on its recorded inputs, or the MLP on its own where those would not fit in
-    memory), bit for bit the block's replay. OPT (no MLP module), a W-A scheme (the chain runs W-A) and a block
-    whose output is not that sum (checked on the first batch) get the engine's replay."""
+    memory), bit for bit the block's replay; with no room for any record, the passes run the whole block. OPT (no
+    MLP module), a W-A scheme (the chain runs W-A) and a block whose output is not that sum (checked on the first
+    batch) get the engine's replay."""
     import conftest
     import lowbit.methods.gptq as gptq_module
 
-    if case == "llama_low_memory":
-        monkeypatch.setattr(gptq_module, "fits_in_memory", lambda nbytes: False)
     scheme = parse_scheme("w4a8g32" if case == "w4a8" else "w4g32")
     ctx = gptq_block_context(conftest.make_opt() if case == "opt" else conftest.make_llama(), scheme)
+    hidden_bytes = ctx.inputs.numel() * ctx.inputs.element_size()
+    if case == "llama_low_memory":  # room for the hidden-size records, not for down_proj's 4x wider inputs
+        monkeypatch.setattr(gptq_module, "fits_in_memory", lambda nbytes: nbytes <= 2 * hidden_bytes)
+    if case == "llama_no_memory":  # no records at all: whole-block passes and the engine's replay
+        monkeypatch.setattr(gptq_module, "fits_in_memory", lambda nbytes: False)
     if case == "post_norm":  # as a post-feedforward norm would: the output is no longer residual + mlp
         ctx.block.register_forward_hook(lambda _m, _a, out: out * 1.001 if isinstance(out, torch.Tensor) else out)
     GPTQ(GPTQOptions(), scheme).process_block(ctx)
-    if case.startswith("llama"):
+    if case.startswith("llama") and case != "llama_no_memory":
         assert ctx.metrics["gptq_chain"] == ("residual + mlp" if "low" in case else "residual + mlp.down_proj")
         assert torch.equal(ctx.outputs, ctx.run(ctx.inputs))
     else:

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec
+from lowbit.engine.block_train import resolve_compile
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.causal_attention import block_attention, resolve_attention
 from lowbit.engine.context import BlockContext
@@ -42,6 +43,13 @@ class EngineOptions:
         metadata={
             "help": "attention kernel of every block forward where the model uses SDPA: sdpa (torch's), chunked "
             "(causal attention in query chunks, faster on CPU: engine/causal_attention.py), auto = chunked on CPU"
+        },
+    )
+    compile: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "torch.compile the block forward/backward of the tuning stages (SignRound, OmniQuant, DESV): "
+            "fuses their elementwise ops; the first block pays the compile; auto = off (measured: RESULTS.md, Speed)"
         },
     )
     replay: Literal["auto", "fp32"] = field(
@@ -133,6 +141,7 @@ def run_block_stages(
     has_quantizer = any(stage.kind == "quantizer" for stage in stages)
     replay_autocast = _replay_autocast(stages, options, device)
     attention = resolve_attention(options.attention, device)
+    compiled = resolve_compile(options.compile, device)
     needs_data = any(stage.needs_data for stage in stages)
     float_chain = needs_data and (
         not (quantized_input and has_quantizer) or any(stage.uses_float_chain for stage in stages)
@@ -170,6 +179,7 @@ def run_block_stages(
             inputs=q_in,
             fp_inputs=fp_in if float_chain else None,
             autocast=replay_autocast,
+            compile=compiled,
         )
         if first == len(blocks):  # everything finished before: no forward needed
             _restore_block(checkpoint, ctx, result)

@@ -10,8 +10,10 @@ per-epoch loss curve.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,15 +33,38 @@ TuneAutocast = Literal["auto", "off", "bf16"]  # the `autocast` option of SignRo
 Forward = Callable[[dict[str, Tensor], Tensor], Tensor]
 
 
-def block_forward(block: nn.Module, prefix: dict[str, str], kwargs: dict) -> Forward:
-    """A function (tensors by key, hidden) -> block output, with `prefix[key]` parameters swapped in."""
+def block_forward(block: nn.Module, prefix: dict[str, str], kwargs: dict, compile: bool = False) -> Forward:
+    """A function (tensors by key, hidden) -> block output, with `prefix[key]` parameters swapped in; with
+    `compile`, the function compiled by torch.compile (its elementwise ops fused, forward and backward).
+
+    Blocks of one model share the compiled code: dynamo guards on the block's structure, not on its identity, so
+    only the first block (and a block of another shape or kind) pays the compile."""
 
     def run(weights: dict[str, Tensor], hidden: Tensor) -> Tensor:
         params = {prefix[name]: weight for name, weight in weights.items()}
         out = functional_call(block, params, (hidden,), kwargs, strict=False)
         return out[0] if isinstance(out, tuple) else out
 
-    return run
+    return torch.compile(run, dynamic=False) if compile else run
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """What torch.compile's inductor backend lacks on `device` (a C++ compiler on CPU, triton on a GPU), else
+    None: checked before the long work starts."""
+    if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        return "a C++ compiler (g++ or clang++)"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "triton"
+    return None
+
+
+def resolve_compile(mode: str, device: torch.device) -> bool:
+    """Whether the tuning stages' block forward is compiled: `on` (an error when the compiler is missing), `off`,
+    or `auto`: off (compiling is measured in benchmarks/RESULTS.md, Speed; not yet the default)."""
+    if mode == "on" and (missing := compiler_missing(device)) is not None:
+        raise LowbitError(f"engine.compile=on needs {missing} for torch.compile on {device.type}: install it, or "
+                          "set --opt engine.compile=off")  # fmt: skip
+    return mode == "on"
 
 
 class IndexSampler:

@@ -60,6 +60,7 @@ class BlockContext:
     fp_inputs: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     autocast: str = "off"
+    compile: bool = False  # whether tuning stages compile their block forward (engine.compile)
     outputs: torch.Tensor | None = None
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)

@@ -101,13 +101,15 @@ class GPTQ(BlockStage):
     ) -> dict[str, ModuleCalls]:
         """What pass `index` records: the calls of the module the next pass starts at ("entry"); before the last
         pass, the residual entering the MLP's norm ("residual"); in the last pass, with a residual + MLP chain in
-        view, the inputs of a single last linear when they fit in memory ("last_input")."""
+        view, the inputs of a single last linear ("last_input"). Each only where it fits in a quarter of the free
+        memory (with the records kept beside it): else the passes run the whole block, as without records."""
         subset = subsets[index]
         following = subsets[index + 1] if index + 1 < len(subsets) else ()
-        path = entry_module(following, subset) if following else None
+        hidden_bytes = ctx.inputs.numel() * ctx.inputs.element_size()  # one record of a hidden-size activation
+        path = entry_module(following, subset) if following and fits_in_memory(hidden_bytes) else None
         records = {"entry": ModuleCalls(path)} if path is not None else {}
         norm = residual_norm(ctx.arch, path) if path is not None and index + 2 == len(subsets) else None
-        if norm is not None and self.scheme.act_bits >= ACT_BITS_OFF:  # a W-A chain runs W-A: no shortcut
+        if norm is not None and self.scheme.act_bits >= ACT_BITS_OFF and fits_in_memory(2 * hidden_bytes):
             records["residual"] = ModuleCalls(norm)
         if chain and not following and len(subset) == 1:
             linear = ctx.linears()[subset[0]]

@@ -205,7 +205,7 @@ class OmniQuant(BlockStage):
         """The shared epoch loop on this block: quantized chain in, float targets out, act quant on."""
         aug = ctx.run(ctx.inputs) if resolved.aug_loss and epochs > 0 else None
         params = trainable.block_params()
-        forward = block_forward(ctx.block, {key: key for key in params}, ctx.device_kwargs())
+        forward = block_forward(ctx.block, {key: key for key in params}, ctx.device_kwargs(), compile=ctx.compile)
         settings = EpochSettings(
             epochs=epochs,
             batch_size=self.options.batch_size,

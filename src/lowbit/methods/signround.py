@@ -162,7 +162,7 @@ class SignRound(BlockStage):
             targets = ctx.run(ctx.inputs)
         block = ctx.block
         prefix = {layer.name: f"{layer.name}.weight" for layer in layers}
-        forward = block_forward(block, prefix, ctx.device_kwargs())
+        forward = block_forward(block, prefix, ctx.device_kwargs(), compile=ctx.compile)
         inputs, targets = ctx.inputs.to(ctx.device), targets.to(ctx.device)
         all_indices = torch.arange(ctx.nsamples)
         holdout = None
