@@ -7,7 +7,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import make_llama
+from lowbit.api import check_run
 from lowbit.arch import arch_for
+from lowbit.config import build_config
 from lowbit.engine import EngineOptions, block_train, call_block, capture_block_inputs, run_block_stages
 from lowbit.engine.block_train import EpochSettings, block_forward, resolve_compile, train_epochs
 from lowbit.errors import LowbitError
@@ -68,6 +70,9 @@ def test_compile_modes_and_a_missing_compiler(monkeypatch):
     with pytest.raises(LowbitError, match="C\\+\\+ compiler.*engine.compile=off"):
         resolve_compile("on", CPU)
     assert not resolve_compile("auto", CPU)  # auto never needs the compiler
+    config = build_config(recipe="signround", scheme="w2g32", options={"engine": {"compile": "on"}})
+    with pytest.raises(LowbitError, match="C\\+\\+ compiler"):  # the API's preflight, before any data
+        check_run(config, make_llama())
 
 
 def test_omniquant_trains_the_same_compiled():

@@ -14,6 +14,7 @@ from lowbit.actquant import activation_record, install_activation_quant, install
 from lowbit.arch import arch_for, window_bos_id
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_calibration
+from lowbit.engine.block_train import resolve_compile
 from lowbit.engine.pipeline import run_stages
 from lowbit.engine.workdir import WorkDir, model_digest, tensor_digest
 from lowbit.errors import LowbitError
@@ -62,7 +63,9 @@ def quantize(
 
 
 def check_run(config: QuantizeConfig, model: torch.nn.Module) -> None:
-    """Stage options against the calibration size and the model's depth: before any data is loaded or forward run."""
+    """Stage options against the calibration size and the model's depth, and the compiler `engine.compile=on`
+    needs: before any data is loaded or forward run."""
+    resolve_compile(config.engine.compile, torch.device(config.engine.device))
     depth = len(arch_for(model).blocks(model))
     for spec in config.stages:
         spec.stage_class.check_run(spec.options, nsamples=config.nsamples, seqlen=config.seqlen, depth=depth)
