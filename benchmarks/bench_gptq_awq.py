@@ -43,6 +43,7 @@ VARIANTS = {  # lowbit-only row variants, as a method suffix (e.g. awq+gptq:nocl
     "search8": {"awq": {"search_samples": 8}},  # attention/MLP scale searches on 8 evenly spaced samples (issue 16)
     "search8noclip": {"awq": {"search_samples": 8, "clip": False}},
     "bf16": {"gptq": {**GPTQ_OPTS, "autocast": "bf16"}},  # Hessian forwards and the chain in bf16 autocast
+    "awqbf16": {"awq": {"autocast": "bf16"}},  # AWQ's scale-search forwards in bf16 autocast
 }
 
 
