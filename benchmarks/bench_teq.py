@@ -45,8 +45,9 @@ def _perplexity(loaded, settings: dict) -> dict:
     return {"ppl": round(ppl.ppl, 4), "eval_windows": ppl.windows}
 
 
-def train_teq(scheme: str, settings: dict, state_path: str) -> dict:
-    """Run the TEQ stage alone on the float model; save the folded weights for the quantizer rows."""
+def train_teq(scheme: str, settings: dict, state_path: str, autocast: str = "auto") -> dict:
+    """Run the TEQ stage alone on the float model (training precision `autocast`); save the folded weights for the
+    quantizer rows."""
     from lowbit.arch import arch_for
     from lowbit.config import build_config
     from lowbit.engine.pipeline import run_stages
@@ -54,7 +55,7 @@ def train_teq(scheme: str, settings: dict, state_path: str) -> dict:
 
     loaded = load_model(None)
     calibration = _calibration(loaded, settings)
-    teq_options = {"steps": settings["teq_steps"], "eval_samples": settings["teq_eval_samples"]}
+    teq_options = {"steps": settings["teq_steps"], "eval_samples": settings["teq_eval_samples"], "autocast": autocast}
     config = build_config(recipe="teq+rtn", scheme=scheme, options={"teq": teq_options, "engine": {"progress": False}})
     teq = [spec.stage_class(spec.options, config.scheme) for spec in config.stages if spec.name == "teq"]
     started = time.perf_counter()
@@ -90,6 +91,11 @@ def main() -> None:
     parser.add_argument("--teq-eval-samples", type=int, default=8)
     parser.add_argument("--signround-iters", type=int, default=30)
     parser.add_argument("--signround-schemes", default="w3g128", help="schemes that also run the SignRound pair")
+    parser.add_argument(
+        "--teq-autocasts",
+        default="auto",
+        help="TEQ training precisions to compare (teq.autocast), e.g. off,bf16; each trains TEQ once per scheme",
+    )
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/teq.json"))
@@ -112,20 +118,25 @@ def main() -> None:
         rows.append(row)
         write_json(args.out, payload)
 
+    autocasts = args.teq_autocasts.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes.split(","):
-            state_path = str(Path(tmp) / f"teq-{scheme}.pt")
-            trained = run_isolated(train_teq, scheme, settings, state_path)
-            add({"scheme": scheme, "method": "teq (training only)", **trained})
-            for quantizer in args.quantizers.split(","):
-                if quantizer == "signround" and scheme not in args.signround_schemes.split(","):
-                    continue
-                options = quantizer_options[quantizer]
-                base = run_isolated(quantize_row, quantizer, scheme, settings, options, None)
+            quantizers = [
+                q for q in args.quantizers.split(",") if q != "signround" or scheme in args.signround_schemes.split(",")
+            ]
+            for quantizer in quantizers:
+                base = run_isolated(quantize_row, quantizer, scheme, settings, quantizer_options[quantizer], None)
                 add({"scheme": scheme, "method": quantizer, **base, "wall_seconds": base["quantize_seconds"]})
-                after = run_isolated(quantize_row, quantizer, scheme, settings, options, state_path)
-                wall = round(trained["teq_seconds"] + after["quantize_seconds"], 3)
-                add({"scheme": scheme, "method": f"teq+{quantizer}", **after, "wall_seconds": wall})
+            for autocast in autocasts:
+                teq = "teq" if autocast == "auto" else f"teq[{autocast}]"
+                state_path = str(Path(tmp) / f"teq-{scheme}-{autocast}.pt")
+                trained = run_isolated(train_teq, scheme, settings, state_path, autocast)
+                add({"scheme": scheme, "method": f"{teq} (training only)", **trained})
+                for quantizer in quantizers:
+                    options = quantizer_options[quantizer]
+                    after = run_isolated(quantize_row, quantizer, scheme, settings, options, state_path)
+                    wall = round(trained["teq_seconds"] + after["quantize_seconds"], 3)
+                    add({"scheme": scheme, "method": f"{teq}+{quantizer}", **after, "wall_seconds": wall})
     print_table(rows)
 
 
