@@ -64,10 +64,7 @@ class TEQOptions:
     checkpoint_every: int = field(default=50, metadata={"help": "steps between training checkpoints"})
     autocast: TuneAutocast = field(
         default="auto",
-        metadata={
-            "help": "training forward/backward in bf16 autocast or off (fp32); auto = engine.dtype, else bf16 where "
-            "native for loss=ce (measured: benchmarks/RESULTS.md), fp32 for the block loss"
-        },
+        metadata={"help": "training forward/backward in bf16 autocast or off (fp32); auto = engine.dtype, else fp32"},
     )
 
 
@@ -84,9 +81,6 @@ class TEQ(BlockStage, ModelStage):
         "scale groups are not implemented"
     )
     Options: ClassVar[type] = TEQOptions
-    # what autocast=auto means for the whole-model CE training where bf16 is native: measured at least as good and
-    # faster (W3G128 SmolLM2, benchmarks/RESULTS.md); the block-wise MSE loss keeps fp32 (not measured)
-    ce_autocast_default: ClassVar[str] = "bf16"
 
     def __init__(self, options: TEQOptions, scheme: QuantScheme) -> None:
         super().__init__(options, scheme)
@@ -131,7 +125,7 @@ class TEQ(BlockStage, ModelStage):
         checkpoint = TrainingCheckpoint.at(directory, f"teq-ce-{init}", self._fingerprint(windows))
         start = checkpoint.restore(sets, optimizer) if checkpoint else 0
         use_checkpointing = self._use_gradient_checkpointing(ctx.model)
-        precision = resolve_autocast(self.options.autocast, ctx.device, default=self.ce_autocast_default)
+        precision = resolve_autocast(self.options.autocast, ctx.device)
         trace = []
         with CheckpointedBlocks(ctx.arch.blocks(ctx.model), enabled=use_checkpointing):
             for step in tqdm(
