@@ -125,6 +125,7 @@ def main() -> None:
     attention = attention_floor_ms(ctx, args.batch_size, args.seqlen, args.repeats)
     forward_ms = sum(row["forward_ms"] for row in linears)
     floor_iteration_ms = sum(row["iteration_ms"] for row in linears) + attention["iteration_ms"]
+    # a replay is forward only: the linears' forward products and attention's 2 forward products of its 6
     floor_replay_s = 2 * (args.nsamples // args.batch_size) * (forward_ms + attention["iteration_ms"] / 3) / 1000
     measured = []
     for compiled in (False, True) if args.compile else (False,):
