@@ -33,7 +33,7 @@ def int_list(text: str) -> list[int]:
 
 def study_block(ctx, hidden: torch.Tensor, scheme, subsets: list[int], autocast: str) -> list[dict]:
     """Every replay group of one block: the all-samples grid, then each subset size's search judged on it."""
-    from lowbit.methods.awq import AWQ, AWQOptions, first_argmin
+    from lowbit.methods.awq.stage import AWQ, AWQOptions, first_argmin
 
     full_stage = AWQ(AWQOptions(autocast=autocast), scheme)
     groups, keys, features, calls = full_stage.group_inputs(ctx, hidden)

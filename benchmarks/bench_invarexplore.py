@@ -82,8 +82,8 @@ def _row(result: Any, label: str, scheme: str, eval_ids: Any, args: dict, extra:
 def _speed(teacher: Any, calib: Any, scheme: str, args: dict) -> list[dict]:
     """The same proposals scored by the naive, the incremental (fp32) and the incremental bf16-head paths."""
     from lowbit.arch import arch_for
-    from lowbit.methods.invarexplore import InvarExploreOptions
-    from lowbit.methods.invarexplore_search import InvarSearch
+    from lowbit.methods.invarexplore.search import InvarSearch
+    from lowbit.methods.invarexplore.stage import InvarExploreOptions
     from lowbit.scheme import parse_scheme
 
     rows, decisions = [], {}
@@ -117,7 +117,7 @@ def awq_group(scheme: str, args: dict) -> dict:
     from lowbit.arch import arch_for
     from lowbit.engine import EngineOptions
     from lowbit.engine.pipeline import run_stages
-    from lowbit.methods.awq import AWQ, AWQOptions
+    from lowbit.methods.awq.stage import AWQ, AWQOptions
     from lowbit.scheme import parse_scheme
 
     loaded, calib, eval_ids = _setup(args)

@@ -136,7 +136,7 @@ def profile_block() -> None:
     from lowbit.arch import arch_for
     from lowbit.data import load_calibration
     from lowbit.engine import BlockContext, capture_block_inputs
-    from lowbit.methods.omniquant import OmniQuant, OmniQuantOptions
+    from lowbit.methods.omniquant.stage import OmniQuant, OmniQuantOptions
     from lowbit.models import load_model
     from lowbit.scheme import parse_scheme
 

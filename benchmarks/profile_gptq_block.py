@@ -28,9 +28,9 @@ def profile(ctx, scheme, *, true_sequential: bool, shortcut: bool, chain: str, p
     """Seconds of each part of GPTQ's `process_block` on `ctx`'s block and of the quantized chain; `shortcut` False
     runs every pass over the whole block; `chain` "replay" replays the block for the chain, "mlp" forbids caching
     down_proj's inputs, "auto" is GPTQ's own choice; `panel` None forms the full Gram product."""
-    import lowbit.methods.gptq as gptq_module
-    import lowbit.methods.hessian as hessian_module
-    from lowbit.methods.gptq import GPTQ, GPTQOptions
+    import lowbit.methods.gptq.solve as hessian_module
+    import lowbit.methods.gptq.stage as gptq_module
+    from lowbit.methods.gptq.stage import GPTQ, GPTQOptions
 
     seconds = {"passes": [], "gram": 0.0, "solve": 0.0, "chain": 0.0}
     real = {"collect": gptq_module.collect_hessians, "solve": gptq_module.gptq_quantize,

@@ -91,7 +91,7 @@ def attention_ms(heads: int, kv_heads: int, seqlen: int, head_dim: int, repeats:
 
 def measure_block(ctx, scheme, iters: int) -> dict:
     """The block's replay in fp32 and bf16 (the fp32 one becomes the targets), then `iters` bf16 SignSGD steps."""
-    from lowbit.methods.signround import SignRound, SignRoundOptions
+    from lowbit.methods.signround.stage import SignRound, SignRoundOptions
 
     row = {}
     for mode in ("off", "bf16"):

@@ -40,7 +40,7 @@ def linears_needing_input_grad(ctx) -> dict[str, bool]:
     """Which of the block's linears see an input that carries a gradient when only the weights are trained (the
     first linears after the block input need no input gradient; autograd skips it)."""
     from lowbit.engine import call_block
-    from lowbit.methods.frozen import frozen
+    from lowbit.methods.common.frozen import frozen
 
     needs: dict[str, bool] = {}
     hooks = [

@@ -15,14 +15,14 @@ from lowbit.engine import EngineOptions, ModelContext, call_block, capture_block
 from lowbit.engine.block_train import autocast_forward, block_forward, block_mse, resolve_autocast
 from lowbit.engine.causal_attention import block_attention
 from lowbit.errors import LowbitError
-from lowbit.methods import signround as signround_module
-from lowbit.methods import teq_wrap
-from lowbit.methods.awq import AWQ, AWQOptions
-from lowbit.methods.frozen import frozen
+from lowbit.methods.awq.stage import AWQ, AWQOptions
+from lowbit.methods.common.frozen import frozen
 from lowbit.methods.rtn import RTN
-from lowbit.methods.signround import SignRound, SignRoundOptions
-from lowbit.methods.signround_opt import TunedLinear
-from lowbit.methods.teq import TEQ, TEQOptions
+from lowbit.methods.signround import stage as signround_module
+from lowbit.methods.signround.stage import SignRound, SignRoundOptions
+from lowbit.methods.signround.tune import TunedLinear
+from lowbit.methods.teq import scales as teq_wrap
+from lowbit.methods.teq.stage import TEQ, TEQOptions
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import parse_scheme
 
@@ -314,7 +314,7 @@ def test_teq_blockwise_off_is_the_fp32_path_and_bf16_trains_fp32_scales(monkeypa
 
     scale_sets, quantized = [], []
     real_fold, real_fake_quant = teq_wrap.fold_scale_set, teq_wrap.fake_quant
-    monkeypatch.setattr("lowbit.methods.teq.fold_scale_set", lambda s: (scale_sets.append(s), real_fold(s))[1])
+    monkeypatch.setattr("lowbit.methods.teq.stage.fold_scale_set", lambda s: (scale_sets.append(s), real_fold(s))[1])
 
     def fake_quant_spy(weight, *args, **kwargs):
         quantized.append((weight.dtype, torch.is_autocast_enabled("cpu")))
@@ -376,8 +376,8 @@ def test_awq_off_is_the_fp32_path_and_bf16_only_changes_the_replayed_groups():
 
 
 def test_gptq_auto_is_the_fp32_path_and_bf16_collects_hessians_and_replays_in_bf16(monkeypatch):
-    from lowbit.methods import gptq_passes as gptq_module
-    from lowbit.methods.gptq import GPTQ, GPTQOptions
+    from lowbit.methods.gptq import passes as gptq_module
+    from lowbit.methods.gptq.stage import GPTQ, GPTQOptions
 
     grams = []
     real = gptq_module.input_gram

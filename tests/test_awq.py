@@ -9,9 +9,9 @@ import torch
 import lowbit
 from lowbit.arch import arch_for
 from lowbit.engine import BlockStage, EngineOptions, call_block, capture_block_inputs, run_block_stages
-from lowbit.methods.awq import AWQ, AWQOptions, normalised_scales
-from lowbit.methods.awq_clip import apply_clip, search_clip
-from lowbit.methods.fold import fold_group
+from lowbit.methods.awq.clip import apply_clip, search_clip
+from lowbit.methods.awq.stage import AWQ, AWQOptions, normalised_scales
+from lowbit.methods.common.fold import fold_group
 from lowbit.quantizer import fake_quant
 from lowbit.scheme import QuantScheme, parse_scheme
 
@@ -296,7 +296,7 @@ def test_search_samples_covering_every_sample_equals_the_full_search(tiny_model,
 
 
 def test_spaced_samples_and_replay_samples():
-    from lowbit.methods.awq import replay_samples, spaced_samples
+    from lowbit.methods.awq.stage import replay_samples, spaced_samples
 
     assert spaced_samples(8, None) is None and spaced_samples(8, 8) is None and spaced_samples(8, 9) is None
     assert spaced_samples(128, 8).tolist() == [0, 18, 36, 54, 73, 91, 109, 127]

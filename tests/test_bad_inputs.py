@@ -180,7 +180,7 @@ def _interrupted(env: Env) -> list[str]:
 
 def _nan_loss(env: Env) -> list[str]:
     """Every SignRound step's block loss is NaN (a numerical blow-up, injected)."""
-    import lowbit.methods.signround_opt as signround_opt
+    import lowbit.methods.signround.tune as signround_opt
 
     real = signround_opt.block_mse
     env.monkeypatch.setattr(signround_opt, "block_mse", lambda *a, **k: real(*a, **k) * float("nan"))

@@ -18,7 +18,7 @@ from lowbit.engine.causal_attention import (
     lowbit_chunked_attention,
 )
 from lowbit.methods.rtn import RTN
-from lowbit.methods.signround import SignRound, SignRoundOptions
+from lowbit.methods.signround.stage import SignRound, SignRoundOptions
 from lowbit.scheme import parse_scheme
 
 IDS = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))

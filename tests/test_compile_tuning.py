@@ -13,7 +13,7 @@ from lowbit.config import build_config
 from lowbit.engine import EngineOptions, block_train, call_block, capture_block_inputs, run_block_stages
 from lowbit.engine.block_train import EpochSettings, block_forward, resolve_compile, train_epochs
 from lowbit.errors import LowbitError
-from lowbit.methods.signround import SignRound, SignRoundOptions
+from lowbit.methods.signround.stage import SignRound, SignRoundOptions
 from lowbit.scheme import parse_scheme
 
 W2 = parse_scheme("w2g32")

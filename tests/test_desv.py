@@ -14,8 +14,7 @@ from lowbit.config import build_config
 from lowbit.engine import call_block
 from lowbit.engine.block_train import EpochSettings, block_forward, make_optimizer, train_epochs
 from lowbit.errors import LowbitError
-from lowbit.methods.desv import DESV_LR, _Trainable
-from lowbit.methods.desv_band import (
+from lowbit.methods.desv.band import (
     BandedIncrement,
     BandIndex,
     band_mask,
@@ -24,6 +23,7 @@ from lowbit.methods.desv_band import (
     delta_weight,
     live_count,
 )
+from lowbit.methods.desv.stage import DESV_LR, _Trainable
 from lowbit.models import load_model
 from test_omniquant import make_llama, make_opt, omni_block, randomise_let
 

@@ -22,9 +22,9 @@ from lowbit.arch import arch_for
 from lowbit.engine import call_block, capture_block_inputs
 from lowbit.errors import LowbitError
 from lowbit.methods import STAGES
-from lowbit.methods.fold import fold_group, group_width
-from lowbit.methods.omniquant_let import LetPair, apply_let, let_groups, make_qk_scale
-from lowbit.methods.teq_wrap import fold_scale_set, make_scale_set, unwrap_block, wrap_block
+from lowbit.methods.common.fold import fold_group, group_width
+from lowbit.methods.omniquant.let import LetPair, apply_let, let_groups, make_qk_scale
+from lowbit.methods.teq.scales import fold_scale_set, make_scale_set, unwrap_block, wrap_block
 from lowbit.models import load_model
 from lowbit.scheme import parse_scheme
 from test_export_gptq import reference_decode
@@ -207,8 +207,8 @@ def test_compressed_tensors_exports_load_in_transformers(exported):
 def test_invarexplore_incremental_objective_matches_a_full_forward(family):
     """The fast path rebuilds h_mid + post_norm(FFN(pre_norm(h_mid))), per-layer kwargs and Gemma 2's soft-capped
     head itself; the naive path is the model's own forward."""
-    from lowbit.methods.invarexplore import InvarExploreOptions
-    from lowbit.methods.invarexplore_search import InvarSearch
+    from lowbit.methods.invarexplore.search import InvarSearch
+    from lowbit.methods.invarexplore.stage import InvarExploreOptions
 
     model = make_family(family)
     ids = torch.randint(3, 320, (4, 24), generator=torch.Generator().manual_seed(1))

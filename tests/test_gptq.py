@@ -9,8 +9,8 @@ import lowbit
 from lowbit.arch import arch_for
 from lowbit.engine import EngineOptions, run_block_stages
 from lowbit.engine.stage import NoOptions
-from lowbit.methods.gptq import GPTQ, GPTQOptions
-from lowbit.methods.hessian import HessianAccumulator, gptq_quantize, gram_matrix
+from lowbit.methods.gptq.solve import HessianAccumulator, gptq_quantize, gram_matrix
+from lowbit.methods.gptq.stage import GPTQ, GPTQOptions
 from lowbit.methods.rtn import RTN
 from lowbit.models import LoadedModel
 from lowbit.quantizer import quantize_weight
@@ -201,7 +201,7 @@ def test_gptq_recipe_through_the_api(tiny_llama_dir, text_file):
 def test_early_stopped_hessians_equal_those_of_a_full_block_forward(make_name):
     import conftest
     from lowbit.engine import BlockContext, capture_block_inputs
-    from lowbit.methods.gptq_passes import collect_hessians
+    from lowbit.methods.gptq.passes import collect_hessians
 
     model = getattr(conftest, make_name)()
     arch = arch_for(model)
@@ -222,7 +222,7 @@ def test_early_stopped_hessians_equal_those_of_a_full_block_forward(make_name):
 
 
 def test_entry_module_is_the_common_parent_that_holds_the_previous_subset():
-    from lowbit.methods.gptq_passes import entry_module
+    from lowbit.methods.gptq.passes import entry_module
 
     assert entry_module(("mlp.down_proj",), ("mlp.up_proj", "mlp.gate_proj")) == "mlp"
     assert entry_module(("self_attn.o_proj",), ("self_attn.k_proj", "self_attn.q_proj")) == "self_attn"
@@ -239,7 +239,7 @@ def test_passes_started_at_a_recorded_module_give_the_whole_block_hessians(make_
     """The o_proj (out_proj) pass starts at self_attn, LLaMA's down_proj pass at mlp, on the calls recorded in the
     pass before; the quantized block is bit-identical to the one whose every pass runs the whole block."""
     import conftest
-    import lowbit.methods.gptq as gptq_module
+    import lowbit.methods.gptq.stage as gptq_module
 
     scheme = parse_scheme("w3g32")
     starts = []
@@ -286,7 +286,7 @@ def test_gptq_hands_the_engine_the_chain_only_where_residual_plus_mlp_is_the_blo
     MLP module), a W-A scheme (the chain runs W-A) and a block whose output is not that sum (checked on the first
     batch) get the engine's replay."""
     import conftest
-    import lowbit.methods.gptq as gptq_module
+    import lowbit.methods.gptq.stage as gptq_module
 
     scheme = parse_scheme("w4a8g32" if case == "w4a8" else "w4g32")
     ctx = gptq_block_context(conftest.make_opt() if case == "opt" else conftest.make_llama(), scheme)
@@ -306,6 +306,6 @@ def test_gptq_hands_the_engine_the_chain_only_where_residual_plus_mlp_is_the_blo
 
 
 def test_fits_in_memory_compares_with_the_memory_available_now():
-    from lowbit.methods.gptq_passes import fits_in_memory
+    from lowbit.methods.gptq.passes import fits_in_memory
 
     assert fits_in_memory(1) and not fits_in_memory(1 << 60)

@@ -13,8 +13,7 @@ from lowbit.config import build_config
 from lowbit.data import load_calibration
 from lowbit.errors import LowbitError
 from lowbit.export import RECORD_FILE, read_artifacts
-from lowbit.methods.invarexplore import InvarExploreOptions
-from lowbit.methods.invarexplore_ops import (
+from lowbit.methods.invarexplore.invariances import (
     LayerState,
     ProposalConfig,
     build_candidate,
@@ -29,7 +28,8 @@ from lowbit.methods.invarexplore_ops import (
     transformed_columns,
     transformed_rows,
 )
-from lowbit.methods.invarexplore_search import InvarSearch
+from lowbit.methods.invarexplore.search import InvarSearch
+from lowbit.methods.invarexplore.stage import InvarExploreOptions
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import parse_scheme
 

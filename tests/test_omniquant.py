@@ -16,10 +16,10 @@ from lowbit.config import build_config
 from lowbit.engine import call_block, capture_block_inputs
 from lowbit.engine.block_train import EpochSettings, block_forward, train_epochs
 from lowbit.errors import LowbitError
-from lowbit.methods.omniquant import OmniQuantOptions, resolve_recipe
-from lowbit.methods.omniquant_block import BlockSettings, OmniQuantBlock
-from lowbit.methods.omniquant_let import activation_stats, let_groups
-from lowbit.methods.omniquant_lwc import LearnableClip
+from lowbit.methods.omniquant.block import BlockSettings, OmniQuantBlock
+from lowbit.methods.omniquant.let import activation_stats, let_groups
+from lowbit.methods.omniquant.lwc import LearnableClip
+from lowbit.methods.omniquant.stage import OmniQuantOptions, resolve_recipe
 from lowbit.models import LoadedModel, load_model
 from lowbit.quantizer import fake_quant
 from lowbit.scheme import QuantScheme, parse_scheme
@@ -359,7 +359,7 @@ def test_impossible_combinations_are_refused(recipe):
 
 
 def test_mse_clip_init_lowers_the_weight_error_and_stays_below_the_reference_start():
-    from lowbit.methods.omniquant_lwc import LWC_INIT
+    from lowbit.methods.omniquant.lwc import LWC_INIT
 
     weight = torch.randn(16, 256, generator=torch.Generator().manual_seed(2))
     weight[0, 0] = 25.0  # an outlier that min/max clipping should cut

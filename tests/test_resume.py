@@ -117,7 +117,7 @@ def test_resume_after_a_model_stage_reloads_it(three_block_dir, text_file, tmp_p
 
 def test_invarexplore_resumes_mid_search(three_block_dir, text_file, tmp_path, monkeypatch):
     """Interrupted inside the search (after a record checkpoint), the resumed search ends where the full one does."""
-    from lowbit.methods.invarexplore_search import InvarSearch
+    from lowbit.methods.invarexplore.search import InvarSearch
 
     recipe = "awq+invarexplore+rtn"
     reference, out = tmp_path / "reference", tmp_path / "out"

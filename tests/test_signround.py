@@ -13,8 +13,8 @@ from lowbit.config import build_config
 from lowbit.engine import EngineOptions, call_block, capture_block_inputs, run_block_stages
 from lowbit.engine.block_train import IndexSampler, block_forward, block_mse
 from lowbit.errors import LowbitError
-from lowbit.methods.signround import SignRound, SignRoundOptions
-from lowbit.methods.signround_opt import (
+from lowbit.methods.signround.stage import SignRound, SignRoundOptions
+from lowbit.methods.signround.tune import (
     TunedLinear,
     TuneSettings,
     linear_schedule,

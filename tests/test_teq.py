@@ -8,10 +8,8 @@ from conftest import make_llama, make_opt
 from lowbit.arch import arch_for
 from lowbit.engine import ModelContext
 from lowbit.errors import LowbitError
-from lowbit.methods.fold import group_width
-from lowbit.methods.teq import TEQ, TEQOptions
-from lowbit.methods.teq_train import linear_warmup_lr, sample_index
-from lowbit.methods.teq_wrap import (
+from lowbit.methods.common.fold import group_width
+from lowbit.methods.teq.scales import (
     TEQLinear,
     fold_scale_set,
     make_scale_set,
@@ -19,6 +17,8 @@ from lowbit.methods.teq_wrap import (
     unwrap_block,
     wrap_block,
 )
+from lowbit.methods.teq.stage import TEQ, TEQOptions
+from lowbit.methods.teq.train import linear_warmup_lr, sample_index
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import parse_scheme
 

@@ -111,7 +111,7 @@ class ArchSpec:
     # is then NOT an equivalence, so no stage may build the q<->k pair
     qk_norm: bool = False
     # how a norm applies its weight: "plain" (x * w) or "one_plus" (x * (1 + w), Gemma); folding scales s gives
-    # w / s or (1 + w) / s - 1 (methods/fold.py, OmniQuant's LET)
+    # w / s or (1 + w) / s - 1 (methods/common/fold.py, OmniQuant's LET)
     norm_kind: str = "plain"
     ffn_norm: str | None = None  # the FFN's input norm (None: norms[1]); Gemma: pre_feedforward_layernorm
     ffn_post_norm: str | None = None  # a norm on the FFN's output before the residual add (Gemma's sandwich)

@@ -1,8 +1,8 @@
 """Routing statistics of a sparse MoE block during calibration: how many calibration tokens reach each expert.
 
 An expert's linears see only the tokens routed to it, so a rarely picked expert is calibrated on little data and
-one never picked on none (GPTQ then rounds its linears with RTN, methods/gptq.py). The block loop records the counts
-of every sparse block in the run record, so a reader can tell which experts were calibrated on what.
+one never picked on none (GPTQ then rounds its linears with RTN, methods/gptq/stage.py). The block loop
+records the counts of every sparse block in the run record, so a reader can tell which experts were calibrated on what.
 """
 
 from __future__ import annotations

@@ -1,25 +1,19 @@
-"""Every stage lowbit offers, by name. A new method is one file here plus one entry in STAGES."""
+"""Every stage lowbit offers, by name. A new method is one folder here plus one entry in METHODS."""
+
+from types import ModuleType
 
 from lowbit.engine import Stage
-from lowbit.methods.awq import AWQ
-from lowbit.methods.awq import RECIPES as AWQ_RECIPES
-from lowbit.methods.desv import DESV
-from lowbit.methods.desv import RECIPES as DESV_RECIPES
-from lowbit.methods.gptq import GPTQ
-from lowbit.methods.invarexplore import InvarExplore
-from lowbit.methods.omniquant import LET, OmniQuant
-from lowbit.methods.omniquant import RECIPES as OMNIQUANT_RECIPES
-from lowbit.methods.rtn import RTN
-from lowbit.methods.signround import RECIPES as SIGNROUND_RECIPES
-from lowbit.methods.signround import SignRound
-from lowbit.methods.teq import TEQ
+from lowbit.methods import awq, desv, gptq, invarexplore, omniquant, rtn, signround, teq
 from lowbit.presets import RecipePreset
 
-STAGES: dict[str, type[Stage]] = {
-    stage.name: stage for stage in (RTN, SignRound, GPTQ, TEQ, AWQ, OmniQuant, DESV, LET, InvarExplore)
-}
+# The order is the order `lowbit recipes` lists them in.
+METHODS: tuple[ModuleType, ...] = (rtn, signround, gptq, teq, awq, omniquant, desv, invarexplore)
+
+STAGES: dict[str, type[Stage]] = {stage.name: stage for method in METHODS for stage in method.STAGES}
 
 # Named presets (`--recipe signround-fast`): a stage plus option overrides and calibration size.
-RECIPE_PRESETS: dict[str, RecipePreset] = {**SIGNROUND_RECIPES, **AWQ_RECIPES, **OMNIQUANT_RECIPES, **DESV_RECIPES}
+RECIPE_PRESETS: dict[str, RecipePreset] = {
+    name: preset for method in METHODS for name, preset in method.RECIPES.items()
+}
 
-__all__ = ["RECIPE_PRESETS", "STAGES"]
+__all__ = ["METHODS", "RECIPE_PRESETS", "STAGES"]

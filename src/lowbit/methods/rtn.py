@@ -35,3 +35,7 @@ def rtn_quantize_model(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) ->
         for name, linear in arch.linears(block).items():
             records[f"{arch.block_name(index)}.{name}"] = quantize_weight(linear.weight.detach(), scheme)
     return records
+
+
+STAGES = (RTN,)
+RECIPES: dict = {}

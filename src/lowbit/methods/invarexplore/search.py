@@ -24,8 +24,7 @@ from tqdm.auto import tqdm
 from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
 from lowbit.export import ARTIFACTS_FILE
-from lowbit.methods.invarexplore_eval import Evaluator, Objective, Score
-from lowbit.methods.invarexplore_ops import (
+from lowbit.methods.invarexplore.invariances import (
     LayerState,
     ProposalConfig,
     build_candidate,
@@ -35,10 +34,11 @@ from lowbit.methods.invarexplore_ops import (
     propose,
     quantize_rows,
 )
+from lowbit.methods.invarexplore.objective import Evaluator, Objective, Score
 from lowbit.scheme import QuantScheme
 
 if TYPE_CHECKING:
-    from lowbit.methods.invarexplore import InvarExploreOptions
+    from lowbit.methods.invarexplore.stage import InvarExploreOptions
 
 log = logging.getLogger(__name__)
 

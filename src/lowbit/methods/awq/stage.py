@@ -3,8 +3,8 @@
 Per block: record the group inputs (and the inspected modules' call arguments) on the quantized chain (`ctx.inputs`,
 the inputs the following quantizer sees, as llm-compressor; `search_inputs=float` uses llm-awq's float chain
 `ctx.fp_inputs`), search a scale per `ArchSpec` scale group against the block's original weights, fold every scale
-exactly into the previous op (`methods/fold.py`), then clamp the float weights per (row, group)
-(`methods/awq_clip.py`). Any quantizer stage follows (awq+rtn, awq+gptq, awq+signround).
+exactly into the previous op (`methods/common/fold.py`), then clamp the float weights per (row, group)
+(`methods/awq/clip.py`). Any quantizer stage follows (awq+rtn, awq+gptq, awq+signround).
 
 `search_samples` runs the attention/MLP replay searches on evenly spaced whole calibration samples (the candidate
 scales' x̄ and the Gram losses of the linear-only groups still cover every token). The default is 8 (llm-awq uses all):
@@ -34,9 +34,9 @@ from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.block_train import TuneAutocast, autocast, resolve_autocast
 from lowbit.engine.context import move_to
 from lowbit.errors import LowbitError
-from lowbit.methods.awq_clip import apply_clip, clip_applies, fake_quant_rows, sample_tokens, search_clip
-from lowbit.methods.fold import fold_group
-from lowbit.methods.hessian import gram_matrix
+from lowbit.methods.awq.clip import apply_clip, clip_applies, fake_quant_rows, sample_tokens, search_clip
+from lowbit.methods.common.fold import fold_group
+from lowbit.methods.gptq.solve import gram_matrix
 from lowbit.presets import RecipePreset
 from lowbit.quantizer import fake_quant
 from lowbit.scheme import QuantScheme

@@ -25,7 +25,7 @@ from lowbit.engine import BlockContext, call_block
 from lowbit.engine.block_train import autocast
 from lowbit.engine.context import move_to
 from lowbit.errors import LowbitError
-from lowbit.methods.hessian import HessianAccumulator, input_gram
+from lowbit.methods.gptq.solve import HessianAccumulator, input_gram
 
 
 class _SubsetSeen(Exception):

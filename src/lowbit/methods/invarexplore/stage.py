@@ -20,7 +20,7 @@ recipe is parsed. Strict-improvement acceptance means the objective never rises 
 holds the initial and final objective.
 
 Evaluation: `evaluation=incremental` (default) re-quantizes only the changed rows / groups and re-runs only the
-changed layer's FFN, the layers after it and a chunked head (`methods/invarexplore_eval.py`); `naive` is the
+changed layer's FFN, the layers after it and a chunked head (`methods/invarexplore/objective.py`); `naive` is the
 reference's full re-evaluation (same decisions, the speed baseline). A step budget is deterministic for a seed; a
 time budget is not (the record says which).
 """
@@ -37,8 +37,8 @@ import torch
 from lowbit.arch import ArchSpec
 from lowbit.engine import ModelContext, ModelStage
 from lowbit.errors import LowbitError
-from lowbit.methods.invarexplore_ops import monitored_layers, neuron_roles
-from lowbit.methods.invarexplore_search import InvarSearch
+from lowbit.methods.invarexplore.invariances import monitored_layers, neuron_roles
+from lowbit.methods.invarexplore.search import InvarSearch
 from lowbit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)

@@ -21,15 +21,15 @@ from tqdm.auto import tqdm
 from lowbit.engine import BlockContext, BlockStage, ModelContext, ModelStage, call_block
 from lowbit.engine.block_train import TuneAutocast, autocast, resolve_autocast
 from lowbit.errors import LowbitError
-from lowbit.methods.frozen import frozen
-from lowbit.methods.teq_train import (
+from lowbit.methods.common.frozen import frozen
+from lowbit.methods.teq.scales import ScaleSet, fold_scale_set, make_scale_set, unwrap_block, wrap_block
+from lowbit.methods.teq.train import (
     CheckpointedBlocks,
     TrainingCheckpoint,
     calibration_loss,
     linear_warmup_lr,
     sample_index,
 )
-from lowbit.methods.teq_wrap import ScaleSet, fold_scale_set, make_scale_set, unwrap_block, wrap_block
 from lowbit.record import loss_trace
 from lowbit.scheme import QuantScheme
 

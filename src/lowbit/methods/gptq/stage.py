@@ -2,8 +2,8 @@
 
 For each subset of `ArchSpec.sequential` the block runs on the engine's student inputs (`ctx.inputs`, the
 quantized chain by default) with hooks accumulating one Hessian per linear of the subset; earlier subsets of the
-block are already quantized at that point. The passes live in `methods/gptq_passes.py`, the math in
-`methods/hessian.py`.
+block are already quantized at that point. The passes live in `methods/gptq/passes.py`, the math in
+`methods/gptq/solve.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.block_train import TuneAutocast, resolve_autocast
-from lowbit.methods.gptq_passes import (
+from lowbit.methods.gptq.passes import (
     ModuleCalls,
     collect_hessians,
     entry_module,
@@ -25,7 +25,7 @@ from lowbit.methods.gptq_passes import (
     residual_chain,
     residual_norm,
 )
-from lowbit.methods.hessian import gptq_quantize
+from lowbit.methods.gptq.solve import gptq_quantize
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 

@@ -28,8 +28,8 @@ from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.block_train import EpochSettings, block_forward, resolve_autocast, train_epochs
 from lowbit.errors import LowbitError
 from lowbit.export.artifacts import ARTIFACTS_FILE
-from lowbit.methods.omniquant_block import BlockSettings, OmniQuantBlock
-from lowbit.methods.omniquant_let import activation_stats, let_groups
+from lowbit.methods.omniquant.block import BlockSettings, OmniQuantBlock
+from lowbit.methods.omniquant.let import activation_stats, let_groups
 from lowbit.presets import RecipePreset
 from lowbit.scheme import QuantScheme
 

@@ -19,9 +19,9 @@ import torch
 
 from lowbit.engine import BlockContext
 from lowbit.errors import LowbitError
-from lowbit.methods.desv_band import BandedIncrement
-from lowbit.methods.omniquant import CPU_OPTIONS, OmniQuant, OmniQuantOptions, Resolved
-from lowbit.methods.omniquant_block import OmniQuantBlock
+from lowbit.methods.desv.band import BandedIncrement
+from lowbit.methods.omniquant.block import OmniQuantBlock
+from lowbit.methods.omniquant.stage import CPU_OPTIONS, OmniQuant, OmniQuantOptions, Resolved
 from lowbit.presets import RecipePreset
 from lowbit.scheme import QuantScheme
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.arch import ArchSpec, ScaleGroup
-from lowbit.methods.fold import fold_group, group_width
+from lowbit.methods.common.fold import fold_group, group_width
 from lowbit.quantizer import fake_quant
 from lowbit.scheme import QuantScheme
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
-from lowbit.methods.omniquant_let import (
+from lowbit.methods.omniquant.let import (
     LetPair,
     QKScale,
     apply_let,
@@ -24,7 +24,7 @@ from lowbit.methods.omniquant_let import (
     shift_possible,
     truncate_scales,
 )
-from lowbit.methods.omniquant_lwc import LearnableClip
+from lowbit.methods.omniquant.lwc import LearnableClip
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
 

@@ -23,7 +23,7 @@ from lowbit.engine.block_train import (
     snapshot,
 )
 from lowbit.errors import LowbitError
-from lowbit.methods.signround_qdq import GroupedWeight, supports_fast_qdq
+from lowbit.methods.signround.qdq import GroupedWeight, supports_fast_qdq
 from lowbit.quantizer import QuantizedWeight, fake_quant, quantize_weight
 from lowbit.scheme import QuantScheme
 

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.block_train import TuneAutocast, block_forward, resolve_autocast
 from lowbit.errors import LowbitError
-from lowbit.methods.frozen import frozen
-from lowbit.methods.signround_opt import (
+from lowbit.methods.common.frozen import frozen
+from lowbit.methods.signround.tune import (
     TunedLinear,
     TuneResult,
     TuneSettings,

@@ -1,0 +1,1 @@
+"""What several methods share: folding scales into weights, frozen parameters, Gram matrices."""
