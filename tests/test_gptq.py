@@ -9,7 +9,8 @@ import lowbit
 from lowbit.arch import arch_for
 from lowbit.engine import EngineOptions, run_block_stages
 from lowbit.engine.stage import NoOptions
-from lowbit.methods.gptq.solve import HessianAccumulator, gptq_quantize, gram_matrix
+from lowbit.methods.common.gram import gram_matrix
+from lowbit.methods.gptq.solve import HessianAccumulator, gptq_quantize
 from lowbit.methods.gptq.stage import GPTQ, GPTQOptions
 from lowbit.methods.rtn import RTN
 from lowbit.models import LoadedModel

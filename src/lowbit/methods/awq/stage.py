@@ -36,7 +36,7 @@ from lowbit.engine.context import move_to
 from lowbit.errors import LowbitError
 from lowbit.methods.awq.clip import apply_clip, clip_applies, fake_quant_rows, sample_tokens, search_clip
 from lowbit.methods.common.fold import fold_group
-from lowbit.methods.gptq.solve import gram_matrix
+from lowbit.methods.common.gram import gram_matrix
 from lowbit.presets import RecipePreset
 from lowbit.quantizer import fake_quant
 from lowbit.scheme import QuantScheme
@@ -138,7 +138,7 @@ def _feature_keys(ctx: BlockContext) -> dict[str, str]:
 
 
 @torch.no_grad()
-def input_gram(ctx: BlockContext, x: Tensor) -> Tensor:
+def block_gram(ctx: BlockContext, x: Tensor) -> Tensor:
     """H = X^T X over every cached token of x ([n, L, k], or [tokens, k] where a block flattens them, as OPT's
     FFN does): one fp32 product per batch (a float64 GEMM runs at a quarter of the rate on a CPU), summed in
     float64 so the sum over all batches loses nothing."""
@@ -301,7 +301,7 @@ class AWQ(BlockStage):
         originals = [linear.weight.detach().clone() for linear in linears]
         gram = None
         if self.options.linear_loss == "gram" and group.linears == (group.inspect,):
-            gram = input_gram(ctx, x)  # the inspected module is the linear itself: its loss is quadratic in E
+            gram = block_gram(ctx, x)  # the inspected module is the linear itself: its loss is quadratic in E
             y0: list[Tensor] = []
             replay, used = x, replay_samples(x, nsamples, None, call)[1]
         else:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,10 +35,8 @@ from lowbit.methods.invarexplore.invariances import (
     quantize_rows,
 )
 from lowbit.methods.invarexplore.objective import Evaluator, Objective, Score
+from lowbit.methods.invarexplore.options import InvarExploreOptions
 from lowbit.scheme import QuantScheme
-
-if TYPE_CHECKING:
-    from lowbit.methods.invarexplore.stage import InvarExploreOptions
 
 log = logging.getLogger(__name__)
 
