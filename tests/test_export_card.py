@@ -12,6 +12,7 @@ import torch
 
 from lowbit.cli import main
 from lowbit.export import RECORD_FILE
+from lowbit.export.card import model_card
 from lowbit.export.load import load
 
 CHECK = """
@@ -37,11 +38,14 @@ def snippet(out, section: str) -> str:
 
 
 def run_snippet(code: str, tmp_path) -> torch.Tensor:
-    """Run the card's code in a fresh interpreter (as a user would), then one forward."""
+    """Run the card's code in a fresh interpreter (as a user would), then one forward.
+
+    The card names the export as `./<name>`: the snippet runs from the folder that holds it (`tmp_path`).
+    """
     path = tmp_path / "logits.pt"
     model = "model" if "model =" in code else "loaded.model"
     script = code + CHECK.format(model=model, path=str(path))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(path)
 
@@ -58,6 +62,7 @@ def test_card_snippets_load_the_export(tiny_llama_dir, tmp_path, scheme, extra, 
     out = tmp_path / "out"
     record = quantize(tiny_llama_dir, out, "--scheme", scheme, *extra)
     assert record["format"] == fmt
+    check_card_names_no_local_path(out, tiny_llama_dir, scheme)
     code = snippet(out, "transformers")
     assert ("dequantize=True" in code) == dequantize
     reference = load(out, kernel="reference").model  # bit for bit the quantized model
@@ -69,9 +74,31 @@ def test_card_snippets_load_the_export(tiny_llama_dir, tmp_path, scheme, extra, 
     torch.testing.assert_close(run_snippet(snippet(out, "lowbit"), tmp_path), want, rtol=0, atol=kernel_tol)
 
 
+def check_card_names_no_local_path(out, model_dir, scheme: str) -> None:
+    """The card names the scheme and loads `./out`, never a path of the machine that wrote it."""
+    card = (out / "README.md").read_text()
+    assert f"scheme `{scheme}`" in card and "`?`" not in card
+    assert "./out" in card
+    for path in (out.resolve(), out.parent.resolve(), model_dir):
+        assert str(path) not in card
+    assert str(out.parent.resolve().parent) not in card  # not even the temporary root above it
+
+
+def test_card_names_the_hub_id_when_given():
+    record = {
+        "model": "/home/someone/models/tiny",
+        "config": {"recipe": "rtn", "scheme": {"bits": 4, "group_size": -1, "act_bits": 4}},
+    }
+    card = model_card("fake", "/home/someone/exports/tiny-w4a4", record, hub_id="org/tiny-w4a4")
+    assert "/home/someone" not in card
+    assert "scheme `w4a4`" in card and "`tiny` (a local model)" in card
+    assert "from_pretrained('org/tiny-w4a4')" in card and "snapshot_download('org/tiny-w4a4')" in card
+
+
 def test_gptq_card_points_to_lowbit_on_cpu(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
     assert quantize(tiny_llama_dir, out, "--scheme", "w4g32-sym", "--format", "gptq")["format"] == "gptq"
+    check_card_names_no_local_path(out, tiny_llama_dir, "w4g32-sym")
     card = (out / "README.md").read_text()
     assert "gptqmodel" in card and "## vLLM" in card
     run_snippet(snippet(out, "lowbit"), tmp_path)
@@ -89,6 +116,7 @@ def test_weight_activation_scheme_defaults_to_fake_with_a_warning_in_the_card(ti
     out = tmp_path / "out"
     record = quantize(tiny_llama_dir, out, "--scheme", "w4a4")
     assert record["format"] == "fake"
+    check_card_names_no_local_path(out, tiny_llama_dir, "w4a4")
     card = (out / "README.md").read_text()
     assert "lowbit.load" in card and "weight-only" in card and "## vLLM" not in card
 

@@ -4,12 +4,18 @@ The loading code differs by format and is easy to get wrong: an asymmetric compr
 load through transformers' default `from_pretrained` (packed zero points; upstream llm-compressor #1618/#1704) and
 needs `CompressedTensorsConfig(dequantize=True)`; a weight-activation `fake` export only behaves as measured when
 its activation quantizers are installed (`lowbit.load`); GPTQ checkpoints need gptqmodel in transformers.
+
+The card never names the path of the machine that wrote it: its snippets load `./<directory name>` (run them from
+the folder that holds the export) or, when the caller gives one, a hub id.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from lowbit.errors import LowbitError
+from lowbit.scheme import QuantScheme
 
 CARD_FILE = "README.md"
 
@@ -37,7 +43,13 @@ def transformers_snippet(fmt: str, directory: str, scheme: dict[str, Any]) -> st
     )
 
 
-def lowbit_snippet(directory: str) -> str:
+def lowbit_snippet(directory: str, hub_id: str | None = None) -> str:
+    """`lowbit.load` reads a local directory: with a hub id the snippet downloads the export first."""
+    if hub_id is not None:
+        return (
+            "from huggingface_hub import snapshot_download\n\nimport lowbit\n\n"
+            f"loaded = lowbit.load(snapshot_download({hub_id!r}))  # .model, .tokenizer\n"
+        )
     return f"import lowbit\n\nloaded = lowbit.load({directory!r})  # .model, .tokenizer\n"
 
 
@@ -53,20 +65,53 @@ def _requirements(fmt: str) -> str:
     }[fmt]
 
 
-def model_card(fmt: str, directory: str | Path, record: dict[str, Any]) -> str:
-    """The README.md of an export at `directory` (the final path, as the user will load it)."""
-    directory = str(directory)
+def scheme_name(scheme: dict[str, Any]) -> str:
+    """The scheme's short name (`w4g128`, `w4a4`, ...) from the record's scheme fields, which do not hold it."""
+    if scheme.get("name"):
+        return str(scheme["name"])
+    try:
+        return QuantScheme.from_dict(scheme).name
+    except (LowbitError, TypeError):
+        return "unknown scheme"
+
+
+def relative_path(directory: str | Path) -> str:
+    """`./<name>`: the export as seen from the folder that holds it, without the writing machine's path."""
+    return f"./{Path(directory).name}"
+
+
+def model_label(model: str) -> str:
+    """A hub id as it is; a local model directory by its name only (the card does not name the writer's paths)."""
+    if model.startswith(("/", "~", ".", "\\")) or Path(model).is_absolute():
+        return f"`{Path(model).expanduser().name}` (a local model)"
+    return model
+
+
+def model_card(fmt: str, directory: str | Path, record: dict[str, Any], hub_id: str | None = None) -> str:
+    """The README.md of an export written to `directory`.
+
+    The snippets load `hub_id` when one is given (the export pushed to the hub), else `./<directory name>`, to be
+    run from the folder that holds the export; the directory's full path is never written into the card.
+    """
+    name = Path(directory).name
+    source = hub_id if hub_id is not None else relative_path(directory)
     config = record.get("config", {})
     scheme = config.get("scheme", {})
     act_bits = scheme.get("act_bits", 16)
-    recipe, name = config.get("recipe", "?"), scheme.get("name", "?")
+    recipe = config.get("recipe", "unknown recipe")
+    model = model_label(str(record["model"])) if record.get("model") else "A model"
     lines = [
-        f"# {Path(directory).name}",
+        f"# {name}",
         "",
-        f"{record.get('model', 'A model')} quantized by lowbit {record.get('versions', {}).get('lowbit', '')}: "
-        f"recipe `{recipe}`, scheme `{name}`, format `{fmt}`.",
+        f"{model} quantized by lowbit {record.get('versions', {}).get('lowbit', '')}: "
+        f"recipe `{recipe}`, scheme `{scheme_name(scheme)}`, format `{fmt}`.",
         "",
     ]
+    if hub_id is None:
+        lines += [
+            f"The code below loads `{source}`: run it from the folder that holds `{name}`, or change the path.",
+            "",
+        ]
     if fmt == "fake":
         lines += [
             "This is a `fake` export: the weights are the dequantized float values (for research and evaluation); "
@@ -79,11 +124,12 @@ def model_card(fmt: str, directory: str | Path, record: dict[str, Any]) -> str:
             "the activation quantizers; plain transformers runs it weight-only.",
             "",
         ]
-    lines += [f"## transformers\n\nNeeds {_requirements(fmt)}.\n", "```python", transformers_snippet(fmt, directory,
+    lines += [f"## transformers\n\nNeeds {_requirements(fmt)}.\n", "```python", transformers_snippet(fmt, source,
               scheme).rstrip(), "```", ""]  # fmt: skip
     if fmt != "fake" or act_bits >= 16:
-        lines += ["## vLLM", "", "```python", vllm_snippet(directory).rstrip(), "```", ""]
-    lines += ["## lowbit (CPU runtime, any format)", "", "```python", lowbit_snippet(directory).rstrip(), "```", ""]
+        lines += ["## vLLM", "", "```python", vllm_snippet(source).rstrip(), "```", ""]
+    lowbit_code = lowbit_snippet(source, hub_id).rstrip()
+    lines += ["## lowbit (CPU runtime, any format)", "", "```python", lowbit_code, "```", ""]
     evaluation = record.get("evaluation", {})
     if evaluation.get("after"):
         lines += ["## Perplexity", "", "| data | float | quantized |", "|---|---|---|"]
@@ -95,6 +141,6 @@ def model_card(fmt: str, directory: str | Path, record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_card(directory: Path, final: str | Path, fmt: str, record: dict[str, Any]) -> None:
-    """Write README.md into the (temporary) export directory, naming the final path in its snippets."""
-    (directory / CARD_FILE).write_text(model_card(fmt, Path(final).expanduser().resolve(), record))
+def write_card(directory: Path, final: str | Path, fmt: str, record: dict[str, Any], hub_id: str | None = None) -> None:
+    """Write README.md into the (temporary) export directory; its snippets name the final directory's name only."""
+    (directory / CARD_FILE).write_text(model_card(fmt, Path(final).expanduser().resolve(), record, hub_id))

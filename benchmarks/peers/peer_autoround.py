@@ -6,7 +6,7 @@ default bf16 AMP on this CPU (its model is then bf16: the codes are recovered fr
 rebuilds fp32 weights from its per-layer scale / zp: q = clamp(round(W/scale) + zp, 0, qmax), W = (q - zp) * scale
 (its fake export is unreliable for an fp32 source; see shared/notes/peers-on-cpu.md). Prints one JSON line.
 
-    /work/venvs/autoround/bin/python benchmarks/peer_autoround.py --bits 2 --iters 50 --nsamples 64 --seqlen 512
+    <auto-round venv>/bin/python benchmarks/peers/peer_autoround.py --bits 2 --iters 50 --nsamples 64 --seqlen 512
 """
 
 from __future__ import annotations

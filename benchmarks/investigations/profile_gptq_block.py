@@ -2,8 +2,8 @@
 products inside), the column solves and the quantized chain's forward: true-sequential with every pass over the
 whole block (before 2026-12-02) or starting at a recorded module, in one pass, full or panelled Gram products.
 
-Usage (the command behind benchmarks/RESULTS.md, "GPTQ at 128 x 512: ..."):
-    flock /tmp/lowbit-bench.lock python benchmarks/profile_gptq_block.py \
+Usage (the command behind benchmarks/results/speed-log.md, "GPTQ at 128 x 512: ..."):
+    flock /tmp/lowbit-bench.lock python benchmarks/investigations/profile_gptq_block.py \
         --out benchmarks/results/profile_gptq_block.json
 """
 
@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_signround_block, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/common.py
 from profile_signround_block import block_context  # noqa: E402
+
+from common import machine, write_json  # noqa: E402
 
 GPTQ_OPTS = {"act_order": True, "static_groups": True, "percdamp": 0.01}  # = bench_gptq_awq.py's
 

@@ -7,8 +7,8 @@ attention's four products forward and backward. This script times each of those 
 engine's two forward replays per block), and measures the real iteration (eager and, with `--compile`, compiled) and
 replays on one block, so the run's time can be split into "matmul floor" and "everything else".
 
-Usage (the command behind benchmarks/RESULTS.md, "SignRound light: the matmul floor"):
-    flock /tmp/lowbit-bench.lock python benchmarks/signround_floor.py --compile \
+Usage (the command behind benchmarks/results/speed-log.md, "SignRound light: the matmul floor"):
+    flock /tmp/lowbit-bench.lock python benchmarks/investigations/signround_floor.py --compile \
         --out benchmarks/results/signround_floor.json
 """
 
@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_signround_block, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/common.py
 from profile_signround_block import block_context, measure_block  # noqa: E402
+
+from common import machine, write_json  # noqa: E402
 
 
 def seconds(fn, repeats: int) -> float:

@@ -1,6 +1,6 @@
 """torch's int4 CPU kernel vs F.linear on SmolLM2's shapes, fp32 vs bf16 input: why the int4 path computes in bf16.
 
-    flock /tmp/lowbit-bench.lock python benchmarks/micro_int4_kernel.py
+    flock /tmp/lowbit-bench.lock python benchmarks/investigations/micro_int4_kernel.py
 
 Prints milliseconds per call (2 threads) for each (out, in) shape and batch M: fp32 F.linear, the int4 kernel with
 fp32 input, with bf16 input, and a bf16 F.linear.

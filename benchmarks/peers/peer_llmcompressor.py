@@ -1,8 +1,8 @@
 """Run llmcompressor's GPTQModifier / AWQModifier on the embedded SmolLM2 and measure perplexity (peer side).
 
-Runs with the python of its own venv (/work/venvs/llmcompressor: llmcompressor 0.14.0.1 pins transformers 5.17),
-called by bench_gptq_awq.py as a subprocess. Calibration and evaluation token ids come from the parent in a .pt
-file, so both tools see the same windows; perplexity uses lowbit's own function on the same windows.
+Runs with the python of its own venv (llmcompressor 0.14.0.1 pins transformers 5.17), called by bench_gptq_awq.py
+as a subprocess with the interpreter given to its --peer-python. Calibration and evaluation token ids come from the
+parent in a .pt file, so both tools see the same windows; perplexity uses lowbit's own function on the same windows.
 The fake-quant weights are rebuilt explicitly from each layer's weight_scale / weight_zero_point (and g_idx), then
 quantization is disabled, so what is evaluated is exactly the checkpoint's dequantized weights.
 """

@@ -3,8 +3,8 @@ fp32 and in bf16, and the time per SignSGD iteration with transformers' SDPA, lo
 (`engine.attention=chunked`), the chunked kernel with the block forward compiled (`engine.compile=on`; the compile
 itself is timed apart, on a first 2-iteration run) or eager attention.
 
-Usage (the command behind benchmarks/RESULTS.md, "SignRound light, second round"):
-    flock /tmp/lowbit-bench.lock python benchmarks/profile_signround_block.py \
+Usage (the command behind benchmarks/results/speed-log.md, "SignRound light, second round"):
+    flock /tmp/lowbit-bench.lock python benchmarks/investigations/profile_signround_block.py \
         --out benchmarks/results/profile_signround_block.json
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/common.py
 from common import machine, write_json  # noqa: E402
 
 
