@@ -67,8 +67,8 @@ def _decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, list[i
 def measure(config: dict, settings: dict) -> dict:
     """Load one configuration, warm up, time decode and prefill (runs in a fresh process)."""
     import lowbit
-    from lowbit.export.runtime import PackedLinear
     from lowbit.models import load_model
+    from lowbit.runtime.packed_linear import PackedLinear
 
     torch.set_num_threads(settings["threads"])
     started = time.perf_counter()

@@ -23,7 +23,7 @@ from lowbit.data import load_eval
 from lowbit.engine import EngineOptions, NoOptions, call_block, capture_block_inputs, run_block_stages
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
-from lowbit.export import RECORD_FILE
+from lowbit.formats.files import RECORD_FILE
 from lowbit.models import load_model
 from lowbit.quantizer import quantize_activation
 from lowbit.scheme import parse_scheme

@@ -197,7 +197,8 @@ def test_awq_scales_and_clips_are_saved_with_the_export(tiny_llama_dir, text_fil
     """awq.md §8: the scales (with their linears in the run record) and clips land in the output directory."""
     import json
 
-    from lowbit.export import RECORD_FILE, read_artifacts
+    from lowbit.export import read_artifacts
+    from lowbit.formats.files import RECORD_FILE
 
     result = quantize_tiny(tiny_llama_dir, text_file, "awq+rtn")
     out = result.save(tmp_path / "out")

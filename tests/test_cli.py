@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import save_model_dir
 from lowbit.cli import main
-from lowbit.export import RECORD_FILE
+from lowbit.formats.files import RECORD_FILE
 from stages_for_tests import RecordingRTN
 
 

@@ -13,7 +13,7 @@ from lowbit.data import load_eval
 from lowbit.eval import perplexity
 from lowbit.eval import report as report_module
 from lowbit.eval.report_data import build_sections
-from lowbit.export import RECORD_FILE
+from lowbit.formats.files import RECORD_FILE
 
 
 def run_cli(*args) -> int:

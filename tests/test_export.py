@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import lowbit
 from lowbit.errors import LowbitError
-from lowbit.export import RECORD_FILE
+from lowbit.formats.files import RECORD_FILE
 from lowbit.models import load_model
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from lowbit.cli import main
-from lowbit.export import RECORD_FILE
 from lowbit.export.card import model_card
-from lowbit.export.load import load
+from lowbit.formats.files import RECORD_FILE
+from lowbit.runtime.load import load
 
 CHECK = """
 import torch

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.export.packing import pack_codes, packed_words, unpack_codes
-from lowbit.export.runtime import _unpack_fast
+from lowbit.formats.packing import pack_codes, packed_words, unpack_codes
+from lowbit.runtime.packed_linear import _unpack_fast
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -12,7 +12,8 @@ from lowbit.cli import main
 from lowbit.config import build_config
 from lowbit.data import load_calibration
 from lowbit.errors import LowbitError
-from lowbit.export import RECORD_FILE, read_artifacts
+from lowbit.export import read_artifacts
+from lowbit.formats.files import RECORD_FILE
 from lowbit.methods.invarexplore.invariances import (
     LayerState,
     ProposalConfig,

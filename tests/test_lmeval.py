@@ -17,7 +17,7 @@ import lowbit  # noqa: E402
 from lowbit.cli import main  # noqa: E402
 from lowbit.eval.lmeval import evaluate_tasks, task_manager, wrap_model  # noqa: E402
 from lowbit.eval.tasks import generate  # noqa: E402
-from lowbit.export import RECORD_FILE  # noqa: E402
+from lowbit.formats.files import RECORD_FILE  # noqa: E402
 from lowbit.models import load_model  # noqa: E402
 
 TASKS = ["lowbit_mc", "lowbit_yesno"]

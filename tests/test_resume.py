@@ -17,8 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conftest import save_model_dir
 from lowbit.cli import main
 from lowbit.engine.workdir import GroupCheckpoint, work_dir_for
-from lowbit.export import RECORD_FILE
-from lowbit.export.card import CARD_FILE
+from lowbit.formats.files import CARD_FILE, RECORD_FILE
 
 FAST = {
     "rtn": [],

@@ -15,10 +15,10 @@ import torch
 import lowbit
 from conftest import make_llama, save_model_dir
 from lowbit.errors import LowbitError
-from lowbit.export import kernels
-from lowbit.export.runtime import PackedLinear
 from lowbit.models import load_model
 from lowbit.quantizer import quantize_weight
+from lowbit.runtime import kernels
+from lowbit.runtime.packed_linear import PackedLinear
 from lowbit.scheme import parse_scheme
 
 LAYER_TOL = kernels.INT4_TOL  # int4 (bf16 compute), relative to max |output| of the layer
@@ -128,9 +128,9 @@ def _layer_io(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, tuple[torc
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case[0]}-{case[1]}")
 def test_kernel_model_matches_the_reference_model(case, exports, caplog):
-    with caplog.at_level(logging.DEBUG, logger="lowbit.export.kernels"):
+    with caplog.at_level(logging.DEBUG, logger="lowbit.runtime.kernels"):
         fast = lowbit.load(exports[case]).model
-    records = [r for r in caplog.records if r.name == "lowbit.export.kernels"]
+    records = [r for r in caplog.records if r.name == "lowbit.runtime.kernels"]
     summaries = [r.getMessage() for r in records if r.levelno == logging.INFO]
     assert summaries == ["packed runtime (kernel=auto): 14 int4 linear layers"]
     assert sum("int4 path" in r.getMessage() for r in records if r.levelno == logging.DEBUG) == 14

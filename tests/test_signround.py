@@ -275,7 +275,7 @@ def test_bad_options_are_named():
 
 def test_cli_preset_with_opt_overrides(tiny_llama_dir, text_file, tmp_path):
     from lowbit.cli import main
-    from lowbit.export import RECORD_FILE
+    from lowbit.formats.files import RECORD_FILE
 
     out = tmp_path / "out"
     code = main(

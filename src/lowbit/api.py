@@ -18,7 +18,7 @@ from lowbit.engine.block_train import resolve_compile
 from lowbit.engine.pipeline import run_stages
 from lowbit.engine.workdir import WorkDir, model_digest, tensor_digest
 from lowbit.errors import LowbitError
-from lowbit.export import ARTIFACTS_FILE
+from lowbit.formats.files import ARTIFACTS_FILE
 from lowbit.models import LoadedModel, load_model
 from lowbit.record import determinism_record, package_versions, peak_rss_mb
 from lowbit.result import QuantizedModel

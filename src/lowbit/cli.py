@@ -112,11 +112,12 @@ def _print_export(out: str, fmt: str, float_dir: Path) -> None:
     """Where the export went, its size next to the float model's, and how to load it (from its model card)."""
     from lowbit.export.card import transformers_snippet
     from lowbit.export.space import format_bytes
+    from lowbit.formats.files import RECORD_FILE
 
     size = sum(p.stat().st_size for p in Path(out).glob("model*.safetensors"))
     float_size = sum(p.stat().st_size for p in float_dir.iterdir() if p.suffix in (".safetensors", ".gguf"))
     print(f"wrote {fmt} export to {out}: {format_bytes(size)} of weights (float model {format_bytes(float_size)})")
-    record = json.loads((Path(out) / "lowbit_record.json").read_text())
+    record = json.loads((Path(out) / RECORD_FILE).read_text())
     snippet = transformers_snippet(fmt, str(Path(out).resolve()), record.get("config", {}).get("scheme", {}))
     print(f"load it with transformers (more in {Path(out) / 'README.md'}):\n{snippet}")
 
@@ -170,8 +171,8 @@ def _locked(out: str | None) -> contextlib.AbstractContextManager:
 
 def _eval(args: argparse.Namespace) -> int:
     from lowbit.actquant import act_bits_of, activation_record
-    from lowbit.export.load import load, packed_method
     from lowbit.models import load_model
+    from lowbit.runtime.load import load, packed_method
 
     method = packed_method(args.model) if args.model is not None else None
     # lowbit.load also reads a fake export's run record and installs its activation quantizers (W-A schemes)

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowbit.errors import LowbitError
-from lowbit.export.fake import RECORD_FILE
+from lowbit.formats.files import RECORD_FILE
 
 if TYPE_CHECKING:
-    from lowbit.export.kernels import Kernel
+    from lowbit.runtime.kernels import Kernel
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def evaluate_output(
     """
     from lowbit.data import load_eval
     from lowbit.eval.perplexity import perplexity
-    from lowbit.export.load import load
     from lowbit.models import load_model
+    from lowbit.runtime.load import load
 
     record = read_record(model_ref) if model_ref is not None else None
     method, scheme, fmt, seconds = describe(model_ref, record)

@@ -19,7 +19,7 @@ from typing import Any
 
 from lowbit.errors import LowbitError
 from lowbit.eval.report_data import Chart, Section, Table, build_sections
-from lowbit.export.fake import RECORD_FILE
+from lowbit.formats.files import RECORD_FILE
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,11 @@
-"""Exports of a QuantizedModel. Real packed formats (compressed-tensors, GPTQ) come with their own issue."""
+"""Writing a QuantizedModel: fake (dequantized float), compressed-tensors and GPTQ, validated per serving target.
 
-from lowbit.export.artifacts import ARTIFACTS_FILE, read_artifacts, write_artifacts
+Reading an export back is `lowbit.runtime`; file names and the bit packing both sides use are `lowbit.formats`.
+"""
+
+from lowbit.export.artifacts import read_artifacts, write_artifacts
 from lowbit.export.atomic import atomic_output_dir, check_output_dir
-from lowbit.export.fake import RECORD_FILE, write_fake
+from lowbit.export.fake import write_fake
 from lowbit.export.packed import PACKED_FORMATS, prepare_packed
 from lowbit.export.validate import TARGETS
 
@@ -11,12 +14,10 @@ AUTO_FORMAT = "auto"  # the best of AUTO_ORDER that validates for the run: what 
 AUTO_ORDER = ("compressed-tensors", "gptq", "fake")
 
 __all__ = [
-    "ARTIFACTS_FILE",
     "AUTO_FORMAT",
     "AUTO_ORDER",
     "FORMATS",
     "PACKED_FORMATS",
-    "RECORD_FILE",
     "TARGETS",
     "atomic_output_dir",
     "check_output_dir",

@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-ARTIFACTS_FILE = "lowbit_artifacts.safetensors"
+from lowbit.formats.files import ARTIFACTS_FILE
 
 
 def write_artifacts(directory: Path, tensors: dict[str, Tensor]) -> None:

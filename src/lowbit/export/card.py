@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
+from lowbit.formats.files import CARD_FILE
 from lowbit.scheme import QuantScheme
-
-CARD_FILE = "README.md"
 
 
 def _is_symmetric(kind: str) -> bool:

@@ -7,7 +7,7 @@ which is what vLLM serves (lowbit simulated asymmetric ones; the validation warn
 Per quantized linear `<p>`: `weight_packed` (int32, codes packed along in_features), `weight_scale` (model dtype),
 `weight_shape`, and for asymmetric schemes `weight_zero_point` (signed zeros packed along out_features). A
 non-trivial act-order map (g_idx) is refused: compressed-tensors 0.20 removed actorder "group". lowbit's packer
-(export/packing.py) writes the words; it is byte-identical to compressed-tensors' `pack_to_int32` for every width
+(formats/packing.py) writes the words; it is byte-identical to compressed-tensors' `pack_to_int32` for every width
 (checked by the tests against the pinned version), so the export needs no optional package. With
 `packer="compressed-tensors"` the library's own `pack_to_int32` is used instead (it must be installed).
 """
@@ -22,9 +22,10 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.export.layout import LOWBIT_KEY, ExportPlan, exact_regex
-from lowbit.export.packing import pack_codes
+from lowbit.export.layout import ExportPlan, exact_regex
 from lowbit.export.validate import is_symmetric, scheme_key
+from lowbit.formats.files import LOWBIT_KEY
+from lowbit.formats.packing import pack_codes
 from lowbit.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-RECORD_FILE = "lowbit_record.json"
+from lowbit.formats.files import RECORD_FILE
 
 
 def write_fake(directory: Path, model: nn.Module, tokenizer: Any, record: dict[str, Any]) -> None:

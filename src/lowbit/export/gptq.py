@@ -13,12 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowbit import __version__
 from lowbit.errors import LowbitError
-from lowbit.export.layout import LOWBIT_KEY, ExportPlan
-from lowbit.export.packing import pack_codes
+from lowbit.export.layout import ExportPlan
 from lowbit.export.validate import has_g_idx, is_symmetric
+from lowbit.formats.files import LOWBIT_KEY
+from lowbit.formats.packing import pack_codes
 from lowbit.quantizer import QuantizedWeight
+from lowbit.version import __version__
 
 
 def group_index(record: QuantizedWeight) -> Tensor:

@@ -18,10 +18,8 @@ from torch import Tensor, nn
 
 from lowbit.arch import arch_for
 from lowbit.errors import LowbitError
+from lowbit.formats.files import WEIGHTS_FILE
 from lowbit.quantizer import QuantizedWeight
-
-LOWBIT_KEY = "lowbit"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.export import compressed_tensors as ct
 from lowbit.export import gptq
-from lowbit.export.fake import RECORD_FILE
 from lowbit.export.layout import ExportPlan, build_plan, config_dict, float_remainder, write_checkpoint
-from lowbit.export.packing import PACKINGS
 from lowbit.export.validate import validate_export
+from lowbit.formats.files import RECORD_FILE
+from lowbit.formats.packing import PACKINGS
 from lowbit.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
 from lowbit.export.layout import ExportPlan, block_structure, expert_linears
-from lowbit.export.packing import PACKINGS
+from lowbit.formats.packing import PACKINGS
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
-from lowbit.export import ARTIFACTS_FILE
+from lowbit.formats.files import ARTIFACTS_FILE
 from lowbit.methods.invarexplore.invariances import (
     LayerState,
     ProposalConfig,

@@ -27,7 +27,7 @@ from lowbit.arch import ArchSpec
 from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.block_train import EpochSettings, block_forward, resolve_autocast, train_epochs
 from lowbit.errors import LowbitError
-from lowbit.export.artifacts import ARTIFACTS_FILE
+from lowbit.formats.files import ARTIFACTS_FILE
 from lowbit.methods.omniquant.block import BlockSettings, OmniQuantBlock
 from lowbit.methods.omniquant.let import activation_stats, let_groups
 from lowbit.presets import RecipePreset

@@ -28,13 +28,11 @@ from torch import Tensor, nn
 
 from lowbit.arch import arch_for
 from lowbit.errors import LowbitError
-from lowbit.export.artifacts import ARTIFACTS_FILE
-from lowbit.export.fake import RECORD_FILE
-from lowbit.export.kernels import Kernel, check_kernel, log_paths
-from lowbit.export.layout import LOWBIT_KEY
-from lowbit.export.packing import packed_words, unpack_codes
-from lowbit.export.runtime import PackedLinear
+from lowbit.formats.files import ARTIFACTS_FILE, LOWBIT_KEY, RECORD_FILE
+from lowbit.formats.packing import packed_words, unpack_codes
 from lowbit.models import LoadedModel
+from lowbit.runtime.kernels import Kernel, check_kernel, log_paths
+from lowbit.runtime.packed_linear import PackedLinear
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +162,7 @@ def _gptq_layer(qc: dict[str, Any], name: str, get) -> PackedLinear:
 
 
 def _packed(codes, scale, zero, bits, group_size, bias, g_idx) -> PackedLinear:
-    from lowbit.export.packing import pack_codes
+    from lowbit.formats.packing import pack_codes
 
     k = int(codes.shape[1])
     return PackedLinear(pack_codes(codes, bits), scale, zero, bits, group_size, k, bias, g_idx)

@@ -1,7 +1,7 @@
 """CPU runtime for packed weights: a Linear that keeps b-bit codes packed and computes with them.
 
 Memory is that of the packed checkpoint (codes at b bits, scales, zeros). Two paths (`PackedLinear.path`):
-- "int4" / "int8": torch's low-bit CPU matmul kernels read the codes inside the matmul (lowbit.export.kernels);
+- "int4" / "int8": torch's low-bit CPU matmul kernels read the codes inside the matmul (lowbit.runtime.kernels);
   decode no longer rebuilds a float weight per token. They hold the codes in the kernel's own layout (the same
   4 or 8 bits per weight) plus, for int4, a bf16 (scale, scale * (8 - zero)) pair per kernel group.
 - "reference": each forward rebuilds the float weight scale * (code - zero) in fp32, exactly the weight lowbit's
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.errors import LowbitError
-from lowbit.export import kernels
-from lowbit.export.packing import pack_codes, unpack_codes
+from lowbit.formats.packing import pack_codes, unpack_codes
 from lowbit.quantizer import QuantizedWeight
+from lowbit.runtime import kernels
 
 log = logging.getLogger(__name__)
 

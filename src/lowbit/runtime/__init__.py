@@ -1,0 +1,1 @@
+"""Reading packed exports back: the loader (`lowbit.load`), the packed linear and its kernels."""
