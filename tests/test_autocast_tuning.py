@@ -12,8 +12,9 @@ from conftest import make_llama
 from lowbit.arch import arch_for
 from lowbit.config import build_config, opts_to_mapping
 from lowbit.engine import EngineOptions, ModelContext, call_block, capture_block_inputs, run_block_stages
-from lowbit.engine.block_train import autocast_forward, block_forward, block_mse, resolve_autocast
+from lowbit.engine.block_train import block_forward, block_mse
 from lowbit.engine.causal_attention import block_attention
+from lowbit.engine.precision import autocast_forward, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.awq.stage import AWQ, AWQOptions
 from lowbit.methods.common.frozen import frozen
@@ -80,15 +81,15 @@ def test_auto_resolves_to_fp32_for_the_tuners_and_keeps_omniquant_amp():
 
 
 def test_a_bf16_default_applies_only_where_bf16_is_native(monkeypatch):
-    import lowbit.engine.block_train as block_train
+    import lowbit.engine.precision as precision
 
-    monkeypatch.setattr(block_train, "native_bf16", lambda device: device.type == "cpu")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: device.type == "cpu")
     assert resolve_autocast("auto", CPU, default="bf16") == "bf16"
     assert resolve_autocast("auto", torch.device("cuda"), default="bf16") == "off"
     assert (
         resolve_autocast("auto", CPU, default="off") == "off" and resolve_autocast("off", CPU, default="bf16") == "off"
     )
-    monkeypatch.setattr(block_train, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     assert resolve_autocast("auto", CPU, default="bf16") == "off"
     assert SignRound(SignRoundOptions(), W2).settings().autocast == "off"
 
@@ -128,9 +129,9 @@ def test_signround_off_is_the_fp32_path_bit_for_bit():
 @pytest.mark.parametrize("native", [True, False])
 def test_signround_auto_is_bf16_where_bf16_is_native_else_fp32(monkeypatch, native):
     """SignRound's measured default: auto = bf16 on hardware with native bf16, the fp32 run elsewhere."""
-    import lowbit.engine.block_train as block_train
+    import lowbit.engine.precision as precision
 
-    monkeypatch.setattr(block_train, "native_bf16", lambda device: native)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
     default = run([signround()], W2)
     explicit = run([signround(autocast="bf16" if native else "off")], W2)
     assert_same_codes(codes_of(default), codes_of(explicit))

@@ -10,8 +10,9 @@ from conftest import make_llama
 from lowbit.api import check_run
 from lowbit.arch import arch_for
 from lowbit.config import build_config
-from lowbit.engine import EngineOptions, block_train, call_block, capture_block_inputs, run_block_stages
-from lowbit.engine.block_train import EpochSettings, block_forward, resolve_compile, train_epochs
+from lowbit.engine import EngineOptions, call_block, capture_block_inputs, precision, run_block_stages
+from lowbit.engine.block_train import EpochSettings, block_forward, train_epochs
+from lowbit.engine.precision import resolve_compile
 from lowbit.errors import LowbitError
 from lowbit.methods.signround.stage import SignRound, SignRoundOptions
 from lowbit.scheme import parse_scheme
@@ -66,7 +67,7 @@ def test_signround_compiled_tunes_like_eager_and_compiles_the_block_once():
 
 def test_compile_modes_and_a_missing_compiler(monkeypatch):
     assert resolve_compile("on", CPU) and not resolve_compile("off", CPU) and not resolve_compile("auto", CPU)
-    monkeypatch.setattr(block_train.shutil, "which", lambda name: None)
+    monkeypatch.setattr(precision.shutil, "which", lambda name: None)
     with pytest.raises(LowbitError, match="C\\+\\+ compiler.*engine.compile=off"):
         resolve_compile("on", CPU)
     assert not resolve_compile("auto", CPU)  # auto never needs the compiler

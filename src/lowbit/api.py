@@ -14,8 +14,8 @@ from lowbit.actquant import activation_record, install_activation_quant, install
 from lowbit.arch import arch_for, window_bos_id
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_calibration
-from lowbit.engine.block_train import resolve_compile
 from lowbit.engine.pipeline import run_stages
+from lowbit.engine.precision import resolve_compile
 from lowbit.engine.workdir import WorkDir, model_digest, tensor_digest
 from lowbit.errors import LowbitError
 from lowbit.formats.files import ARTIFACTS_FILE

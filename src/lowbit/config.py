@@ -12,12 +12,13 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import tomllib
 import yaml
 
 from lowbit.engine import EngineOptions, Stage
+from lowbit.engine.precision import EngineDtype, with_engine_dtype
 from lowbit.errors import LowbitError
 from lowbit.methods import RECIPE_PRESETS, STAGES
 from lowbit.presets import expand_presets
@@ -33,11 +34,6 @@ DEFAULTS = {
     "seed": 42,
 }
 FILE_KEYS = (*DEFAULTS, "options")
-# `--opt engine.dtype`: the training precision of every stage whose `autocast` option is left at "auto" (explicit
-# per-stage values win); "auto" keeps each stage's own default. It is resolved into the stage options, which the run
-# record and the resume fingerprint hold, so the block loop (EngineOptions) never needs to know it.
-EngineDtype = Literal["auto", "fp32", "bf16"]
-DTYPE_AUTOCAST = {"fp32": "off", "bf16": "bf16"}
 
 
 @dataclass(frozen=True)
@@ -315,16 +311,8 @@ def build_config(
 
 
 def _with_engine_dtype(stages: tuple[StageSpec, ...], dtype: str) -> tuple[StageSpec, ...]:
-    """engine.dtype fills every `autocast` option left at "auto": fp32 turns reduced precision off run-wide."""
-    mode = DTYPE_AUTOCAST.get(dtype)
-    if mode is None:
-        return stages
-    return tuple(
-        StageSpec(spec.name, dataclasses.replace(spec.options, autocast=mode))
-        if getattr(spec.options, "autocast", None) == "auto"
-        else spec
-        for spec in stages
-    )
+    """engine.dtype fills every `autocast` option left at "auto" (engine/precision.py states the precedence)."""
+    return tuple(StageSpec(spec.name, with_engine_dtype(spec.options, dtype)) for spec in stages)
 
 
 def describe_options(options_class: type) -> list[tuple[str, str, Any, str]]:

@@ -13,11 +13,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec
-from lowbit.engine.block_train import resolve_compile
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.causal_attention import block_attention, resolve_attention
 from lowbit.engine.context import BlockContext
 from lowbit.engine.moe import routing_metrics
+from lowbit.engine.precision import replay_autocast as resolve_replay
+from lowbit.engine.precision import resolve_compile
 from lowbit.engine.stage import BlockStage
 from lowbit.engine.workdir import GroupCheckpoint
 from lowbit.errors import LowbitError
@@ -78,14 +79,6 @@ def _write_quantized(ctx: BlockContext) -> dict[str, QuantizedWeight]:
     return records
 
 
-def _replay_autocast(stages: list[BlockStage], options: EngineOptions, device: torch.device) -> str:
-    """The autocast of the engine's replays: the one every data stage asks for (`replay_autocast`), else off."""
-    if options.replay == "fp32":
-        return "off"
-    modes = {stage.replay_autocast(device) for stage in stages if stage.needs_data}
-    return modes.pop() if len(modes) == 1 else "off"
-
-
 def _chain_choice(stages: list[BlockStage], default: bool) -> bool:
     """The stages' preferred input chain (`preferred_quantized_input`), else the engine option."""
     wanted = {choice for stage in stages if (choice := stage.preferred_quantized_input()) is not None}
@@ -139,7 +132,7 @@ def run_block_stages(
     device = torch.device(options.device)
     quantized_input = _chain_choice(stages, options.quantized_input)
     has_quantizer = any(stage.kind == "quantizer" for stage in stages)
-    replay_autocast = _replay_autocast(stages, options, device)
+    replay_autocast = resolve_replay(stages, options.replay, device)
     attention = resolve_attention(options.attention, device)
     compiled = resolve_compile(options.compile, device)
     needs_data = any(stage.needs_data for stage in stages)

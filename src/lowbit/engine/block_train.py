@@ -1,4 +1,4 @@
-"""Block training, written once: functional block forward, sampling, block MSE, snapshot/restore, autocast, and
+"""Block training, written once: functional block forward, sampling, block MSE, snapshot/restore, and
 the epoch loop that OmniQuant and DESV share (SignRound uses the same pieces with its own SignSGD loop).
 
 A method supplies a `Trainable`: its parameter groups and a function that forms the block's parameters (weights,
@@ -10,27 +10,21 @@ per-epoch loss curve.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lowbit.engine.precision import Forward, autocast
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
-
-AUTOCAST_MODES = ("off", "bf16", "fp16")
-TuneAutocast = Literal["auto", "off", "bf16"]  # the `autocast` option of SignRound, TEQ and AWQ
-
-Forward = Callable[[dict[str, Tensor], Tensor], Tensor]
 
 
 def block_forward(block: nn.Module, prefix: dict[str, str], kwargs: dict, compile: bool = False) -> Forward:
@@ -46,25 +40,6 @@ def block_forward(block: nn.Module, prefix: dict[str, str], kwargs: dict, compil
         return out[0] if isinstance(out, tuple) else out
 
     return torch.compile(run, dynamic=False) if compile else run
-
-
-def compiler_missing(device: torch.device) -> str | None:
-    """What torch.compile's inductor backend lacks on `device` (a C++ compiler on CPU, triton on a GPU), else
-    None: checked before the long work starts."""
-    if device.type == "cpu" and not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
-        return "a C++ compiler (g++ or clang++)"
-    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "triton"
-    return None
-
-
-def resolve_compile(mode: str, device: torch.device) -> bool:
-    """Whether the tuning stages' block forward is compiled: `on` (an error when the compiler is missing), `off`,
-    or `auto`: off (compiling is measured in benchmarks/RESULTS.md, Speed; not yet the default)."""
-    if mode == "on" and (missing := compiler_missing(device)) is not None:
-        raise LowbitError(f"engine.compile=on needs {missing} for torch.compile on {device.type}: install it, or "
-                          "set --opt engine.compile=off")  # fmt: skip
-    return mode == "on"
 
 
 class IndexSampler:
@@ -108,54 +83,6 @@ def restore(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
     """Copy a snapshot back into the trainable tensors, in place."""
     for param, value in zip(params, saved, strict=True):
         param.copy_(value)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matmuls natively (a CUDA GPU with bf16; a CPU with AVX512-BF16 or AMX): only
-    there is bf16 autocast faster than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's feature probes
-        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-    return False
-
-
-def resolve_autocast(mode: str, device: torch.device, bits: int | None = None, default: str = "off") -> str:
-    """The training precision `mode` stands for on `device`. 'auto': with `bits`, OmniQuant's AMP (fp16 on CUDA
-    below 8 bits, as its reference; off elsewhere); without, the stage's measured `default` ("bf16" only where
-    `native_bf16`, else off). `--opt engine.dtype` has already replaced 'auto' when the user set it."""
-    if mode != "auto":
-        return mode
-    if bits is not None:
-        return "fp16" if device.type == "cuda" and bits < 8 else "off"
-    return "bf16" if default == "bf16" and native_bf16(device) else "off"
-
-
-def autocast_dtype(mode: str) -> torch.dtype:
-    """The compute dtype of an autocast mode ("off": fp32)."""
-    return {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-def autocast(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Reduced-precision autocast for the block forward/backward; parameters, targets and the loss stay fp32."""
-    if mode == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=autocast_dtype(mode))
-
-
-def autocast_forward(forward: Forward, mode: str, device: torch.device) -> Forward:
-    """`forward` under `autocast(mode)`, its output cast back to fp32 so the loss against the fp32 targets is an
-    fp32 loss; with mode 'off' `forward` itself (bit-identical to plain fp32 training)."""
-    if mode == "off":
-        return forward
-
-    def run(weights: dict[str, Tensor], hidden: Tensor) -> Tensor:
-        with autocast(mode, device):
-            out = forward(weights, hidden)
-        return out.float()
-
-    return run
 
 
 class Trainable(Protocol):

@@ -12,7 +12,7 @@ from torch import nn
 
 from lowbit.actquant import activation_quant
 from lowbit.arch import ArchSpec
-from lowbit.engine.block_train import autocast
+from lowbit.engine.precision import autocast
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme

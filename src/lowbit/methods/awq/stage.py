@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from lowbit.arch import ScaleGroup
 from lowbit.engine import BlockContext, BlockStage
-from lowbit.engine.block_train import TuneAutocast, autocast, resolve_autocast
 from lowbit.engine.context import move_to
+from lowbit.engine.precision import TuneAutocast, autocast, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.awq.clip import apply_clip, clip_applies, fake_quant_rows, sample_tokens, search_clip
 from lowbit.methods.common.fold import fold_group

@@ -22,8 +22,8 @@ from torch import nn
 
 from lowbit.arch.base import ArchSpec
 from lowbit.engine import BlockContext, call_block
-from lowbit.engine.block_train import autocast
 from lowbit.engine.context import move_to
+from lowbit.engine.precision import autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.gptq.solve import HessianAccumulator, input_gram
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowbit.engine import BlockContext, BlockStage
-from lowbit.engine.block_train import TuneAutocast, resolve_autocast
+from lowbit.engine.precision import TuneAutocast, resolve_autocast
 from lowbit.methods.gptq.passes import (
     ModuleCalls,
     collect_hessians,

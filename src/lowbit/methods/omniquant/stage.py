@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec
 from lowbit.engine import BlockContext, BlockStage
-from lowbit.engine.block_train import EpochSettings, block_forward, resolve_autocast, train_epochs
+from lowbit.engine.block_train import EpochSettings, block_forward, train_epochs
+from lowbit.engine.precision import resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.formats.files import ARTIFACTS_FILE
 from lowbit.methods.omniquant.block import BlockSettings, OmniQuantBlock

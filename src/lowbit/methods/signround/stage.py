@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.engine import BlockContext, BlockStage
-from lowbit.engine.block_train import TuneAutocast, block_forward, resolve_autocast
+from lowbit.engine.block_train import block_forward
+from lowbit.engine.precision import TuneAutocast, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.common.frozen import frozen
 from lowbit.methods.signround.tune import (
@@ -97,7 +98,7 @@ class SignRound(BlockStage):
     summary: ClassVar[str] = "SignSGD-tuned rounding and clipping per block (SignRound / auto-round)"
     supports_experts: ClassVar[bool] = True  # an expert no token reaches gets no gradient: it keeps its RTN init
     Options: ClassVar[type] = SignRoundOptions
-    # what autocast=auto means where bf16 is native (block_train.native_bf16), chosen by measurement: at auto-round's
+    # what autocast=auto means where bf16 is native (precision.native_bf16), chosen by measurement: at auto-round's
     # light settings on SmolLM2 W2G128, bf16 tuned 1.69x faster than fp32 with perplexity 62.28 vs 63.22
     # (benchmarks/RESULTS.md, "SignRound at auto-round's light settings"); `--opt engine.dtype=fp32` turns it off
     autocast_default: ClassVar[str] = "bf16"

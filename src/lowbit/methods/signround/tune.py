@@ -13,15 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from lowbit.engine.block_train import (
-    Forward,
-    IndexSampler,
-    autocast_dtype,
-    autocast_forward,
-    block_mse,
-    restore,
-    snapshot,
-)
+from lowbit.engine.block_train import IndexSampler, block_mse, restore, snapshot
+from lowbit.engine.precision import Forward, autocast_dtype, autocast_forward
 from lowbit.errors import LowbitError
 from lowbit.methods.signround.qdq import GroupedWeight, supports_fast_qdq
 from lowbit.quantizer import QuantizedWeight, fake_quant, quantize_weight

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lowbit.engine import BlockContext, BlockStage, ModelContext, ModelStage, call_block
-from lowbit.engine.block_train import TuneAutocast, autocast, resolve_autocast
+from lowbit.engine.precision import TuneAutocast, autocast, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.common.frozen import frozen
 from lowbit.methods.teq.scales import ScaleSet, fold_scale_set, make_scale_set, unwrap_block, wrap_block
