@@ -28,6 +28,7 @@ from lowbit.export import (
 )
 from lowbit.export.card import write_card
 from lowbit.export.packed import PreparedExport
+from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
 from lowbit.export.space import estimate_export_bytes
 from lowbit.export.validate import check_act_format
 from lowbit.quantizer import QuantizedWeight
@@ -91,6 +92,7 @@ class QuantizedModel:
         tp: int = 1,
         ct_packing: str | None = None,
         packer: str = "lowbit",
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     ) -> Path:
         """Write the export (with its model card, README.md); the directory appears only once complete.
 
@@ -99,10 +101,14 @@ class QuantizedModel:
         reasons are logged and kept in the run record. Packed formats ("compressed-tensors", "gptq") are validated
         against `target` (vllm-gpu, vllm-cpu, transformers, any) and tensor-parallel degree `tp` before anything is
         written (specs/formats.md §5). `ct_packing` ("dense" | "legacy") selects the compressed-tensors layout for
-        3/5/6/7-bit weights. The chosen format is `self.record["format"]` afterwards.
+        3/5/6/7-bit weights. The chosen format is `self.record["format"]` afterwards. Weights larger than
+        `max_shard_size` (bytes, or "500MB" / "5GB" with GB = 10^9 as in transformers) are split into
+        `model-0000k-of-0000n.safetensors` shards at decoder-block boundaries with `model.safetensors.index.json`;
+        an export that fits one shard is a single `model.safetensors`.
         """
         if format not in (AUTO_FORMAT, *FORMATS):
             raise LowbitError(f"unknown format '{format}'; available: {AUTO_FORMAT}, {', '.join(FORMATS)}")
+        max_shard_bytes = parse_max_shard_size(max_shard_size)
         candidates = AUTO_ORDER if format == AUTO_FORMAT else (format,)
         rejected: dict[str, str] = {}
         for fmt in candidates:
@@ -125,9 +131,9 @@ class QuantizedModel:
         needed = estimate_export_bytes(self.model, self.config.scheme, format)
         with atomic_output_dir(out, overwrite, needed_bytes=needed) as temp:
             if prepared is None:
-                write_fake(temp, self.model, self.tokenizer, record)
+                write_fake(temp, self.model, self.tokenizer, record, max_shard_size=max_shard_bytes)
             else:
-                prepared.write(temp, self.tokenizer, record)
+                prepared.write(temp, self.tokenizer, record, max_shard_size=max_shard_bytes)
             write_artifacts(temp, self.artifacts)
             write_card(temp, out, format, record)
         self.record["format"] = format

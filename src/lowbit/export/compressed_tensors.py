@@ -53,8 +53,21 @@ def _library_pack(codes: Tensor, bits: int) -> Tensor:
     return pack_to_int32(signed, bits)
 
 
+def check_packer(packer: str, packing: str, bits: set[int]) -> None:
+    """Refuse, before anything is written, a packer that cannot pack these widths (the tensors are built later).
+
+    `bits`: the widths to be packed (empty for W8A8 int-quantized, which packs nothing).
+    """
+    if packer not in PACKERS:
+        raise LowbitError(f"unknown packer {packer!r}: use one of {', '.join(PACKERS)}")
+    if packer == "compressed-tensors" and bits:
+        if packing != "dense" and any(32 % b for b in bits):
+            raise LowbitError("the pinned compressed-tensors packs densely: use packer='lowbit' for legacy packing")
+        _library_pack(torch.zeros(1, 8, dtype=torch.uint8), 4)  # the package is installed
+
+
 def _pack(codes: Tensor, bits: int, packing: str, packer: str) -> Tensor:
-    if packer == "compressed-tensors":
+    if packer == "compressed-tensors" and bits:
         if packing != "dense" and 32 % bits:
             raise LowbitError("the pinned compressed-tensors packs densely: use packer='lowbit' for legacy packing")
         return _library_pack(codes, bits)
@@ -154,20 +167,3 @@ def int8_layer_tensors(record: QuantizedWeight, dtype: torch.dtype) -> dict[str,
         raise LowbitError(f"int-quantized needs 8-bit symmetric per-channel weights, got {record.scheme.name}")
     signed = record.codes.to(torch.int16) - record.zero.to(torch.int16)
     return {"weight": signed.to(torch.int8), "weight_scale": record.scale.to(dtype)}
-
-
-def compressed_tensors_tensors(
-    plan: ExportPlan, packing: str = "dense", packer: str = "lowbit", act_bits: int = 16
-) -> dict[str, Tensor]:
-    """Packed (or, for W8A8, int8) tensors of every quantized linear, keyed by full parameter name."""
-    if packer not in PACKERS:
-        raise LowbitError(f"unknown packer {packer!r}: use one of {', '.join(PACKERS)}")
-    tensors = {}
-    for name, record in plan.records.items():
-        if ct_format(act_bits) == INT_QUANTIZED:
-            layer = int8_layer_tensors(record, plan.dtype)
-        else:
-            layer = layer_tensors(record, plan.dtype, packing, packer)
-        for key, tensor in layer.items():
-            tensors[f"{name}.{key}"] = tensor
-    return tensors

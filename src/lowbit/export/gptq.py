@@ -44,11 +44,6 @@ def layer_tensors(record: QuantizedWeight) -> dict[str, Tensor]:
     }
 
 
-def gptq_tensors(plan: ExportPlan) -> dict[str, Tensor]:
-    """Packed tensors of every quantized linear, keyed by full parameter name."""
-    return {f"{name}.{key}": t for name, record in plan.records.items() for key, t in layer_tensors(record).items()}
-
-
 def quantize_config(plan: ExportPlan, lowbit_meta: dict[str, Any]) -> dict[str, Any]:
     """quantize_config.json (also config.json's quantization_config); GPTQ v1 holds one scheme per model."""
     schemes = {(r.scheme.bits, r.scheme.group_size, is_symmetric(r)) for r in plan.records.values()}

@@ -1,7 +1,8 @@
-"""What every packed exporter shares: which linears are quantized, fused sets, the float remainder, the writer.
+"""What every packed exporter shares: which linears are quantized, fused sets, the config and JSON files.
 
 The float remainder (embeddings, norms, lm_head, biases, layers left in float) is taken from the model as it is
-after quantization, so every folded transform is already in it (formats.md §1).
+after quantization, so every folded transform is already in it (formats.md §1); blocks.py builds it and the
+packed tensors block by block for the shard writer.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import nn
 
 from lowbit.arch import arch_for
 from lowbit.errors import LowbitError
-from lowbit.formats.files import WEIGHTS_FILE
 from lowbit.quantizer import QuantizedWeight
 
 
@@ -86,22 +85,6 @@ def build_plan(model: nn.Module, records: dict[str, QuantizedWeight]) -> ExportP
     return ExportPlan(model, records, float_linears, fused, row, dtype)
 
 
-def float_remainder(plan: ExportPlan) -> dict[str, Tensor]:
-    """Every model tensor except the quantized weights; tied duplicates are dropped as save_pretrained does."""
-    state: dict[str, Tensor] = {}
-    seen: dict[int, str] = {}
-    skip = {f"{name}.weight" for name in plan.records}
-    for key, tensor in plan.model.state_dict().items():
-        if key in skip:
-            continue
-        pointer = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
-        if pointer in seen and pointer != -1:
-            continue  # tied weight (lm_head = embed_tokens): transformers re-ties it from the config
-        seen[pointer] = key
-        state[key] = tensor.detach().contiguous().cpu()
-    return state
-
-
 def config_dict(model: nn.Module, quantization_config: dict[str, Any]) -> dict[str, Any]:
     """The model's config.json content with `quantization_config` set."""
     config = model.config.to_dict()
@@ -111,14 +94,12 @@ def config_dict(model: nn.Module, quantization_config: dict[str, Any]) -> dict[s
 
 def write_checkpoint(
     directory: Path,
-    tensors: dict[str, Tensor],
     config: dict[str, Any],
     model: nn.Module,
     tokenizer: Any,
     extra_files: dict[str, Any] | None = None,
 ) -> None:
-    """safetensors weights, config.json, generation config, tokenizer and any extra JSON files."""
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    """config.json, generation config, tokenizer and any extra JSON files (the weights: blocks.write_weights)."""
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     generation = getattr(model, "generation_config", None)
     if generation is not None:

@@ -1,7 +1,8 @@
-"""Real low-bit exports: validate, build every tensor and config in memory, then write (formats.md §1, §5).
+"""Real low-bit exports: validate and build the config, then write block by block (formats.md §1, §5).
 
 `prepare_packed` raises before anything touches the disk; `PreparedExport.write` fills the temporary directory
-that `atomic_output_dir` renames into place.
+that `atomic_output_dir` renames into place, packing one decoder block at a time through the shard writer
+(blocks.py), so only one block's packed tensors and one open shard are in memory beside the model.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.export import compressed_tensors as ct
 from lowbit.export import gptq
-from lowbit.export.layout import ExportPlan, build_plan, config_dict, float_remainder, write_checkpoint
+from lowbit.export.blocks import ExportContext, write_weights
+from lowbit.export.layout import ExportPlan, build_plan, config_dict, write_checkpoint
+from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
 from lowbit.export.validate import validate_export
 from lowbit.formats.files import RECORD_FILE
 from lowbit.formats.packing import PACKINGS
@@ -29,19 +32,28 @@ PACKED_FORMATS = ("compressed-tensors", "gptq")
 
 @dataclass
 class PreparedExport:
-    """Everything a packed checkpoint holds, validated and ready to write."""
+    """Everything a packed checkpoint holds, validated and ready to write (tensors are packed while writing)."""
 
     plan: ExportPlan
-    tensors: dict[str, Tensor]
+    context: ExportContext
     quantization_config: dict[str, Any]
     extra_files: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
-    def write(self, directory: Path, tokenizer: Any, record: dict[str, Any]) -> None:
-        """Write weights, config.json (with quantization_config), tokenizer and the run record."""
+    def write(
+        self,
+        directory: Path,
+        tokenizer: Any,
+        record: dict[str, Any],
+        *,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    ) -> list[str]:
+        """Write weights (sharded past `max_shard_size`), config.json, tokenizer and the run record; weight files."""
+        max_bytes = parse_max_shard_size(max_shard_size)
         config = config_dict(self.plan.model, self.quantization_config)
         files = {**self.extra_files, RECORD_FILE: record}
-        write_checkpoint(directory, self.tensors, config, self.plan.model, tokenizer, files)
+        write_checkpoint(directory, config, self.plan.model, tokenizer, files)
+        return write_weights(directory, self.context, self.plan.model, self.plan.records, max_bytes)
 
 
 def _lowbit_meta(record: dict[str, Any], fmt: str, target: str, packing: str | None) -> dict[str, Any]:
@@ -81,11 +93,12 @@ def prepare_packed(
         raise LowbitError(f"unknown ct_packing {ct_packing!r}: use one of {', '.join(PACKINGS)}")
     plan = build_plan(model, records)
     warnings = validate_export(plan, fmt, target, tp=tp, ct_packing=ct_packing, act_bits=act_bits)
-    meta = _lowbit_meta(run_record or {}, fmt, target, ct_packing)
-    tensors = float_remainder(plan)
     if fmt == "compressed-tensors":
-        tensors.update(ct.compressed_tensors_tensors(plan, ct_packing or "dense", packer, act_bits))
-        return PreparedExport(plan, tensors, ct.quantization_config(plan, meta, act_bits), {}, warnings)
+        packed = ct.ct_format(act_bits) == ct.PACK_QUANTIZED
+        ct.check_packer(packer, ct_packing or "dense", {r.scheme.bits for r in records.values()} if packed else set())
+    meta = _lowbit_meta(run_record or {}, fmt, target, ct_packing)
+    context = ExportContext(fmt, model, plan.dtype, ct_packing or "dense", packer, act_bits)
+    if fmt == "compressed-tensors":
+        return PreparedExport(plan, context, ct.quantization_config(plan, meta, act_bits), {}, warnings)
     quantize_config = gptq.quantize_config(plan, meta)
-    tensors.update(gptq.gptq_tensors(plan))
-    return PreparedExport(plan, tensors, quantize_config, {"quantize_config.json": quantize_config}, warnings)
+    return PreparedExport(plan, context, quantize_config, {"quantize_config.json": quantize_config}, warnings)
