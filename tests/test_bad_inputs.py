@@ -323,7 +323,7 @@ def test_ct_g128_on_in_features_576_is_refused_before_any_forward(tmp_path, monk
         raise AssertionError("the model ran a forward pass before the export was refused")
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", forbidden)
-    monkeypatch.setattr("lowbit.api.run_quantization", forbidden)
+    monkeypatch.setattr("lowbit.run.run_quantization", forbidden)
     started = time.perf_counter()
     args = ["quantize", path, "--recipe", "gptq", "--dataset", "builtin", "--format", "compressed-tensors",
             "--scheme", "w4g128", "--out", tmp_path / "out"]  # fmt: skip

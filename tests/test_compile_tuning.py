@@ -7,7 +7,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import make_llama
-from lowbit.api import check_run
 from lowbit.arch import arch_for
 from lowbit.config import build_config
 from lowbit.engine import EngineOptions, call_block, capture_block_inputs, precision, run_block_stages
@@ -15,6 +14,7 @@ from lowbit.engine.block_train import EpochSettings, block_forward, train_epochs
 from lowbit.engine.precision import resolve_compile
 from lowbit.errors import LowbitError
 from lowbit.methods.signround.stage import SignRound, SignRoundOptions
+from lowbit.run import check_run
 from lowbit.scheme import parse_scheme
 
 W2 = parse_scheme("w2g32")

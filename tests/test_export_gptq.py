@@ -142,7 +142,7 @@ def test_cli_refuses_act_order_compressed_tensors_before_calibration(tmp_path, t
     def forbidden(*_args, **_kwargs):
         raise AssertionError("the run started before the export was refused")
 
-    monkeypatch.setattr("lowbit.api.run_quantization", forbidden)
+    monkeypatch.setattr("lowbit.run.run_quantization", forbidden)
     args = ["quantize", str(source), "--recipe", "gptq", "--opt", "gptq.act_order=true", "--scheme", "w4g32-sym",
             "--dataset", "builtin", "--format", "compressed-tensors", "--out", str(tmp_path / "out")]  # fmt: skip
     assert main(args) == 2

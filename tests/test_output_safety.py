@@ -77,7 +77,7 @@ def test_disk_full_while_writing_leaves_nothing_and_names_the_space(tiny_llama_d
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
-        monkeypatch.setattr("lowbit.export.space.check_free_space", lambda out, needed: None)  # get past preflight
+        monkeypatch.setattr("lowbit.run.check_free_space", lambda out, needed: None)  # get past preflight
         before = _tree_hash(tiny_llama_dir)
         # --no-checkpoint: the export itself must hit the full disk, not the block checkpoints
         assert main(["quantize", str(tiny_llama_dir), "--no-checkpoint", "--out", str(mount / "out")]) == 2

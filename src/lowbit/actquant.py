@@ -1,10 +1,10 @@
-"""Activation quantization of weight-activation schemes (omniquant.md §7, quantizer.md §9).
+"""Activation quantization of weight-activation schemes (docs/methods.md, OmniQuant).
 
 Dynamic per-token asymmetric fake quantization (`quantize_activation`, STE rounding) is applied at exactly the
 points OmniQuant's reference code quantizes:
 
 - the input of every block linear (`ArchSpec.linear_names_for`). Linears fed the same tensor (q/k/v, gate/up) share
-  one quantization of it (omniquant.md §7 decision);
+  one quantization of it (docs/methods.md, OmniQuant decision);
 - the attention matmul operands: per (head, token) over head_dim with q and k after RoPE (LLaMA-like,
   `attention_operands="head"`), or per token across all heads with q after its 1/sqrt(d) scaling (OPT, "token").
   The softmax output P is not quantized and the softmax runs in fp32.

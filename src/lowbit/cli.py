@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -19,37 +18,29 @@ from lowbit.cli_parser import build_parser
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
-    from lowbit.config import QuantizeConfig
+    from lowbit.run import EvalSettings
 
 log = logging.getLogger("lowbit")
 
 
-def _evaluate(
-    model, tokenizer, datasets: str, seqlen: int, windows: int | None, progress: bool = True
-) -> dict[str, dict]:
-    from lowbit.data import load_eval
-    from lowbit.eval import perplexity
+def _eval_settings(args: argparse.Namespace, datasets: str) -> EvalSettings:
+    from lowbit.run import EvalSettings
 
-    results = {}
-    for name in [part.strip() for part in datasets.split(",") if part.strip()]:
-        data = load_eval(tokenizer, name)
-        result = perplexity(model, data.input_ids, seqlen=seqlen, max_windows=windows, progress=progress)
-        results[data.meta.get("name", name)] = {**result.to_dict(), "data": data.meta}
-    return results
+    return EvalSettings(datasets, args.eval_seqlen, args.eval_windows, progress=not args.quiet)
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from lowbit.api import run_quantization
-    from lowbit.config import build_config, opts_to_mapping
-    from lowbit.export import AUTO_FORMAT, FORMATS, TARGETS, check_output_dir
-    from lowbit.export.validate import check_act_format
-    from lowbit.models import load_model
+    from lowbit.config import opts_to_mapping
+    from lowbit.run import ExportSettings, quantize_to
 
-    if args.report and args.out is None:
-        raise LowbitError("--report writes report.html into the export: pass --out")
     if args.quiet and not any(opt.startswith("engine.progress=") for opt in args.opt):
         args.opt = [*args.opt, "engine.progress=false"]
-    config = build_config(
+    export = ExportSettings(format=args.format, target=args.target, tp=args.tp, ct_packing=args.ct_packing,
+                            max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                            checkpoint=not args.no_checkpoint, resume=args.resume, report=args.report)  # fmt: skip
+    result = quantize_to(
+        args.out,
+        model=args.model,
         recipe=args.recipe,
         scheme=args.scheme,
         dataset=args.dataset,
@@ -58,29 +49,14 @@ def _quantize(args: argparse.Namespace) -> int:
         seed=args.seed,
         options=opts_to_mapping(args.opt),
         recipe_file=args.config,
+        export=export,
+        evaluate=_eval_settings(args, args.eval_dataset) if args.eval else None,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
     )
-    if args.format not in (AUTO_FORMAT, *FORMATS):
-        raise LowbitError(f"unknown --format '{args.format}'; available: {AUTO_FORMAT}, {', '.join(FORMATS)}")
-    if args.target not in TARGETS:
-        raise LowbitError(f"unknown --target '{args.target}'; available: {', '.join(TARGETS)}")
-    check_act_format(args.format, config.scheme)  # W-A schemes a packed format cannot hold: before any work
-    if args.out is not None:
-        check_output_dir(args.out, args.overwrite)
-    work_dir = _work_dir(args, config)
-    loaded = load_model(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    _preflight(args, config, loaded.model, work_dir is not None)  # before any calibration or forward
-    progress = not args.quiet
-    before = (
-        _evaluate(loaded.model, loaded.tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows, progress)
-        if args.eval
-        else {}
-    )
-    result = run_quantization(loaded, config, work_dir=work_dir, resume=args.resume)
-    if args.eval:
-        after = _evaluate(
-            result.model, result.tokenizer, args.eval_dataset, args.eval_seqlen, args.eval_windows, progress
-        )
-        result.record["evaluation"] = {"before": before, "after": after}
+    config, evaluation = result.config, result.record.get("evaluation")
+    if evaluation is not None:
+        before, after = evaluation["before"], evaluation["after"]
         for name in after:
             print(
                 f"perplexity {name} ({after[name]['windows']} x {args.eval_seqlen} tokens): "
@@ -88,23 +64,13 @@ def _quantize(args: argparse.Namespace) -> int:
             )
     timings = result.record["timings"]
     print(
-        f"quantized {len(result.weights)} linears of {loaded.name} with {config.recipe} {config.scheme.name} "
-        f"in {timings['quantize_seconds']:.1f}s (peak RSS {timings['peak_rss_mb']:.0f} MiB)"
+        f"quantized {len(result.weights)} linears of {result.record['model']} with {config.recipe} "
+        f"{config.scheme.name} in {timings['quantize_seconds']:.1f}s (peak RSS {timings['peak_rss_mb']:.0f} MiB)"
     )
     if args.out is not None:
-        result.save(
-            args.out,
-            format=args.format,
-            overwrite=args.overwrite,
-            target=args.target,
-            tp=args.tp,
-            ct_packing=args.ct_packing,
-        )
-        _print_export(args.out, result.record["format"], loaded.path)
-        if args.report:
-            from lowbit.eval.report import report_from_dir
-
-            print(f"wrote run report {report_from_dir(args.out)}")
+        _print_export(args.out, result.record["format"], Path(result.record["model_path"]))
+        if result.report_path is not None:
+            print(f"wrote run report {result.report_path}")
     return 0
 
 
@@ -112,66 +78,20 @@ def _print_export(out: str, fmt: str, float_dir: Path) -> None:
     """Where the export went, its size next to the float model's, and how to load it (from its model card)."""
     from lowbit.export.card import transformers_snippet
     from lowbit.export.space import format_bytes
-    from lowbit.formats.files import RECORD_FILE
+    from lowbit.formats.files import CARD_FILE, RECORD_FILE
 
     size = sum(p.stat().st_size for p in Path(out).glob("model*.safetensors"))
     float_size = sum(p.stat().st_size for p in float_dir.iterdir() if p.suffix in (".safetensors", ".gguf"))
     print(f"wrote {fmt} export to {out}: {format_bytes(size)} of weights (float model {format_bytes(float_size)})")
     record = json.loads((Path(out) / RECORD_FILE).read_text())
     snippet = transformers_snippet(fmt, str(Path(out).resolve()), record.get("config", {}).get("scheme", {}))
-    print(f"load it with transformers (more in {Path(out) / 'README.md'}):\n{snippet}")
-
-
-def _work_dir(args: argparse.Namespace, config: QuantizeConfig) -> Path | None:
-    """The checkpoint directory next to --out (None without --out or with --no-checkpoint), checked early."""
-    from lowbit.api import settings_fingerprint
-    from lowbit.engine.workdir import WorkDir, work_dir_for
-
-    if args.resume and (args.out is None or args.no_checkpoint):
-        raise LowbitError("--resume continues the checkpoints kept next to --out: pass the same --out as the first run")
-    if args.out is None or args.no_checkpoint:
-        return None
-    work = work_dir_for(args.out)
-    if work.exists() and args.overwrite and not args.resume:
-        log.warning("--overwrite: discarding the checkpoints of an earlier run in %s", work)
-        shutil.rmtree(work)
-    WorkDir.check(work, settings_fingerprint(config), resume=args.resume)
-    return work
-
-
-def _preflight(args: argparse.Namespace, config: QuantizeConfig, model: object, checkpoints: bool) -> None:
-    """Refuse in seconds what would fail only at export: the format against the scheme and the model's shapes
-    (e.g. compressed-tensors g128 on in_features 576), an unsupported family, too little free space for --out
-    (and its checkpoints)."""
-    from lowbit.api import check_run
-    from lowbit.arch import arch_for
-    from lowbit.engine.workdir import estimate_checkpoint_bytes
-    from lowbit.export.space import check_free_space, estimate_export_bytes
-    from lowbit.export.validate import preflight_export
-
-    arch = arch_for(model)
-    check_run(config, model)
-    if args.format != "auto":  # auto falls back to a format that works; an explicit one must work
-        preflight_export(
-            model, arch, config.scheme, args.format, args.target, args.tp, args.ct_packing, config.act_order_groups
-        )
-    if args.out is not None:
-        needed = estimate_export_bytes(model, config.scheme, "fake" if args.format == "auto" else args.format)
-        if checkpoints:
-            needed += estimate_checkpoint_bytes(model)
-        check_free_space(args.out, needed)
-
-
-def _locked(out: str | None) -> contextlib.AbstractContextManager:
-    """One run at a time per --out: a second process aimed at the same directory fails at once."""
-    from lowbit.export.atomic import output_lock
-
-    return output_lock(out) if out is not None else contextlib.nullcontext()
+    print(f"load it with transformers (more in {Path(out) / CARD_FILE}):\n{snippet}")
 
 
 def _eval(args: argparse.Namespace) -> int:
     from lowbit.actquant import act_bits_of, activation_record
     from lowbit.models import load_model
+    from lowbit.run import evaluate_perplexity
     from lowbit.runtime.load import load, packed_method
 
     method = packed_method(args.model) if args.model is not None else None
@@ -187,7 +107,7 @@ def _eval(args: argparse.Namespace) -> int:
     datasets = args.ppl if args.ppl is not None or args.tasks is not None else "auto"
     results = {}
     if datasets is not None and datasets.lower() != "none":
-        results = _evaluate(loaded.model, loaded.tokenizer, datasets, args.eval_seqlen, args.eval_windows, progress)
+        results = evaluate_perplexity(loaded.model, loaded.tokenizer, _eval_settings(args, datasets))
     for name, result in results.items():
         print(f"perplexity {name} ({result['windows']} x {result['seqlen']} tokens): {result['ppl']:.3f}")
     tasks = None
@@ -288,8 +208,7 @@ def _recipes() -> int:
 def _run_command(args: argparse.Namespace, quiet: bool) -> int:
     with _silenced(quiet):
         if args.command == "quantize":
-            with _locked(args.out):
-                return _quantize(args)
+            return _quantize(args)
         if args.command == "eval":
             return _eval(args)
         if args.command == "compare":

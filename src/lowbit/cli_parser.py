@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--tp", type=int, default=1, help="tensor-parallel degree to validate group sizes for")
     quant.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="split the export's weights into shards of at most this size at block boundaries, with an index "
+        "(bytes, or 500MB / 5GB with GB = 10^9 as transformers; default 5GB)",
+    )
+    quant.add_argument(
         "--ct-packing",
         default=None,
         help="compressed-tensors packing of 3/5/6/7-bit weights: dense (>= 0.20) or legacy (older loaders)",

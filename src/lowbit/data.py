@@ -356,7 +356,7 @@ def _local_split(path: Path) -> tuple[dict[str, list[str]], dict]:
 
 # --- hub datasets ------------------------------------------------------------------------------------
 
-# name -> role -> load_dataset arguments and the text field; the protocols of evaluation.md §1-§2.
+# name -> role -> load_dataset arguments and the text field; the protocols of docs/methods.md
 _HUB_SOURCES: dict[str, dict[str, dict[str, Any]]] = {
     "pile-10k": {
         "calibration": {"path": "NeelNanda/pile-10k", "split": "train", "field": "text"},

@@ -1,4 +1,4 @@
-"""The integer quantizer family: pure tensor functions every method uses (spec: quantizer.md).
+"""The integer quantizer family: pure tensor functions every method uses (see docs/methods.md).
 
 All math is fp32. Scales are rounded through the scheme's scale dtype before codes are computed, so
 the fake-quant weight a method trains against equals, bit for bit, what a loader dequantizes (§8).

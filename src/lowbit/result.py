@@ -56,11 +56,12 @@ class QuantizedModel:
     artifacts: dict[str, Tensor] = field(default_factory=dict)
     act_quant: ActQuantHandle | None = None
     work: WorkDir | None = None  # the run's checkpoints, removed once an export is written
+    report_path: Path | None = None  # the run report written into the export (`quantize_to(..., report=True)`)
 
     def perplexity(
         self, dataset: str | None = "auto", *, seqlen: int = 2048, max_windows: int | None = None
     ) -> PerplexityResult:
-        """Fake-quant perplexity on `dataset` (specs/evaluation.md §1), with the scheme's activation quantization."""
+        """Fake-quant perplexity on `dataset` (docs/methods.md), with the scheme's activation quantization."""
         data = load_eval(self.tokenizer, dataset)
         with activation_quant(self.model, arch_for(self.model), self.config.scheme.act_bits):
             return perplexity(self.model, data.input_ids, seqlen=seqlen, max_windows=max_windows)
@@ -100,7 +101,7 @@ class QuantizedModel:
         transformers), else GPTQ, else `fake`, whichever first passes validation for `target`; the choice and the
         reasons are logged and kept in the run record. Packed formats ("compressed-tensors", "gptq") are validated
         against `target` (vllm-gpu, vllm-cpu, transformers, any) and tensor-parallel degree `tp` before anything is
-        written (specs/formats.md §5). `ct_packing` ("dense" | "legacy") selects the compressed-tensors layout for
+        written (docs/formats.md). `ct_packing` ("dense" | "legacy") selects the compressed-tensors layout for
         3/5/6/7-bit weights. The chosen format is `self.record["format"]` afterwards. Weights larger than
         `max_shard_size` (bytes, or "500MB" / "5GB" with GB = 10^9 as in transformers) are split into
         `model-0000k-of-0000n.safetensors` shards at decoder-block boundaries with `model.safetensors.index.json`;

@@ -1,8 +1,8 @@
-"""Quantization schemes: bit width, grouping, quantizer kind and scale dtype (spec: quantizer.md).
+"""Quantization schemes: bit width, grouping, quantizer kind and scale dtype (see docs/methods.md).
 
 A `QuantScheme` is validated when it is built, so every later stage can trust it. Named presets and
 the `w<bits>[a<act bits>][g<group>][-kind]` pattern map user strings onto schemes. `act_bits` < 16 makes a
-weight-activation scheme: dynamic per-token asymmetric activations (quantizer.md §9, omniquant.md §7).
+weight-activation scheme: dynamic per-token asymmetric activations (docs/methods.md, OmniQuant).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 
 from lowbit.errors import LowbitError
 
-EVAL_SEQLEN = 2048  # the window length of the reference perplexity protocol (evaluation.md §1)
+EVAL_SEQLEN = 2048  # the window length of the reference perplexity protocol (docs/methods.md)
 C4_EVAL_WINDOWS = 256
 C4_EVAL_SEED = 0
 

@@ -32,7 +32,7 @@ class ScaleGroup:
 
     @property
     def key_linear(self) -> str:
-        """The pair's *key* linear (omniquant.md §2): q_proj, o_proj/out_proj, up_proj/fc1."""
+        """The pair's *key* linear (docs/methods.md, OmniQuant): q_proj, o_proj/out_proj, up_proj/fc1."""
         return self.key or self.linears[0]
 
     def applies_to(self, block: nn.Module, rows: slice | None = None) -> bool:
@@ -102,11 +102,11 @@ class ArchSpec:
     ffn: FFNNeurons
     norms: tuple[str, ...]
     attention: str = "self_attn"  # the block's attention module (W-A schemes quantize its q/k/v operands)
-    # how W-A schemes quantize the attention operands (omniquant.md §7): "head" per (head, token) over head_dim,
+    # how W-A schemes quantize the attention operands (docs/methods.md): "head" per (head, token) over head_dim,
     # q and k after RoPE (LLaMA); "token" per token across all heads, q after its 1/sqrt(d) scaling (OPT)
     attention_operands: str = "head"
     query_key: tuple[str, str] | None = None  # (q_proj, k_proj): OmniQuant's q<->k scaling pair
-    rotary: bool = False  # q and k pass through RoPE after the projections (ties q<->k scales, omniquant.md §4)
+    rotary: bool = False  # q and k pass through RoPE after the projections (ties q<->k scales, docs/methods.md)
     # q_norm/k_norm act on q and k after the projections (Qwen3, Gemma 3): scaling q rows by 1/s and k rows by s
     # is then NOT an equivalence, so no stage may build the q<->k pair
     qk_norm: bool = False

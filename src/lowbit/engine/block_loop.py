@@ -50,7 +50,7 @@ class EngineOptions:
         default="auto",
         metadata={
             "help": "torch.compile the block forward/backward of the tuning stages (SignRound, OmniQuant, DESV): "
-            "fuses their elementwise ops; the first block pays the compile; auto = off (measured: RESULTS.md, Speed)"
+            "fuses their elementwise ops; the first block pays the compile; auto = off"
         },
     )
     replay: Literal["auto", "fp32"] = field(

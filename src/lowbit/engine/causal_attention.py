@@ -1,12 +1,12 @@
 """Causal attention computed in query chunks, for block training on CPU (issue 16).
 
-torch's CPU flash-attention kernel runs a causal forward+backward over one SignSGD batch (8 x 512 tokens, SmolLM2)
-at about a seventh of the rate the block's linears reach (benchmarks/profile_signround_block.py): it is the largest
-part of an iteration that is far from the hardware's rate. Here the queries are split into chunks of `chunk` rows;
-chunk i attends to keys [0, end_i) only, so the masked upper triangle is mostly skipped, and every product is one
-batched matmul per chunk. Grouped-query heads are folded into the rows of the query chunk, so keys and values are
-never repeated. The probabilities are kept (in the operands' dtype) for the backward, which is the textbook one:
-dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(P * dP)), dQ = dS K, dK = dS^T Q.
+torch's CPU flash-attention kernel runs a causal forward+backward over one SignSGD batch (8 x 512 tokens, SmolLM2) at
+about a seventh of the rate the block's linears reach (benchmarks/investigations/profile_signround_block.py): it is
+the largest part of an iteration that is far from the hardware's rate. Here the queries are split into chunks of
+`chunk` rows; chunk i attends to keys [0, end_i) only, so the masked upper triangle is mostly skipped, and every
+product is one batched matmul per chunk. Grouped-query heads are folded into the rows of the query chunk, so keys and
+values are never repeated. The probabilities are kept (in the operands' dtype) for the backward, which is the textbook
+one: dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(P * dP)), dQ = dS K, dK = dS^T Q.
 
 Precision as torch's flash kernel: the scores Q K^T and dP = dO V^T, whose rounding the softmax and its backward's
 subtraction would amplify, are fp32 products (of the bf16 operands, under autocast); softmax and row sums are fp32;
@@ -111,7 +111,7 @@ ATTENTION_MODES = ("sdpa", "chunked")
 
 
 def resolve_attention(mode: str, device: torch.device) -> str:
-    """`auto` is the chunked kernel on CPU (2x faster than torch's flash kernel there: benchmarks/RESULTS.md, Speed)
+    """`auto` is the chunked kernel on CPU (2x faster than torch's flash kernel there: benchmarks/results/speed-log.md)
     and SDPA elsewhere (GPU flash attention is not the bottleneck; the kernel is unmeasured there)."""
     if mode == "auto":
         return "chunked" if device.type == "cpu" else "sdpa"

@@ -74,7 +74,7 @@ class BlockContext:
         return self.arch.linears(self.block)
 
     def act_quant(self) -> contextlib.AbstractContextManager:
-        """This block's activation quantizers for a W-A scheme (omniquant.md §7); a no-op for weight-only schemes.
+        """This block's activation quantizers for a W-A scheme (docs/methods.md); a no-op for weight-only schemes.
 
         Use it around forwards of the quantized student (`with ctx.act_quant(): ...`), never around the float targets.
         """

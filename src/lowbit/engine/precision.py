@@ -111,7 +111,7 @@ def compiler_missing(device: torch.device) -> str | None:
 
 def resolve_compile(mode: str, device: torch.device) -> bool:
     """Whether the tuning stages' block forward is compiled: `on` (an error when the compiler is missing), `off`,
-    or `auto`: off (compiling is measured in benchmarks/RESULTS.md, Speed; not yet the default)."""
+    or `auto`: off (compiling is measured in benchmarks/results/speed-log.md; not yet the default)."""
     if mode == "on" and (missing := compiler_missing(device)) is not None:
         raise LowbitError(f"engine.compile=on needs {missing} for torch.compile on {device.type}: install it, or "
                           "set --opt engine.compile=off")  # fmt: skip

@@ -1,4 +1,4 @@
-"""Zero/few-shot tasks through lm-eval on the model lowbit already holds (specs/evaluation.md §3, §5).
+"""Zero/few-shot tasks through lm-eval on the model lowbit already holds (docs/methods.md).
 
 The loaded torch model (a fake export, a packed export on lowbit's runtime, a W-A model with its activation
 quantizers installed, or a float model) is wrapped in lm-eval's own `HFLM`, so requests, batching and scoring are

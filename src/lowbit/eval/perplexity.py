@@ -1,4 +1,4 @@
-"""Perplexity exactly as the GPTQ/OmniQuant reference code computes it (specs/evaluation.md §1)."""
+"""Perplexity exactly as the GPTQ/OmniQuant reference code computes it (docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage artifacts (e.g. AWQ's scales and clips, awq.md §8) saved next to an export so later runs can reuse them."""
+"""Stage artifacts (e.g. AWQ's scales and clips) saved next to an export so later runs can reuse them."""
 
 from __future__ import annotations
 

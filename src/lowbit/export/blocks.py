@@ -1,6 +1,6 @@
 """An export's tensors one decoder block at a time, and what lies outside the blocks: the one export path.
 
-Why: a streamed run (large-models.md §6.3) has one block in memory when it finishes; the in-memory run is the same
+Why: a streamed run (lowbit's design notes) has one block in memory when it finishes; the in-memory run is the same
 loop over resident blocks, so both write the same files. `block_export_tensors` gives exactly the tensors a
 whole-model export holds under one block's prefix: the quantized linears' packed tensors (or, for `fake`, their
 dequantized weights) and the block's float remainder (norms, biases, linears left in float). `remainder_tensors`

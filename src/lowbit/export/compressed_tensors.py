@@ -1,4 +1,4 @@
-"""compressed-tensors exports (spec: formats.md §2): `pack-quantized` weight-only INT, and W8A8 `int-quantized`.
+"""compressed-tensors exports (see docs/formats.md): `pack-quantized` weight-only INT, and W8A8 `int-quantized`.
 
 W8A8 (a run with 8-bit activations): per linear an unpacked int8 `weight` (code - zero, symmetric) and a
 `weight_scale` [m, 1] (channel strategy); the config declares dynamic per-token symmetric int8 input activations,
@@ -116,7 +116,7 @@ def ct_format(act_bits: int) -> str:
 
 
 def _input_activation_args(act_bits: int) -> dict[str, Any] | None:
-    """Dynamic per-token symmetric int8 activations (formats.md §2 W8A8); None for weight-only."""
+    """Dynamic per-token symmetric int8 activations (docs/formats.md W8A8); None for weight-only."""
     if act_bits >= 16:
         return None
     return {

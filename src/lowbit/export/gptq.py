@@ -1,4 +1,4 @@
-"""GPTQ v1 export (`quant_method: gptq`, `checkpoint_format: gptq`) for 2, 4 and 8 bits (spec: formats.md §3).
+"""GPTQ v1 export (`quant_method: gptq`, `checkpoint_format: gptq`) for 2, 4 and 8 bits (see docs/formats.md).
 
 Per linear: `qweight` int32 [k*b/32, m] (codes packed along in_features, row 32/b*r in the lowest bits of word r),
 `qzeros` int32 [G, m*b/32] (zero - 1 packed along out_features), `scales` fp16 [G, m], `g_idx` int32 [k].

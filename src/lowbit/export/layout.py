@@ -1,7 +1,7 @@
 """What every packed exporter shares: which linears are quantized, fused sets, the config and JSON files.
 
 The float remainder (embeddings, norms, lm_head, biases, layers left in float) is taken from the model as it is
-after quantization, so every folded transform is already in it (formats.md §1); blocks.py builds it and the
+after quantization, so every folded transform is already in it (docs/formats.md); blocks.py builds it and the
 packed tensors block by block for the shard writer.
 """
 

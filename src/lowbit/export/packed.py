@@ -1,4 +1,4 @@
-"""Real low-bit exports: validate and build the config, then write block by block (formats.md §1, §5).
+"""Real low-bit exports: validate and build the config, then write block by block (docs/formats.md).
 
 `prepare_packed` raises before anything touches the disk; `PreparedExport.write` fills the temporary directory
 that `atomic_output_dir` renames into place, packing one decoder block at a time through the shard writer

@@ -1,14 +1,14 @@
 """Sharded safetensors writing, one group of tensors (a finished decoder block's export) at a time.
 
 Why: a model larger than memory must hand each finished block's export tensors to disk and let them go
-(large-models.md §6.2, §6.5). The writer holds at most one open shard; a group is never split across shards, so a
+(lowbit's design notes). The writer holds at most one open shard; a group is never split across shards, so a
 shard closes at a group boundary. The layout depends only on the groups and `max_shard_bytes`, so the same inputs
 give the same files (a resumed run writes the same bytes).
 
 What it writes is what transformers writes: `model.safetensors` alone when everything fits one shard (the bytes of
 a one-shot `save_file` of the same tensors, metadata `{"format": "pt"}`), else `model-0000k-of-0000n.safetensors`
 plus `model.safetensors.index.json` (`metadata.total_size`, sorted `weight_map`). Meta tensors and duplicate names
-raise (pitfall 3 of large-models.md §3.4: peers silently wrote empty weights); a tensor tied to one already
+raise (pitfall 3 of lowbit's design notes: peers silently wrote empty weights); a tensor tied to one already
 written (same storage and view, e.g. lm_head = embed_tokens) is written once, under the first name.
 """
 

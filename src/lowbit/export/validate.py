@@ -1,4 +1,4 @@
-"""Export-time validation against what the target loader accepts (spec: formats.md §4, §5).
+"""Export-time validation against what the target loader accepts (see docs/formats.md).
 
 Runs before anything is written. A problem the target cannot load is a LowbitError naming the fix; a limit of
 an engine the user did not target is a warning. Targets:
@@ -68,7 +68,7 @@ SERVED_ACT_WARNING = (
 
 
 def _w8a8_problem(bits: int, group_size: int, symmetric: bool, what: str) -> str | None:
-    """Why these weights cannot be compressed-tensors W8A8 `int-quantized` (formats.md §2), or None."""
+    """Why these weights cannot be compressed-tensors W8A8 `int-quantized` (docs/formats.md), or None."""
     if bits == 8 and group_size == -1 and symmetric:
         return None
     return (
@@ -78,7 +78,7 @@ def _w8a8_problem(bits: int, group_size: int, symmetric: bool, what: str) -> str
 
 
 def check_act_format(fmt: str, scheme: QuantScheme) -> None:
-    """Refuse, before any work, a weight-activation scheme the format cannot hold (formats.md §2).
+    """Refuse, before any work, a weight-activation scheme the format cannot hold (docs/formats.md).
 
     Only W8A8 int is served (compressed-tensors `int-quantized`); activations below 8 bits are a simulation for
     accuracy studies and exist only as `fake` exports, which reload with their activation quantization.
@@ -277,7 +277,7 @@ def _check_ct_scales(plan: ExportPlan, findings: Findings) -> None:
 
 
 def _check_model(plan: ExportPlan, findings: Findings) -> None:
-    """No wrapper or runtime-only module, every record valid and folded into its linear (formats.md §1)."""
+    """No wrapper or runtime-only module, every record valid and folded into its linear (docs/formats.md)."""
     for name, module in plan.model.named_modules():
         origin = type(module).__module__
         # lowbit.arch modules are structure, not runtime: an MoE block's experts as per-expert nn.Linears (arch/moe.py)

@@ -1,4 +1,4 @@
-"""Bit packing of unsigned b-bit codes into int32 words (spec: formats.md §2, §3).
+"""Bit packing of unsigned b-bit codes into int32 words (see docs/formats.md).
 
 Two layouts, both little-end first (element 0 in the lowest bits of word 0):
 - dense: element i starts at global bit i*b; an element may straddle two words. This is compressed-tensors'

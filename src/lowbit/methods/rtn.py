@@ -13,7 +13,7 @@ from lowbit.scheme import QuantScheme
 
 
 class RTN(BlockStage):
-    """Plain min-max rounding (quantizer.md §10): the baseline every method must beat."""
+    """Plain min-max rounding (docs/methods.md): the baseline every method must beat."""
 
     name: ClassVar[str] = "rtn"
     kind: ClassVar[str] = "quantizer"

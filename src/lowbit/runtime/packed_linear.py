@@ -5,7 +5,7 @@ Memory is that of the packed checkpoint (codes at b bits, scales, zeros). Two pa
   decode no longer rebuilds a float weight per token. They hold the codes in the kernel's own layout (the same
   4 or 8 bits per weight) plus, for int4, a bf16 (scale, scale * (8 - zero)) pair per kernel group.
 - "reference": each forward rebuilds the float weight scale * (code - zero) in fp32, exactly the weight lowbit's
-  fake-quant model holds (quantizer.md §11), multiplies, and drops it; a loaded export reproduces its logits bit
+  fake-quant model holds (docs/methods.md), multiplies, and drops it; a loaded export reproduces its logits bit
   for bit. Layers the kernels cannot take (2/3/5-7 bit, act-order g_idx, partial groups, grouped 8-bit, ...) and
   `kernel="reference"` use it.
 
@@ -54,7 +54,7 @@ def _unpack_fast(packed: Tensor, bits: int, k: int) -> Tensor:
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held as packed codes plus per-group scale and zero (formats.md §2 layout).
+    """y = x W^T + b with W held as packed codes plus per-group scale and zero (docs/formats.md layout).
 
     Built on the reference path; `use_kernel("auto")` moves it onto a kernel path where the layer qualifies.
     """

@@ -1,4 +1,4 @@
-"""AWQ's auto-clip (spec: awq.md §6) as pure tensor functions: per-(row, group) symmetric clamp thresholds.
+"""AWQ's auto-clip (see docs/methods.md, AWQ) as pure tensor functions: per-(row, group) symmetric clamp thresholds.
 
 The error of a candidate is the group's partial dot product against the *unclipped* weight, measured on a
 strided sub-sample of the cached (already scaled) input features, as mit-han-lab/llm-awq `auto_clip_layer`.

@@ -1,4 +1,4 @@
-"""AWQ as a block-scope transform stage (spec: awq.md): activation-aware scale search, exact fold, auto-clip.
+"""AWQ as a block-scope transform stage (see docs/methods.md): activation-aware scale search, exact fold, auto-clip.
 
 Per block: record the group inputs (and the inspected modules' call arguments) on the quantized chain (`ctx.inputs`,
 the inputs the following quantizer sees, as llm-compressor; `search_inputs=float` uses llm-awq's float chain
@@ -8,12 +8,13 @@ exactly into the previous op (`methods/common/fold.py`), then clamp the float we
 
 `search_samples` runs the attention/MLP replay searches on evenly spaced whole calibration samples (the candidate
 scales' x̄ and the Gram losses of the linear-only groups still cover every token). The default is 8 (llm-awq uses all):
-measured on SmolLM2 W4G64 at 128 x 512, 8 samples give the same perplexity in 0.21x the time (benchmarks/RESULTS.md).
-The quantized-chain default is a measured departure from llm-awq: AWQ+RTN on SmolLM2 at 128 x 512, W4G64 13.987 vs
-14.096 and W3G64 22.221 vs 23.272 (float chain), and faster (no float-chain replay to record features on).
+measured on SmolLM2 W4G64 at 128 x 512, 8 samples give the same perplexity in a fraction of the time.
+The quantized-chain default is a measured departure from llm-awq: better perplexity than the float chain at
+W3G64 and W4G64 on SmolLM2, and faster (no float-chain replay to record features on).
+Numbers: benchmarks/results/gptq-awq.md.
 
 The quantizer inside the search is the run's scheme with `include_zero` set by the `include_zero` option
-(default False: llm-awq's raw min/max asymmetric preset, quantizer.md §3).
+(default False: llm-awq's raw min/max asymmetric preset, docs/methods.md).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AWQOptions:
-    """AWQ's options; defaults follow mit-han-lab/llm-awq (awq.md §7)."""
+    """AWQ's options; defaults follow mit-han-lab/llm-awq (docs/methods.md, AWQ)."""
 
     n_grid: int = field(default=20, metadata={"help": "scale-search ratios r = i/n_grid, i < n_grid"})
     duo_scaling: bool = field(default=False, metadata={"help": "llm-compressor's s = xbar^r / wbar^(1-r)"})
@@ -68,7 +69,7 @@ class AWQOptions:
         default="student",
         metadata={
             "help": "block inputs of the search: student = the quantized chain the following quantizer sees (as "
-            "llm-compressor; measured better than the float chain with AWQ+RTN at W3G64 and W4G64 on SmolLM2), "
+            "llm-compressor; benchmarks/results/gptq-awq.md), "
             "float = the float chain (llm-awq's reference way)"
         },
     )
@@ -197,7 +198,7 @@ def replay_samples(x: Tensor, nsamples: int | None, count: int | None, call: tup
 
 
 def first_argmin(losses: list[float]) -> int | None:
-    """Index of the first smallest finite loss (awq.md §4's r*), or None when none is finite."""
+    """Index of the first smallest finite loss (docs/methods.md, AWQ's r*), or None when none is finite."""
     return min((i for i, loss in enumerate(losses) if math.isfinite(loss)), key=losses.__getitem__, default=None)
 
 
@@ -238,7 +239,7 @@ class AWQ(BlockStage):
         self.validate(options, scheme)
         self.search_scheme = dataclasses.replace(scheme, include_zero=options.include_zero)
         self.uses_float_chain = options.search_inputs == "float"
-        self.results: dict[str, dict[str, Any]] = {}  # block name -> scales and clips (awq.md §8), on CPU
+        self.results: dict[str, dict[str, Any]] = {}  # block name -> scales and clips (docs/methods.md, AWQ), on CPU
         self._observed: tuple | None = None  # (block index, weight versions, features, calls) from observe_targets
 
     @classmethod
@@ -252,7 +253,7 @@ class AWQ(BlockStage):
             )
 
     def artifacts(self) -> dict[str, Tensor]:
-        """awq.md §8: every scale (`awq.scale.<block>.<previous op>`, its linears are in the run record) and
+        """docs/methods.md, AWQ: every scale (`awq.scale.<block>.<previous op>`, its linears are in the run record) and
         every clip threshold per (row, group) (`awq.clip.<block>.<linear>`), so a later run can reuse them."""
         out: dict[str, Tensor] = {}
         for block, result in self.results.items():
@@ -292,7 +293,7 @@ class AWQ(BlockStage):
     def grid_losses(
         self, ctx: BlockContext, group: ScaleGroup, x: Tensor, call: tuple | None, nsamples: int | None = None
     ) -> tuple[list[float], list[Tensor], int | None]:
-        """awq.md §4's loss at every ratio r = i/n_grid for one group on its cached inputs x ([n, L, k], or
+        """docs/methods.md, AWQ's loss at every ratio r = i/n_grid for one group on its cached inputs x ([n, L, k], or
         [n * L, k] where the block flattens tokens; `nsamples` = n). Returns the losses, the candidate scales (CPU)
         and the samples the loss covered: a replayed module runs on `search_samples` of them (`replay_samples`),
         the Gram loss and x̄ always cover every token. The weights are restored."""
@@ -330,7 +331,7 @@ class AWQ(BlockStage):
     def search_scale(
         self, ctx: BlockContext, group: ScaleGroup, x: Tensor, call: tuple | None, nsamples: int | None = None
     ) -> tuple[Tensor, dict[str, Any]]:
-        """The grid search of awq.md §4 for one group (`grid_losses`): the scale of the first smallest loss."""
+        """The grid search of docs/methods.md for one group (`grid_losses`): the scale of the first smallest loss."""
         losses, candidates, used = self.grid_losses(ctx, group, x, call, nsamples)
         best = first_argmin(losses)
         if best is None:
@@ -431,7 +432,7 @@ class AWQ(BlockStage):
 
 
 # `--recipe awq-student+gptq`: AWQ searched on the inputs the following quantizer sees, without clip (measured for
-# awq+gptq at W3/W4 g64 on SmolLM2 in benchmarks/RESULTS.md; the default keeps the clip search).
+# awq+gptq at W3/W4 g64 on SmolLM2 in benchmarks/results/gptq-awq.md; the default keeps the clip search).
 RECIPES: dict[str, RecipePreset] = {
     "awq-student": RecipePreset(
         "awq-student",

@@ -1,4 +1,4 @@
-"""Exact per-channel scale folds over `ArchSpec.scale_groups` (spec: awq.md §3, §5), shared by AWQ, TEQ and
+"""Exact per-channel scale folds over `ArchSpec.scale_groups` (see docs/methods.md, AWQ), shared by AWQ, TEQ and
 InvarExplore.
 
 A scale vector s > 0 on the inputs of a group's linears is absorbed by the previous op: a norm's affine weight

@@ -1,4 +1,4 @@
-"""DESV's banded singular-value increment (lsi-desv.md §2, §4): pure tensor math, tested on its own.
+"""DESV's banded singular-value increment (docs/methods.md, LSI and DESV): pure tensor math, tested on its own.
 
 For W0 = U diag(sigma) Vh (thin SVD, r = min(m, k)) the pre-quantization weight is W0 + U B Vh, with B an r x r
 band of 2n+1 diagonals stored as P in R^{(2n+1) x r}: B[i, i+d] = P[d+n, i]. Entries whose column falls outside
@@ -113,7 +113,7 @@ class BandedIncrement:
         return cls(u, vh, index, nn.Parameter(torch.zeros(index.mask.shape)))
 
     def delta(self) -> Tensor:
-        """dW = U B Vh in fp32 with autocast off (dW is tiny relative to W0, lsi-desv.md §3 item 13)."""
+        """dW = U B Vh in fp32 with autocast off (dW is tiny relative to W0, docs/methods.md, LSI and DESV item 13)."""
         started = time.perf_counter()
         with torch.autocast(device_type=self.u.device.type, enabled=False):
             if self.index.n == 0:  # LSI: U diag(p) Vh without forming the r x r matrix

@@ -1,4 +1,4 @@
-"""LSI and DESV ("Compensate Quantization Errors+", arXiv 2407.15508; spec: lsi-desv.md), on top of OmniQuant.
+"""LSI and DESV ("Compensate Quantization Errors+", arXiv 2407.15508; see docs/methods.md), on top of OmniQuant.
 
 One quantizer stage, `desv`, with OmniQuant underneath: per block, OmniQuant's LET and LWC are warm-started (from a
 saved OmniQuant run with `--opt desv.warm_start=DIR`, else trained on this block first, in the same block loop),

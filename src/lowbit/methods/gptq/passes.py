@@ -1,4 +1,4 @@
-"""GPTQ's Hessian passes over one block (spec: gptq.md §1): hooks, early stops, passes that start at a recorded
+"""GPTQ's Hessian passes over one block (see docs/methods.md, GPTQ): hooks, early stops, passes that start at a recorded
 submodule, and the quantized chain rebuilt from the last pass's records.
 
 A subset whose linears share a parent module that also holds the previous subset (LLaMA's down_proj in `mlp`

@@ -1,4 +1,4 @@
-"""GPTQ's pure math (spec: gptq.md §2-§6): the running Hessian and the column-wise solver for one layer.
+"""GPTQ's pure math (see docs/methods.md, GPTQ): the running Hessian and the column-wise solver for one layer.
 
 Everything here is a plain tensor function with no model or engine in sight, so it can be tested exactly
 and reused (TEQ+GPTQ, AWQ+GPTQ and InvarExplore+GPTQ all end in `gptq_quantize`).
@@ -76,7 +76,7 @@ class GPTQResult:
 def fit_qparams(w: Tensor, scheme: QuantScheme, mse: bool = False) -> tuple[Tensor, Tensor]:
     """qparams of a slice of W treated as one group per row; with `mse`, the reference's shrink-grid search.
 
-    The grid (quantizer.md §6) tries p = 1 - i/100 for i < 80 as gamma_hi = gamma_lo = p and keeps, per row,
+    The grid (docs/methods.md) tries p = 1 - i/100 for i < 80 as gamma_hi = gamma_lo = p and keeps, per row,
     the p with the smallest sum |Q(w) - w|^2.4.
     """
     one_group = QuantScheme(bits=scheme.bits, group_size=-1, kind=scheme.kind, include_zero=scheme.include_zero,

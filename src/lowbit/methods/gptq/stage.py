@@ -1,4 +1,4 @@
-"""GPTQ as a block-scope quantizer stage (spec: gptq.md): true-sequential subsets, Hessians from hooks.
+"""GPTQ as a block-scope quantizer stage (see docs/methods.md, GPTQ): true-sequential subsets, Hessians from hooks.
 
 For each subset of `ArchSpec.sequential` the block runs on the engine's student inputs (`ctx.inputs`, the
 quantized chain by default) with hooks accumulating one Hessian per linear of the subset; earlier subsets of the
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GPTQOptions:
-    """GPTQ's options; defaults follow the reference code (gptq.md §7), true_sequential is lowbit's decision."""
+    """GPTQ's options; defaults follow the reference code (docs/methods.md), true_sequential is lowbit's decision."""
 
     percdamp: float = field(default=0.01, metadata={"help": "damping, as a fraction of mean(diag H)"})
     block_size: int = field(default=128, metadata={"help": "columns per lazy-batch update"})
@@ -86,7 +86,7 @@ class GPTQ(BlockStage):
     uses_float_chain: bool = False
     Options: ClassVar[type] = GPTQOptions
 
-    # what autocast=auto means where bf16 is native; "off" until measured (benchmarks/RESULTS.md, Speed)
+    # what autocast=auto means where bf16 is native; "off" until measured (benchmarks/results/speed-log.md)
     autocast_default: ClassVar[str] = "off"
 
     def precision(self, device: torch.device) -> str:

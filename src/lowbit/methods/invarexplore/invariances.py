@@ -1,4 +1,4 @@
-"""InvarExplore's invariance transforms as pure functions (spec: invarexplore.md §2-§6).
+"""InvarExplore's invariance transforms as pure functions (see docs/methods.md, InvarExplore).
 
 Convention of the reference code (§2): W1' = P·S⁻¹·Rᵀ·W1 and W2' = W2·R·S·Pᵀ. A layer's state is a permutation
 π (position p holds source neuron π[p]), scales s and angles θ, both indexed by *source* neuron (pair i = neurons

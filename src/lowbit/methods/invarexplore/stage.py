@@ -1,4 +1,4 @@
-"""InvarExplore as a model-scope transform stage (spec: invarexplore.md; paper arXiv 2502.06844).
+"""InvarExplore as a model-scope transform stage (see docs/methods.md, InvarExplore; paper arXiv 2502.06844).
 
 Hill climbing over FFN-neuron permutations, per-neuron scales and 2x2 rotations: one random layer per step, a
 proposal on 10% of its neurons, RTN-quantized and scored by L = CE/CE₀ + α·MSE/MSE₀ on the calibration batch;

@@ -1,5 +1,5 @@
 """One decoder block under OmniQuant: LET pairs + LWC factors, the temporary parameters they form, the exact fold,
-and the per-block state that is saved for resume and DESV's warm start (omniquant.md §5).
+and the per-block state that is saved for resume and DESV's warm start (docs/methods.md, OmniQuant).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ Stats = dict[str, tuple[Tensor, Tensor]]
 
 @dataclass(frozen=True)
 class BlockSettings:
-    """The resolved per-block choices (after the recipe table of omniquant.md §6)."""
+    """The resolved per-block choices (after the recipe table of docs/methods.md, OmniQuant)."""
 
     lwc: bool
     let: bool
@@ -50,7 +50,7 @@ class OmniQuantBlock:
     """LET and LWC of one block; `block_params()` forms the temporary parameters, `fold()` writes them for good.
 
     `delta`, when set, returns extra terms added to the linears' weights *before* LET (DESV's U.B.Vh), so the
-    shift term uses W0 + dW exactly as OmniQuant uses W0 (lsi-desv.md §3 item 3).
+    shift term uses W0 + dW exactly as OmniQuant uses W0 (docs/methods.md, LSI and DESV item 3).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""OmniQuant's Learnable Equivalent Transformation (omniquant.md §2-§4): per-channel scales (and shifts) on the
+"""OmniQuant's Learnable Equivalent Transformation (docs/methods.md, OmniQuant): per-channel scales (and shifts) on the
 norm->q/k/v, v->o and norm->gate/up pairs, plus q<->k scaling, applied as a pure function of the block's parameters.
 
 The same function forms the temporary weights during training and the folded weights at the end, so the exported

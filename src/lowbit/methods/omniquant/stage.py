@@ -1,4 +1,4 @@
-"""OmniQuant (OpenGVLab/OmniQuant; spec: omniquant.md): LWC and LET trained jointly, block by block, with AdamW.
+"""OmniQuant (OpenGVLab/OmniQuant; see docs/methods.md): LWC and LET trained jointly, block by block, with AdamW.
 
 Per block: activation statistics of the float block initialise LET's scales (and shifts), LWC starts at
 u = l = 4, then `epochs` passes over the calibration samples in order (batch 1 by default) minimise the MSE between
@@ -41,7 +41,7 @@ STATE_PREFIX = "omniquant"
 
 @dataclass(frozen=True)
 class OmniQuantOptions:
-    """OmniQuant's options. `None` = the reference recipe for the family and setting (omniquant.md §6)."""
+    """OmniQuant's options. `None` = the reference recipe for the family and setting (docs/methods.md, OmniQuant)."""
 
     epochs: int | None = field(
         default=None, metadata={"help": "passes over the calibration samples per block; none = 40 at W2A16, else 20"}
@@ -98,7 +98,7 @@ class Resolved:
 
 
 def resolve_recipe(options: OmniQuantOptions, arch: ArchSpec, scheme: QuantScheme, device: torch.device) -> Resolved:
-    """Fill the `None` options from the reference scripts' table (omniquant.md §6), by family and setting."""
+    """Fill the `None` options from the reference scripts' table (docs/methods.md, OmniQuant), by family and setting."""
     act = scheme.act_bits < 16
     llama = arch.family != "opt"
     low_wa = act and (scheme.act_bits <= 4 or scheme.bits <= 4)  # the W4A4 recipe (also W3A4, W4A6, W3A6)
@@ -324,12 +324,12 @@ def _preset(name: str, options: dict, nsamples: int, seqlen: int, summary: str) 
 
 
 # A short CPU budget (32 steps per block, ~1/160 of the reference's) leaves LWC at its start with the reference
-# rates: W3g-1 SmolLM2 ppl 331 vs 49 with a searched start and 5x lwc_lr (benchmarks/RESULTS.md, `cpu` group).
+# rates: W3g-1 SmolLM2 ppl 331 vs 49 with a searched start and 5x lwc_lr (benchmarks/results/omniquant-desv.md).
 # bf16 autocast is 1.33x faster on this CPU but worse at W4A4 (ppl 189 vs 151), so the preset keeps fp32.
 CPU_OPTIONS = {"epochs": 2, "lwc_init": "mse", "lwc_lr": 5e-2}
 
 
-# Named recipes: the reference scripts' settings (omniquant.md §6; the family-specific LET/aug_loss/alpha choices
+# Named recipes: the reference scripts' settings (docs/methods.md; the family-specific LET/aug_loss/alpha choices
 # are resolved per model when left at None) and CPU-sized variants for small models on a laptop-class CPU.
 RECIPES: dict[str, RecipePreset] = {
     preset.name: preset
@@ -343,7 +343,7 @@ RECIPES: dict[str, RecipePreset] = {
             CPU_OPTIONS,
             16,
             256,
-            "CPU-sized (benchmarks/RESULTS.md): 2 epochs, 16 x 256, LWC from the mse clip, lwc_lr 5e-2",
+            "CPU-sized: 2 epochs, 16 x 256, LWC from the mse clip, lwc_lr 5e-2",
         ),
         _preset("omniquant-cpu-wa", {**CPU_OPTIONS, "let": True}, 16, 256, "omniquant-cpu with LET on (W-A schemes)"),
     )

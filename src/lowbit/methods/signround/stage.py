@@ -1,6 +1,6 @@
 """SignRound (arXiv 2309.05516): per-block SignSGD on rounding offsets V and clipping factors alpha, beta.
 
-Spec: specs/signround.md. The block output MSE against the float block's output is minimised one decoder block
+Spec: docs/methods.md, SignRound. The block output MSE against the float block's output is minimised one decoder block
 at a time; the result is plain codes, scales and zero points (lm_head and embeddings stay float).
 """
 
@@ -65,7 +65,7 @@ class SignRoundOptions:
         default="minibatch",
         metadata={
             "help": "best iteration by the current minibatch loss (paper) or a held-out subset (experimental: "
-            "W3G128 SmolLM2 ppl 639 vs 16.2, see benchmarks/RESULTS.md)"
+            "much worse at W3 on SmolLM2: benchmarks/results/signround.md)"
         },
     )
     holdout: int = field(default=16, metadata={"help": "held-out calibration samples when best_select=holdout"})
@@ -100,7 +100,7 @@ class SignRound(BlockStage):
     Options: ClassVar[type] = SignRoundOptions
     # what autocast=auto means where bf16 is native (precision.native_bf16), chosen by measurement: at auto-round's
     # light settings on SmolLM2 W2G128, bf16 tuned 1.69x faster than fp32 with perplexity 62.28 vs 63.22
-    # (benchmarks/RESULTS.md, "SignRound at auto-round's light settings"); `--opt engine.dtype=fp32` turns it off
+    # (benchmarks/results/signround.md); `--opt engine.dtype=fp32` turns it off
     autocast_default: ClassVar[str] = "bf16"
 
     def __init__(self, options: SignRoundOptions, scheme) -> None:
@@ -111,7 +111,7 @@ class SignRound(BlockStage):
         return self.options.quantized_input
 
     def replay_autocast(self, device: torch.device) -> str:
-        # auto-round computes its targets and chain in its AMP dtype too; measured in benchmarks/RESULTS.md
+        # auto-round computes its targets and chain in its AMP dtype too; measured in benchmarks/results/speed-log.md
         # ("Speed (issue 16)": bf16 replays vs fp32 replays); `--opt engine.replay=fp32` keeps them fp32
         return self.settings(device).autocast
 

@@ -1,6 +1,6 @@
 """SignRound's optimiser pieces: tunable parameters, SignSGD with linear decay, sampling, loss, one block's loop.
 
-Kept apart from the stage so each piece is testable on its own (spec: signround.md §2-§5, §9).
+Kept apart from the stage so each piece is testable on its own (see docs/methods.md, SignRound).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """TEQ's trainable equivalent scales: parameters per absorbable group and the fake-quant linear that uses them.
 
-A consumer linear computes y = (x / s) · Q(W · diag(s))ᵀ + b (teq.md §4). Training sees each linear exactly as it
+A consumer linear computes y = (x / s) · Q(W · diag(s))ᵀ + b (docs/methods.md). Training sees each linear exactly as it
 will be after folding, so the trained fake-quant weights are, bit for bit, what RTN quantizes after the fold.
 """
 
@@ -21,7 +21,7 @@ SCALE_FLOOR = 1e-5
 
 
 def clamped(s: Tensor) -> Tensor:
-    """max(s, 1e-5), as in training and folding (teq.md §3, §6)."""
+    """max(s, 1e-5), as in training and folding (docs/methods.md, TEQ)."""
     return s.clamp(min=SCALE_FLOOR)
 
 
@@ -66,7 +66,7 @@ class TEQLinear(nn.Module):
         return weight
 
     def quantized_weight(self) -> Tensor:
-        """Q(W_eff) with the identity STE (teq.md §4), fp32."""
+        """Q(W_eff) with the identity STE (docs/methods.md, TEQ), fp32."""
         if self.in_scale is None and self.out_scale is None:
             if self._frozen is None:
                 with torch.no_grad():
@@ -108,13 +108,13 @@ class ScaleSet:
 
 
 def select_groups(arch: ArchSpec, block: nn.Module, which: str) -> list[ScaleGroup]:
-    """`all`: every exact group of the ArchSpec; `paper`: only TEQ's Table-9 groups (teq.md §2)."""
+    """`all`: every exact group of the ArchSpec; `paper`: only TEQ's Table-9 groups (docs/methods.md, TEQ)."""
     groups = arch.groups_for(block)
     return groups if which == "all" else [group for group in groups if group.in_paper_teq]
 
 
 def initial_scale(block: nn.Module, group: ScaleGroup, init: str) -> Tensor:
-    """ones, or 1/sqrt(max over the group's weight rows of |W[:, c]|) with zeros replaced by 1 (teq.md §3)."""
+    """ones, or 1/sqrt(max over the group's weight rows of |W[:, c]|) with zeros replaced by 1 (docs/methods.md)."""
     width = group_width(block, group)
     if init == "ones":
         return torch.ones(width)

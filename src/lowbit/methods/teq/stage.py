@@ -1,4 +1,4 @@
-"""TEQ: trainable equivalent per-channel scales, trained with fake quantization and folded (teq.md).
+"""TEQ: trainable equivalent per-channel scales, trained with fake quantization and folded (docs/methods.md, TEQ).
 
 Paper-faithful mode (`loss=ce`, model scope): whole-model causal-LM cross-entropy on calibration windows, Adam
 (lr 1e-3, betas 0.9/0.9), batch 1, linear schedule with 5% warm-up, 1000 steps; both initialisations trained and

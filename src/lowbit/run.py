@@ -1,0 +1,293 @@
+"""The one run, from settings to a written export: what `lowbit quantize` and `lowbit.quantize_to` both call.
+
+Order (the bad-input battery pins it): settings, format and target, the output location, the checkpoint directory,
+the model, the preflight (export shapes, options against the model, free disk space) before any calibration or
+forward, evaluation before, the run, evaluation after, and the export under the output lock. A user error anywhere
+is a `LowbitError` raised before the long work where it can be checked there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.actquant import activation_record, install_activation_quant, installed_act_bits
+from lowbit.arch import arch_for, window_bos_id
+from lowbit.config import QuantizeConfig, build_config
+from lowbit.data import load_calibration, load_eval
+from lowbit.engine.pipeline import run_stages
+from lowbit.engine.precision import resolve_compile
+from lowbit.engine.workdir import WorkDir, estimate_checkpoint_bytes, model_digest, tensor_digest, work_dir_for
+from lowbit.errors import LowbitError
+from lowbit.eval import perplexity
+from lowbit.export import AUTO_FORMAT, FORMATS, TARGETS, check_output_dir
+from lowbit.export.atomic import output_lock
+from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
+from lowbit.export.space import check_free_space, estimate_export_bytes
+from lowbit.export.validate import check_act_format, preflight_export
+from lowbit.formats.files import ARTIFACTS_FILE
+from lowbit.models import LoadedModel, load_model
+from lowbit.record import determinism_record, package_versions, peak_rss_mb
+from lowbit.result import QuantizedModel
+from lowbit.scheme import QuantScheme
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """Where and how the export is written (`out=None`: quantize and evaluate only)."""
+
+    out: str | Path | None = None
+    format: str = AUTO_FORMAT
+    target: str = "any"
+    tp: int = 1
+    ct_packing: str | None = None
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    overwrite: bool = False
+    checkpoint: bool = True  # keep every finished block next to `out`, so an interrupted run can resume
+    resume: bool = False
+    report: bool = False  # also write report.html (or report.md) into `out`
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Perplexity of the float model before and of the result after (comma-separated dataset names)."""
+
+    datasets: str = "auto"
+    seqlen: int = 2048
+    windows: int | None = None
+    progress: bool = True
+
+
+def quantize_to(
+    out: str | Path | None,
+    *,
+    model: str | LoadedModel | None = None,
+    recipe: str | None = None,
+    scheme: str | QuantScheme | Mapping[str, Any] | None = None,
+    dataset: str | None = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+    seed: int | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    recipe_file: str | Path | None = None,
+    export: ExportSettings | None = None,
+    evaluate: EvalSettings | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> QuantizedModel:
+    """Quantize `model` and write the export to `out`, failing in seconds on what would fail later.
+
+    The settings are those of `lowbit.quantize`; `export` says how the export is written (its `out` is replaced by
+    `out`) and `evaluate` adds perplexity before and after to the run record (`record["evaluation"]`). The
+    returned result has been saved (`result.record["format"]` is the format written) unless `out` is None.
+    """
+    config = build_config(
+        recipe=recipe,
+        scheme=scheme,
+        dataset=dataset,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        options=options,
+        recipe_file=recipe_file,
+    )
+    settings = ExportSettings() if export is None else export
+    settings = ExportSettings(**{**settings.__dict__, "out": out})
+    with output_lock(out) if out is not None else contextlib.nullcontext():
+        return run(config, settings, model, evaluate, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+
+
+def run(
+    config: QuantizeConfig,
+    export: ExportSettings,
+    model: str | LoadedModel | None,
+    evaluate: EvalSettings | None = None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> QuantizedModel:
+    """The run itself, under the caller's output lock (see the module docstring for the order)."""
+    check_export_settings(config, export)
+    work_dir = prepare_work_dir(config, export)
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    )
+    preflight(config, export, loaded.model, checkpoints=work_dir is not None)  # before any calibration or forward
+    before = evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate) if evaluate else {}
+    result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume)
+    if evaluate:
+        after = evaluate_perplexity(result.model, result.tokenizer, evaluate)
+        result.record["evaluation"] = {"before": before, "after": after}
+    if export.out is not None:
+        result.save(export.out, format=export.format, overwrite=export.overwrite, target=export.target, tp=export.tp,
+                    ct_packing=export.ct_packing, max_shard_size=export.max_shard_size)  # fmt: skip
+        if export.report:
+            from lowbit.eval.report import report_from_dir
+
+            result.report_path = report_from_dir(export.out)
+    return result
+
+
+def check_export_settings(config: QuantizeConfig, export: ExportSettings) -> None:
+    """What needs no model: format, target, shard size, the scheme against the format, the output location."""
+    if export.report and export.out is None:
+        raise LowbitError("--report writes report.html into the export: pass --out")
+    if export.format not in (AUTO_FORMAT, *FORMATS):
+        raise LowbitError(f"unknown --format '{export.format}'; available: {AUTO_FORMAT}, {', '.join(FORMATS)}")
+    if export.target not in TARGETS:
+        raise LowbitError(f"unknown --target '{export.target}'; available: {', '.join(TARGETS)}")
+    parse_max_shard_size(export.max_shard_size)
+    check_act_format(export.format, config.scheme)  # W-A schemes a packed format cannot hold: before any work
+    if export.out is not None:
+        check_output_dir(export.out, export.overwrite)
+
+
+def prepare_work_dir(config: QuantizeConfig, export: ExportSettings) -> Path | None:
+    """The checkpoint directory next to `out` (None without `out` or checkpoints), checked before the model loads."""
+    if export.resume and (export.out is None or not export.checkpoint):
+        raise LowbitError("--resume continues the checkpoints kept next to --out: pass the same --out as the first run")
+    if export.out is None or not export.checkpoint:
+        return None
+    work = work_dir_for(export.out)
+    if work.exists() and export.overwrite and not export.resume:
+        log.warning("--overwrite: discarding the checkpoints of an earlier run in %s", work)
+        shutil.rmtree(work)
+    WorkDir.check(work, settings_fingerprint(config), resume=export.resume)
+    return work
+
+
+def preflight(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Module, *, checkpoints: bool) -> None:
+    """Refuse in seconds what would fail only at export: the format against the scheme and the model's shapes
+    (e.g. compressed-tensors g128 on in_features 576), an unsupported family, options against the model, too little
+    free space for the export (and its checkpoints)."""
+    arch = arch_for(model)
+    check_run(config, model)
+    if export.format != AUTO_FORMAT:  # auto falls back to a format that works; an explicit one must work
+        preflight_export(model, arch, config.scheme, export.format, export.target, export.tp, export.ct_packing,
+                         config.act_order_groups)  # fmt: skip
+    if export.out is not None:
+        needed = estimate_export_bytes(model, config.scheme, "fake" if export.format == AUTO_FORMAT else export.format)
+        if checkpoints:
+            needed += estimate_checkpoint_bytes(model)
+        check_free_space(export.out, needed)
+
+
+def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings) -> dict[str, dict]:
+    """Perplexity on each of `settings.datasets`, keyed by the dataset's own name."""
+    results = {}
+    for name in [part.strip() for part in settings.datasets.split(",") if part.strip()]:
+        data = load_eval(tokenizer, name)
+        result = perplexity(model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
+                            progress=settings.progress)  # fmt: skip
+        results[data.meta.get("name", name)] = {**result.to_dict(), "data": data.meta}
+    return results
+
+
+def check_run(config: QuantizeConfig, model: torch.nn.Module) -> None:
+    """Stage options against the calibration size and the model's depth, and the compiler `engine.compile=on`
+    needs: before any data is loaded or forward run."""
+    resolve_compile(config.engine.compile, torch.device(config.engine.device))
+    depth = len(arch_for(model).blocks(model))
+    for spec in config.stages:
+        spec.stage_class.check_run(spec.options, nsamples=config.nsamples, seqlen=config.seqlen, depth=depth)
+
+
+def settings_fingerprint(config: QuantizeConfig) -> dict[str, Any]:
+    """The settings part of a run's fingerprint (checkable before the model is loaded)."""
+    settings = config.to_dict()
+    settings["options"]["engine"].pop("progress", None)  # display only
+    return settings
+
+
+def run_fingerprint(loaded: LoadedModel, config: QuantizeConfig, calibration: torch.Tensor | None) -> dict[str, Any]:
+    """What must match for checkpoints to be reused: model files, settings, calibration tokens, versions."""
+    versions = package_versions()
+    return {
+        "model": {"name": loaded.name, "files": model_digest(loaded.path) if loaded.path.is_dir() else None},
+        "config": settings_fingerprint(config),
+        "calibration_sha256": tensor_digest(calibration),
+        "versions": {key: versions[key] for key in ("lowbit", "torch", "transformers")},
+    }
+
+
+def run_quantization(
+    loaded: LoadedModel, config: QuantizeConfig, *, work_dir: str | Path | None = None, resume: bool = False
+) -> QuantizedModel:
+    """Run a validated config on a loaded model (in place) and assemble the result with its run record."""
+    started = time.perf_counter()
+    arch = arch_for(loaded.model)
+    check_run(config, loaded.model)
+    if installed_act_bits(loaded.model, arch) != 16:
+        raise LowbitError(
+            "this model runs with activation quantization installed (a reloaded W-A export): quantize the float model"
+        )
+    calibration = None
+    data_meta: dict[str, Any] = {}
+    if config.needs_data:
+        data = load_calibration(
+            loaded.tokenizer,
+            config.dataset,
+            nsamples=config.nsamples,
+            seqlen=config.seqlen,
+            seed=config.seed,
+            bos_id=window_bos_id(loaded.model),  # Gemma: every window starts with BOS (recorded in the meta)
+        )
+        calibration, data_meta = data.input_ids, data.meta
+    data_seconds = time.perf_counter() - started
+
+    stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
+    work = None
+    if work_dir is not None:
+        work = WorkDir.open(work_dir, run_fingerprint(loaded, config, calibration), resume=resume)
+    tuned = time.perf_counter()
+    try:
+        found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed, work)
+    except BaseException:
+        if work is not None and not work.holds_progress():
+            work.remove()  # nothing to resume: leave no trace
+        raise
+    records, metrics = found.records, found.metrics
+    quantize_seconds = time.perf_counter() - tuned
+    log.info("quantized %d linears with %s in %.1fs", len(records), config.recipe, quantize_seconds)
+    # A W-A result *is* a W-A model: its activation quantizers stay installed for every later forward (perplexity,
+    # generate, lm-eval), so it is never evaluated weight-only by accident.
+    act_handle = None
+    if config.scheme.quantizes_activations:
+        act_handle = install_activation_quant(loaded.model, arch, config.scheme.act_bits)
+        log.info("activation quantization installed: %d-bit per-token asymmetric", config.scheme.act_bits)
+    record = {
+        "model": loaded.name,
+        "model_path": str(loaded.path),
+        "architecture": arch.family,
+        "config": config.to_dict(),
+        "calibration": data_meta,
+        "versions": package_versions(),
+        "timings": {
+            "data_seconds": round(data_seconds, 3),
+            "quantize_seconds": round(quantize_seconds, 3),
+            "checkpoint_seconds": round(found.checkpoint_seconds, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        },
+        "stages": metrics,
+        "quantized_linears": len(records),
+        "activation": activation_record(config.scheme.act_bits),
+        "determinism": determinism_record(),
+    }
+    if work is not None:
+        record["checkpoints"] = {"work_dir": str(work.path), "resumed": resume}
+    artifacts = found.artifacts
+    if artifacts:
+        record["artifacts"] = {"file": ARTIFACTS_FILE, "tensors": len(artifacts)}
+    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts, act_handle, work)
