@@ -18,13 +18,16 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lowbit.data import hub_reachable
 from lowbit.errors import LowbitError, first_line
 from lowbit.safeload import check_finite_weights, check_model_dir, safetensors_files
+
+if TYPE_CHECKING:
+    from lowbit.engine.skeleton import StreamedModel
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,19 @@ def load_model(
     hf_model.eval()
     check_finite_weights(hf_model, path)
     return LoadedModel(model=hf_model, tokenizer=tokenizer, name=model or DEFAULT_MODEL_ID, path=path)
+
+
+def load_streamed(model: str | None, *, cache_dir: Path | None = None) -> tuple[LoadedModel, StreamedModel]:
+    """The model as a meta skeleton whose blocks are read one at a time (engine/skeleton.py), with its tokenizer.
+
+    Only safetensors checkpoints stream (pickle files cannot be read lazily), and no remote code."""
+    from lowbit.engine.skeleton import StreamedModel
+
+    path = resolve_model_path(model, cache_dir=cache_dir)
+    check_model_dir(path, allow_pickle=False, trust_remote_code=False)
+    tokenizer = _load_tokenizer(path)
+    streamed = StreamedModel(path)
+    return LoadedModel(model=streamed.model, tokenizer=tokenizer, name=model or DEFAULT_MODEL_ID, path=path), streamed
 
 
 # --- local directories and the hub ---------------------------------------------------------------

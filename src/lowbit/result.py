@@ -28,8 +28,9 @@ from lowbit.export import (
 )
 from lowbit.export.card import write_card
 from lowbit.export.packed import PreparedExport
-from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
+from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, parse_max_shard_size
 from lowbit.export.space import estimate_export_bytes
+from lowbit.export.streamed import StreamedExport
 from lowbit.export.validate import check_act_format
 from lowbit.quantizer import QuantizedWeight
 
@@ -57,6 +58,7 @@ class QuantizedModel:
     act_quant: ActQuantHandle | None = None
     work: WorkDir | None = None  # the run's checkpoints, removed once an export is written
     report_path: Path | None = None  # the run report written into the export (`quantize_to(..., report=True)`)
+    streamed: bool = False  # the blocks went to the export as they finished (the model's blocks are meta)
 
     def perplexity(
         self, dataset: str | None = "auto", *, seqlen: int = 2048, max_windows: int | None = None
@@ -66,7 +68,9 @@ class QuantizedModel:
         with activation_quant(self.model, arch_for(self.model), self.config.scheme.act_bits):
             return perplexity(self.model, data.input_ids, seqlen=seqlen, max_windows=max_windows)
 
-    def _prepare(self, fmt: str, target: str, tp: int, ct_packing: str | None, packer: str) -> PreparedExport | None:
+    def _prepare(
+        self, fmt: str, target: str, tp: int, ct_packing: str | None, packer: str, streamed: bool = False
+    ) -> PreparedExport | None:
         """Validate `fmt` for this result (everything but the write); None for `fake`, which needs no packing."""
         check_act_format(fmt, self.config.scheme)
         if fmt not in PACKED_FORMATS:
@@ -81,7 +85,68 @@ class QuantizedModel:
             packer=packer,
             run_record=self.record,
             act_bits=self.config.scheme.act_bits,
+            streamed=streamed,
         )
+
+    def _choose(
+        self, format: str, target: str, tp: int, ct_packing: str | None, packer: str, streamed: bool = False
+    ) -> tuple[str, PreparedExport | None, dict[str, Any]]:
+        """The format to write (auto: the first of AUTO_ORDER that validates), its prepared export, the record."""
+        if format not in (AUTO_FORMAT, *FORMATS):
+            raise LowbitError(f"unknown format '{format}'; available: {AUTO_FORMAT}, {', '.join(FORMATS)}")
+        candidates = AUTO_ORDER if format == AUTO_FORMAT else (format,)
+        rejected: dict[str, str] = {}
+        for fmt in candidates:
+            try:
+                prepared = self._prepare(fmt, target, tp, ct_packing or ("dense" if format == AUTO_FORMAT else None),
+                                         packer, streamed)  # fmt: skip
+                break
+            except LowbitError as error:
+                if format != AUTO_FORMAT:
+                    raise
+                rejected[fmt] = str(error)
+        if rejected:
+            log.info("format auto -> %s (%s)", fmt, "; ".join(f"not {k}: {v}" for k, v in rejected.items()))
+        record = {**self.record, "format": fmt}
+        if rejected:
+            record["format_choice"] = {"chosen": fmt, "rejected": rejected}
+        if prepared is not None:
+            record["export"] = {"target": target, "tp": tp, "ct_packing": ct_packing, "warnings": prepared.warnings}
+        return fmt, prepared, record
+
+    def _write(
+        self,
+        directory: Path,
+        out: str | Path,
+        fmt: str,
+        prepared: PreparedExport | None,
+        record: dict[str, Any],
+        max_shard_bytes: int,
+        writer: ShardWriter | None = None,
+    ) -> None:
+        if prepared is None:
+            write_fake(directory, self.model, self.tokenizer, record, max_shard_size=max_shard_bytes, writer=writer)
+        else:
+            prepared.write(directory, self.tokenizer, record, max_shard_size=max_shard_bytes, writer=writer)
+        write_artifacts(directory, self.artifacts)
+        write_card(directory, out, fmt, record)
+        self.record["format"] = fmt
+
+    def finish_streamed(
+        self,
+        sink: StreamedExport,
+        out: str | Path,
+        *,
+        target: str = "any",
+        tp: int = 1,
+        ct_packing: str | None = None,
+        packer: str = "lowbit",
+    ) -> None:
+        """Complete the export a streamed run wrote block by block into `sink.directory` (the caller's atomic
+        output directory): validate the whole (records without codes), then write what lies outside the blocks,
+        the config, tokenizer, run record and model card."""
+        fmt, prepared, record = self._choose(sink.fmt, target, tp, ct_packing, packer, streamed=True)
+        self._write(sink.directory, out, fmt, prepared, record, sink.writer.max_shard_bytes, writer=sink.writer)
 
     def save(
         self,
@@ -107,37 +172,16 @@ class QuantizedModel:
         `model-0000k-of-0000n.safetensors` shards at decoder-block boundaries with `model.safetensors.index.json`;
         an export that fits one shard is a single `model.safetensors`.
         """
-        if format not in (AUTO_FORMAT, *FORMATS):
-            raise LowbitError(f"unknown format '{format}'; available: {AUTO_FORMAT}, {', '.join(FORMATS)}")
+        if self.streamed:
+            raise LowbitError(
+                "this result comes from a streamed run: its blocks were written to its export as they finished and "
+                "are no longer in memory; stream with lowbit.quantize_to(out, ...) (or `lowbit quantize --out`)"
+            )
         max_shard_bytes = parse_max_shard_size(max_shard_size)
-        candidates = AUTO_ORDER if format == AUTO_FORMAT else (format,)
-        rejected: dict[str, str] = {}
-        for fmt in candidates:
-            try:
-                prepared = self._prepare(fmt, target, tp, ct_packing or ("dense" if format == AUTO_FORMAT else None),
-                                         packer)  # fmt: skip
-                break
-            except LowbitError as error:
-                if format != AUTO_FORMAT:
-                    raise
-                rejected[fmt] = str(error)
-        format = fmt
-        if rejected:
-            log.info("format auto -> %s (%s)", format, "; ".join(f"not {k}: {v}" for k, v in rejected.items()))
-        record = {**self.record, "format": format}
-        if rejected:
-            record["format_choice"] = {"chosen": format, "rejected": rejected}
-        if prepared is not None:
-            record["export"] = {"target": target, "tp": tp, "ct_packing": ct_packing, "warnings": prepared.warnings}
+        format, prepared, record = self._choose(format, target, tp, ct_packing, packer)
         needed = estimate_export_bytes(self.model, self.config.scheme, format)
         with atomic_output_dir(out, overwrite, needed_bytes=needed) as temp:
-            if prepared is None:
-                write_fake(temp, self.model, self.tokenizer, record, max_shard_size=max_shard_bytes)
-            else:
-                prepared.write(temp, self.tokenizer, record, max_shard_size=max_shard_bytes)
-            write_artifacts(temp, self.artifacts)
-            write_card(temp, out, format, record)
-        self.record["format"] = format
+            self._write(temp, out, format, prepared, record, max_shard_bytes)
         log.info("wrote %s export to %s", format, out)
         if self.work is not None:
             self.work.remove()

@@ -25,6 +25,7 @@ from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_calibration, load_eval
 from lowbit.engine.pipeline import run_stages
 from lowbit.engine.precision import resolve_compile
+from lowbit.engine.streaming import BlockSink, BlockSource
 from lowbit.engine.workdir import WorkDir, estimate_checkpoint_bytes, model_digest, tensor_digest, work_dir_for
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
@@ -118,6 +119,9 @@ def run(
 ) -> QuantizedModel:
     """The run itself, under the caller's output lock (see the module docstring for the order)."""
     check_export_settings(config, export)
+    if streams(config, export, model):
+        check_streamable(config, export, evaluate)
+        return run_streamed(config, export, model)
     work_dir = prepare_work_dir(config, export)
     loaded = (
         model
@@ -138,6 +142,79 @@ def run(
 
             result.report_path = report_from_dir(export.out)
     return result
+
+
+def streams(config: QuantizeConfig, export: ExportSettings, model: str | LoadedModel | None) -> bool:
+    """Whether this run reads its blocks from the checkpoint one at a time (`engine.stream`); a model passed in
+    already loaded is resident by definition."""
+    return config.engine.stream == "on" and not isinstance(model, LoadedModel)
+
+
+def check_streamable(config: QuantizeConfig, export: ExportSettings, evaluate: EvalSettings | None) -> None:
+    """What a streamed run cannot do, refused before anything loads."""
+    if export.out is None:
+        raise LowbitError("a streamed run writes its export as the blocks finish: pass --out")
+    stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
+    whole = [stage.name for stage in stages if stage.scope == "model"]
+    if whole:
+        raise LowbitError(
+            f"{', '.join(whole)} needs the whole model's loss, which a streamed run never holds: use a block-scope "
+            "recipe (--opt teq.loss=mse for TEQ), or --opt engine.stream=off on a machine that holds the model"
+        )
+    if evaluate is not None:
+        raise LowbitError(
+            "--eval needs the whole model in memory, which a streamed run never holds: evaluate the export "
+            "afterwards with `lowbit eval DIR` (packed weights stay packed), or --opt engine.stream=off"
+        )
+    if export.resume:
+        raise LowbitError("a streamed run cannot resume yet: start it again without --resume")
+
+
+def run_streamed(config: QuantizeConfig, export: ExportSettings, model: str | None) -> QuantizedModel:
+    """Read each block from the checkpoint as the loop reaches it and write it to the export as it finishes."""
+    from lowbit.engine.streaming import CheckpointBlocks
+    from lowbit.export.atomic import atomic_output_dir
+    from lowbit.export.streamed import StreamedExport
+    from lowbit.models import load_streamed
+
+    assert export.out is not None
+    loaded, streamed = load_streamed(model)
+    preflight(config, export, loaded.model, checkpoints=False)
+    fmt = stream_format(config, export, loaded.model)
+    ct_packing = export.ct_packing or ("dense" if export.format == AUTO_FORMAT else None)
+    needed = estimate_export_bytes(loaded.model, config.scheme, fmt)
+    with atomic_output_dir(export.out, export.overwrite, needed_bytes=needed) as temp:
+        sink = StreamedExport(temp, fmt, loaded.model, max_shard_bytes=parse_max_shard_size(export.max_shard_size),
+                              act_bits=config.scheme.act_bits, ct_packing=ct_packing)  # fmt: skip
+        result = run_quantization(loaded, config, source=CheckpointBlocks(streamed), sink=sink)
+        result.streamed = True
+        result.record["stream"] = {"source_dtype": str(streamed.source_dtype).removeprefix("torch.")}
+        result.finish_streamed(sink, export.out, target=export.target, tp=export.tp, ct_packing=ct_packing)
+    log.info("wrote %s export to %s (streamed)", fmt, export.out)
+    if export.report:
+        from lowbit.eval.report import report_from_dir
+
+        result.report_path = report_from_dir(export.out)
+    return result
+
+
+def stream_format(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Module) -> str:
+    """The format a streamed run writes, fixed before its first block: `auto` takes the first of AUTO_ORDER the
+    preflight accepts (the checks that read codes run per block and at the end)."""
+    if export.format != AUTO_FORMAT:
+        return export.format
+    from lowbit.export import AUTO_ORDER
+
+    arch = arch_for(model)
+    for fmt in AUTO_ORDER:
+        try:
+            preflight_export(model, arch, config.scheme, fmt, export.target, export.tp, export.ct_packing or "dense",
+                             config.act_order_groups)  # fmt: skip
+        except LowbitError as error:
+            log.info("format auto: not %s (%s)", fmt, error)
+            continue
+        return fmt
+    return "fake"
 
 
 def check_export_settings(config: QuantizeConfig, export: ExportSettings) -> None:
@@ -208,6 +285,7 @@ def settings_fingerprint(config: QuantizeConfig) -> dict[str, Any]:
     """The settings part of a run's fingerprint (checkable before the model is loaded)."""
     settings = config.to_dict()
     settings["options"]["engine"].pop("progress", None)  # display only
+    settings["options"]["engine"].pop("stream", None)  # a streamed run writes the same bytes as a resident one
     return settings
 
 
@@ -223,9 +301,16 @@ def run_fingerprint(loaded: LoadedModel, config: QuantizeConfig, calibration: to
 
 
 def run_quantization(
-    loaded: LoadedModel, config: QuantizeConfig, *, work_dir: str | Path | None = None, resume: bool = False
+    loaded: LoadedModel,
+    config: QuantizeConfig,
+    *,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    source: BlockSource | None = None,
+    sink: BlockSink | None = None,
 ) -> QuantizedModel:
-    """Run a validated config on a loaded model (in place) and assemble the result with its run record."""
+    """Run a validated config on a loaded model (in place) and assemble the result with its run record; a
+    streamed run passes the block `source` and the export `sink` (engine/streaming.py)."""
     started = time.perf_counter()
     arch = arch_for(loaded.model)
     check_run(config, loaded.model)
@@ -253,7 +338,8 @@ def run_quantization(
         work = WorkDir.open(work_dir, run_fingerprint(loaded, config, calibration), resume=resume)
     tuned = time.perf_counter()
     try:
-        found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed, work)
+        found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed, work,
+                           source=source, sink=sink)  # fmt: skip
     except BaseException:
         if work is not None and not work.holds_progress():
             work.remove()  # nothing to resume: leave no trace

@@ -20,6 +20,7 @@ from lowbit.engine.moe import routing_metrics
 from lowbit.engine.precision import replay_autocast as resolve_replay
 from lowbit.engine.precision import resolve_compile
 from lowbit.engine.stage import BlockStage
+from lowbit.engine.streaming import BlockSink, BlockSource, without_codes
 from lowbit.engine.workdir import GroupCheckpoint
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
@@ -51,6 +52,14 @@ class EngineOptions:
         metadata={
             "help": "torch.compile the block forward/backward of the tuning stages (SignRound, OmniQuant, DESV): "
             "fuses their elementwise ops; the first block pays the compile; auto = off"
+        },
+    )
+    stream: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={
+            "help": "read each block from the checkpoint when the loop reaches it and write it to the export as it "
+            "finishes, so memory does not grow with depth (needs --out; block-scope stages only); auto = on when "
+            "the memory planner says the model does not fit in memory"
         },
     )
     replay: Literal["auto", "fp32"] = field(
@@ -121,8 +130,14 @@ def run_block_stages(
     options: EngineOptions,
     seed: int,
     checkpoint: GroupCheckpoint | None = None,
+    source: BlockSource | None = None,
+    sink: BlockSink | None = None,
 ) -> GroupResult:
     """Run block-scope stages over every decoder block, in place on `model`.
+
+    With a `source` (a streamed model) each block is read when the loop reaches it and released after; with a
+    `sink` each finished block is handed over before that, and the result keeps only its records' metadata
+    (codes on the meta device), so memory does not grow with depth.
 
     Returns the quantized records (full module name -> record; empty when no stage is a quantizer) and the
     per-block metrics for the run record. With `quantized_input`, block i+1 sees the quantized block i's output
@@ -149,7 +164,9 @@ def run_block_stages(
             raise LowbitError(
                 "this recipe needs calibration data; pass --dataset (or 'builtin' for the offline default)"
             )
-        captured = capture_block_inputs(model, arch, calibration, batch_size=options.batch_size, device=device)
+        captured = capture_block_inputs(
+            model, arch, calibration, batch_size=options.batch_size, device=device, source=source
+        )
         fp_in = q_in = captured.hidden
         per_block = captured.per_block  # each block replays with its own layer's kwargs (sliding/global, rotary)
     if first:
@@ -159,6 +176,8 @@ def run_block_stages(
     bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not options.progress)
     for index in bar:
         start = time.perf_counter()
+        if source is not None:
+            source.materialize(index)
         ctx = BlockContext(
             index=index,
             name=arch.block_name(index),
@@ -199,7 +218,11 @@ def run_block_stages(
                     ctx.outputs = None  # only the last stage's outputs describe the final block
                     stage.process_block(ctx)
                 block_records = _write_quantized(ctx) if has_quantizer else {}
-                result.records.update(block_records)
+                if sink is not None:
+                    sink.add_block(index, ctx.name, ctx.block, block_records)
+                    result.records.update({name: without_codes(r) for name, r in block_records.items()})
+                else:
+                    result.records.update(block_records)
             if needs_data:
                 fp_in = ctx.targets
                 if quantized_input and has_quantizer and ctx.outputs is not None:
@@ -220,4 +243,7 @@ def run_block_stages(
             checkpoint.save_block(index, ctx.block, relative, fresh, result.metrics[-1])
             result.checkpoint_seconds += time.perf_counter() - saving
         log.debug("block %d done in %.2fs", index, ctx.metrics["seconds"])
+        if source is not None:
+            del ctx, block_records
+            source.release(index)
     return result

@@ -11,13 +11,16 @@ blocks share one object, so memory grows only with the number of distinct layer 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    from lowbit.engine.streaming import BlockSource
 
 
 class _StopForward(Exception):
@@ -89,11 +92,19 @@ _DROPPED_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache", "o
 
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, arch: ArchSpec, input_ids: torch.Tensor, *, batch_size: int, device: torch.device
+    model: nn.Module,
+    arch: ArchSpec,
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    device: torch.device,
+    source: BlockSource | None = None,
 ) -> BlockInputs:
     """Run the model up to block 0 for every sample and record block 0's inputs and every block's kwargs.
 
-    Calibration windows are full length without padding, so one kwargs set per block serves every sample.
+    Calibration windows are full length without padding, so one kwargs set per block serves every sample. With a
+    `source` (a streamed model, blocks on meta), the kwargs pass runs each block on zero placeholders, one at a
+    time: what a block is called with does not depend on the blocks before it, and nothing is read from disk.
     """
     blocks = arch.blocks(model)
     hidden_parts: list[torch.Tensor] = []
@@ -110,6 +121,8 @@ def capture_block_inputs(
                 }
                 if index == len(blocks) - 1:
                     raise _StopForward
+                if source is not None:
+                    source.placeholder(index)
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
             hidden_parts.append(hidden.detach().to("cpu", torch.float32))
@@ -118,6 +131,8 @@ def capture_block_inputs(
         return hook
 
     handles = [block.register_forward_pre_hook(hook_for(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    if source is not None:
+        handles += [block.register_forward_hook(lambda *_, i=i: source.release(i)) for i, block in enumerate(blocks)]
     state = {"kwargs_pass": True}
     try:
         _forward_to_hook(model, input_ids[:1].to(device))

@@ -12,6 +12,7 @@ from torch import nn
 from lowbit.arch import ArchSpec
 from lowbit.engine.block_loop import EngineOptions, run_block_stages
 from lowbit.engine.stage import BlockStage, ModelContext, ModelStage, Stage
+from lowbit.engine.streaming import BlockSink, BlockSource
 from lowbit.engine.workdir import WorkDir
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
@@ -55,9 +56,18 @@ def run_stages(
     options: EngineOptions,
     seed: int,
     work: WorkDir | None = None,
+    source: BlockSource | None = None,
+    sink: BlockSink | None = None,
 ) -> PipelineResult:
     """Apply every stage to `model` in place. With `work`, finished groups and blocks are checkpointed and an
-    interrupted run resumes after them."""
+    interrupted run resumes after them. A streamed run (`source`, `sink`: engine/streaming.py) is one group of
+    block-scope stages: a later group would need the blocks an earlier one released."""
+    groups = stage_groups(stages)
+    if source is not None and (len(groups) > 1 or groups[0][0].scope != "block"):
+        raise LowbitError(
+            "a streamed run takes block-scope stages only (model-scope stages such as TEQ with the cross-entropy "
+            "loss or InvarExplore need the whole model): use --opt engine.stream=off on a machine that holds it"
+        )
     for stage in stages:
         reason = stage.refuses(arch)
         if reason:
@@ -65,12 +75,14 @@ def run_stages(
     arch.prepare(model)  # MoE: fused experts become per-expert linears before any capture or checkpoint restore
     result = PipelineResult()
     records, metrics, artifacts = result.records, result.metrics, result.artifacts
-    for index, group in enumerate(stage_groups(stages)):
+    for index, group in enumerate(groups):
         checkpoint = work.group(index) if work else None
         name = "+".join(stage.name for stage in group)
         stage = group[0]
         if stage.scope == "block":
-            found = run_block_stages(model, arch, group, scheme, calibration, options, seed, checkpoint)
+            found = run_block_stages(
+                model, arch, group, scheme, calibration, options, seed, checkpoint, source=source, sink=sink
+            )
             records.update(found.records)
             result.checkpoint_seconds += found.checkpoint_seconds
             artifacts.update(found.artifacts)

@@ -55,7 +55,7 @@ def tied_output_name(model: nn.Module) -> str | None:
     return next(f"{name}.weight" for name, module in model.named_modules() if module is output)
 
 
-def _set_tensor(root: nn.Module, name: str, value: Tensor) -> None:
+def set_tensor(root: nn.Module, name: str, value: Tensor) -> None:
     """Replace the parameter or buffer `name` of `root` by `value` (a Parameter keeps its requires_grad)."""
     module_name, _, leaf = name.rpartition(".")
     module = root.get_submodule(module_name)
@@ -86,6 +86,7 @@ class StreamedModel:
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
+        self._load_generation_config()
         self.reader = CheckpointReader(path, base_model_prefix=self.model.base_model_prefix)
         self.keymap = KeyMap(self.arch)
         self.blocks = self.arch.blocks(self.model)
@@ -108,6 +109,20 @@ class StreamedModel:
             "streaming %s (%s, %d blocks) from %s: stored %s, computing in %s",
             type(self.model).__name__, self.arch.family, len(self.blocks), path, self.source_dtype, dtype,
         )  # fmt: skip
+
+    def _load_generation_config(self) -> None:
+        """The generation config `from_pretrained` would load (generation_config.json, else config.json's generation
+        keys), so a streamed model's export writes the same generation_config.json as a resident one."""
+        if not self.model.can_generate():
+            return
+        from transformers import GenerationConfig
+
+        try:
+            self.model.generation_config = GenerationConfig.from_pretrained(self.path, local_files_only=True)
+        except OSError:
+            self.model.generation_config = GenerationConfig.from_pretrained(
+                self.path, config_file_name="config.json", _from_model_config=True, local_files_only=True
+            )
 
     @property
     def num_blocks(self) -> int:
@@ -138,7 +153,7 @@ class StreamedModel:
                     f"tensor '{name}' in '{self.path}' has shape {tuple(value.shape)} but config.json gives "
                     f"{shapes[name]}: the checkpoint does not belong to this config"
                 )
-            _set_tensor(root, name[len(prefix) :], value)
+            set_tensor(root, name[len(prefix) :], value)
 
     def block_keys(self, index: int) -> list[str]:
         """The checkpoint keys of block `index`, named as save_pretrained of this model names them."""
@@ -175,7 +190,7 @@ class StreamedModel:
         block = self.blocks[index]
         for name, tensor in persistent_tensors(block):
             if not tensor.is_meta:
-                _set_tensor(block, name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
+                set_tensor(block, name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
 
     def is_materialized(self, index: int) -> bool:
         """Whether block `index` holds real tensors only."""

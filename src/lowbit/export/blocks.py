@@ -152,12 +152,17 @@ def remainder_tensors(
         }
         if isinstance(model, PreTrainedModel):
             outside = remove_tied_weights_from_state_dict(outside, model)
-        return _revert_conversions(model, {key: t.detach().contiguous() for key, t in outside.items()})
+        return _sorted(_revert_conversions(model, {key: t.detach().contiguous() for key, t in outside.items()}))
     outside_records = {
         name: record for name, record in records.items() if not any(_inside(name, p) for p in block_prefixes)
     }
     state = {k: t for k, t in model.state_dict().items() if not any(_inside(k, p) for p in block_prefixes)}
-    return _packed_part(context, state, outside_records)
+    return _sorted(_packed_part(context, state, outside_records))
+
+
+def _sorted(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """By name: the shard layout must not depend on how the model was built (loaded whole, or a skeleton)."""
+    return dict(sorted(tensors.items()))
 
 
 def resident_groups(
@@ -175,9 +180,14 @@ def write_weights(
     records: Mapping[str, QuantizedWeight],
     max_shard_bytes: int,
     index_metadata: dict[str, Any] | None = None,
+    *,
+    writer: ShardWriter | None = None,
 ) -> list[str]:
-    """The weights of a resident model: each block through the shard writer, then the remainder; files written."""
-    writer = ShardWriter(directory, max_shard_bytes)
-    for group in resident_groups(context, model, records):
-        writer.add_block(group)
+    """The weights: each block through the shard writer, then the remainder; returns the files written.
+
+    A streamed run passes the `writer` its blocks already went to (the model's blocks are released by then)."""
+    if writer is None:
+        writer = ShardWriter(directory, max_shard_bytes)
+        for group in resident_groups(context, model, records):
+            writer.add_block(group)
     return writer.finish(remainder_tensors(context, model, records, block_prefixes(model)), index_metadata)

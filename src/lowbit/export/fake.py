@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lowbit.export.blocks import FAKE, export_context, write_weights
-from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
+from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, parse_max_shard_size
 from lowbit.formats.files import RECORD_FILE
 
 
@@ -41,12 +41,14 @@ def write_fake(
     record: dict[str, Any],
     *,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    writer: ShardWriter | None = None,
 ) -> None:
-    """Save model (already holding the dequantized weights), tokenizer and the run record into `directory`."""
+    """Save model (already holding the dequantized weights), tokenizer and the run record into `directory`; with
+    a streamed run's `writer`, only what lies outside the blocks is left to write."""
     max_bytes = parse_max_shard_size(max_shard_size)
     save_model_config(directory, model)
     metadata = {"total_parameters": model.num_parameters()} if isinstance(model, PreTrainedModel) else None
-    write_weights(directory, export_context(FAKE, model), model, {}, max_bytes, metadata)
+    write_weights(directory, export_context(FAKE, model), model, {}, max_bytes, metadata, writer=writer)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))

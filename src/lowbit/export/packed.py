@@ -19,7 +19,7 @@ from lowbit.export import compressed_tensors as ct
 from lowbit.export import gptq
 from lowbit.export.blocks import ExportContext, write_weights
 from lowbit.export.layout import ExportPlan, build_plan, config_dict, write_checkpoint
-from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
+from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, parse_max_shard_size
 from lowbit.export.validate import validate_export
 from lowbit.formats.files import RECORD_FILE
 from lowbit.formats.packing import PACKINGS
@@ -47,13 +47,14 @@ class PreparedExport:
         record: dict[str, Any],
         *,
         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+        writer: ShardWriter | None = None,
     ) -> list[str]:
         """Write weights (sharded past `max_shard_size`), config.json, tokenizer and the run record; weight files."""
         max_bytes = parse_max_shard_size(max_shard_size)
         config = config_dict(self.plan.model, self.quantization_config)
         files = {**self.extra_files, RECORD_FILE: record}
         write_checkpoint(directory, config, self.plan.model, tokenizer, files)
-        return write_weights(directory, self.context, self.plan.model, self.plan.records, max_bytes)
+        return write_weights(directory, self.context, self.plan.model, self.plan.records, max_bytes, writer=writer)
 
 
 def _lowbit_meta(record: dict[str, Any], fmt: str, target: str, packing: str | None) -> dict[str, Any]:
@@ -81,6 +82,7 @@ def prepare_packed(
     packer: str = "lowbit",
     run_record: dict[str, Any] | None = None,
     act_bits: int = 16,
+    streamed: bool = False,
 ) -> PreparedExport:
     """Validate against `target` and build the tensors of a `compressed-tensors` or `gptq` export.
 
@@ -92,7 +94,7 @@ def prepare_packed(
     if ct_packing is not None and ct_packing not in PACKINGS:
         raise LowbitError(f"unknown ct_packing {ct_packing!r}: use one of {', '.join(PACKINGS)}")
     plan = build_plan(model, records)
-    warnings = validate_export(plan, fmt, target, tp=tp, ct_packing=ct_packing, act_bits=act_bits)
+    warnings = validate_export(plan, fmt, target, tp=tp, ct_packing=ct_packing, act_bits=act_bits, streamed=streamed)
     if fmt == "compressed-tensors":
         packed = ct.ct_format(act_bits) == ct.PACK_QUANTIZED
         ct.check_packer(packer, ct_packing or "dense", {r.scheme.bits for r in records.values()} if packed else set())

@@ -276,16 +276,24 @@ def _check_ct_scales(plan: ExportPlan, findings: Findings) -> None:
             return
 
 
-def _check_model(plan: ExportPlan, findings: Findings) -> None:
-    """No wrapper or runtime-only module, every record valid and folded into its linear (docs/formats.md)."""
+def _check_model(plan: ExportPlan, findings: Findings, *, records: bool = True) -> None:
+    """No wrapper or runtime-only module, every record valid and folded into its linear (docs/formats.md).
+
+    `records=False` (a streamed run): the blocks are gone, each was checked by `check_block_records` when it
+    finished."""
     for name, module in plan.model.named_modules():
         origin = type(module).__module__
         # lowbit.arch modules are structure, not runtime: an MoE block's experts as per-expert nn.Linears (arch/moe.py)
         if not origin.startswith(("torch.nn", "transformers", "lowbit.arch")):
             findings.add(True, f"module {name} is a {type(module).__name__} (runtime-only); fold it before export")
             return
-    for name, record in plan.records.items():
-        module = plan.model.get_submodule(name)
+    if records:
+        _check_records(plan.model, plan.records, findings)
+
+
+def _check_records(root: nn.Module, records: dict[str, QuantizedWeight], findings: Findings, prefix: str = "") -> None:
+    for name, record in records.items():
+        module = root.get_submodule(name.removeprefix(prefix))
         try:
             record.validate()
         except ValueError as error:
@@ -302,6 +310,14 @@ def _check_model(plan: ExportPlan, findings: Findings) -> None:
             return
 
 
+def check_block_records(block: nn.Module, prefix: str, records: dict[str, QuantizedWeight]) -> None:
+    """The per-record checks of `validate_export` on one finished block (a streamed run checks each block before
+    it is written and released): valid records, plain linears, weights equal to their records."""
+    findings = Findings()
+    _check_records(block, records, findings, prefix=f"{prefix}.")
+    _report(findings, "the export", "any")
+
+
 def validate_export(
     plan: ExportPlan,
     fmt: str,
@@ -310,13 +326,15 @@ def validate_export(
     tp: int = 1,
     ct_packing: str | None = None,
     act_bits: int = 16,
+    streamed: bool = False,
 ) -> list[str]:
     """Raise LowbitError on the first problem the target cannot load; log and return the warnings.
 
-    `act_bits` < 16 (a W-A run) is exportable only as compressed-tensors W8A8 `int-quantized`.
+    `act_bits` < 16 (a W-A run) is exportable only as compressed-tensors W8A8 `int-quantized`. `streamed`: the
+    records hold no codes and the blocks are released (their per-record checks ran as each block finished).
     """
     findings = Findings()
-    _check_model(plan, findings)
+    _check_model(plan, findings, records=not streamed)
     _check_plan(plan, fmt, target, tp, ct_packing, act_bits, findings, values=True)
     return _report(findings, fmt, target)
 

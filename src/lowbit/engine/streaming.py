@@ -1,0 +1,64 @@
+"""Where the block loop gets its blocks and where a finished block goes, when the model does not live in memory.
+
+A resident run needs neither: its blocks are in the model and its records are kept until the export. A streamed
+run reads each block from the checkpoint when the loop reaches it (`BlockSource`, backed by `skeleton.StreamedModel`)
+and hands each finished block to a `BlockSink` (the streamed export writes its tensors to the shard writer) before
+the block is dropped back to the meta device, so memory holds one block, not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from lowbit.engine.skeleton import StreamedModel, persistent_tensors, set_tensor
+from lowbit.quantizer import QuantizedWeight
+
+
+class BlockSource(Protocol):
+    """Blocks read on demand."""
+
+    def materialize(self, index: int) -> nn.Module:
+        """Block `index` with real tensors at the compute precision."""
+
+    def placeholder(self, index: int) -> nn.Module:
+        """Block `index` with zero tensors: for forwards whose outputs are thrown away (capturing kwargs)."""
+
+    def release(self, index: int) -> None:
+        """Drop block `index`'s tensors (back to meta)."""
+
+
+class BlockSink(Protocol):
+    """Takes each finished block (its final weights and quantized records) before the block is released."""
+
+    def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
+        """`records` are keyed by full module name."""
+
+
+class CheckpointBlocks:
+    """A `BlockSource` over a streamed checkpoint."""
+
+    def __init__(self, streamed: StreamedModel) -> None:
+        self.streamed = streamed
+
+    def materialize(self, index: int) -> nn.Module:
+        return self.streamed.materialize_block(index)
+
+    def placeholder(self, index: int) -> nn.Module:
+        block = self.streamed.blocks[index]
+        for name, tensor in persistent_tensors(block):
+            if tensor.is_meta:
+                set_tensor(block, name, torch.zeros(tensor.shape, dtype=tensor.dtype))
+        return block
+
+    def release(self, index: int) -> None:
+        self.streamed.release_block(index)
+
+
+def without_codes(record: QuantizedWeight) -> QuantizedWeight:
+    """`record` with its codes on the meta device: the shape, scheme, scales and zeros an export's config and
+    validation read, without the one byte per weight a streamed run must not keep."""
+    return dataclasses.replace(record, codes=torch.empty(record.codes.shape, dtype=record.codes.dtype, device="meta"))

@@ -1,0 +1,48 @@
+"""The export of a streamed run, written while the block loop runs: the engine's `BlockSink` for exports.
+
+Each finished block is checked (valid records, weights equal to them: what `validate_export` checks per record),
+turned into its export tensors by the same `block_export_tensors` a resident export uses, and handed to the shard
+writer; then the block loop releases it. What lies outside the blocks, the config and the run record are written
+by `QuantizedModel.finish_streamed` at the end, so a streamed export has the same bytes as a resident one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from torch import nn
+
+from lowbit.export.blocks import ExportContext
+from lowbit.export.blocks import block_export_tensors as export_tensors
+from lowbit.export.shards import ShardWriter
+from lowbit.export.validate import check_block_records
+from lowbit.quantizer import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+
+class StreamedExport:
+    """Writes each finished block of a streamed run into `directory` (an atomic output directory) as `fmt`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        fmt: str,
+        model: nn.Module,
+        *,
+        max_shard_bytes: int,
+        act_bits: int = 16,
+        ct_packing: str | None = None,
+        packer: str = "lowbit",
+    ) -> None:
+        self.directory, self.fmt = Path(directory), fmt
+        dtype = model.get_input_embeddings().weight.dtype  # the plan's dtype: compressed-tensors scales use it
+        self.context = ExportContext(fmt, model, dtype, ct_packing or "dense", packer, act_bits)
+        self.writer = ShardWriter(self.directory, max_shard_bytes)
+
+    def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
+        """Check block `index`'s records against its weights and write its export tensors."""
+        check_block_records(block, prefix, records)
+        self.writer.add_block(export_tensors(self.context, prefix, records, block))
+        log.debug("block %d written to the %s export", index, self.fmt)

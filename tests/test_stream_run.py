@@ -1,0 +1,135 @@
+"""A streamed run (blocks read from the checkpoint one at a time, written to the export as they finish) writes the
+same bytes as a resident run, for every block-scope recipe, family and format; what it cannot do is refused first."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.formats.files import RECORD_FILE
+from lowbit.run import EvalSettings, ExportSettings
+from lowbit.synthetic import write_synthetic_checkpoint
+
+VOCAB = 320  # the conftest tokenizer's
+SHAPE = {"hidden_size": 64, "intermediate_size": 96, "num_layers": 3, "num_heads": 4, "vocab_size": VOCAB}
+FAST = {
+    "signround": {"iters": 4},
+    "omniquant": {"epochs": 1},
+    "desv": {"epochs": 1},
+    "teq": {"steps": 4, "loss": "mse"},
+}
+DATA = {"dataset": "builtin", "nsamples": 4, "seqlen": 32}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def checkpoint(path: Path, tokenizer_dir: Path, family: str = "llama", dtype=torch.bfloat16, tie=False, **kw) -> Path:
+    overrides = {"qwen3_moe": {"num_experts": 4}, "gemma3": {"layer_types": ["sliding_attention", "full_attention",
+                 "sliding_attention"], "sliding_window": 8}}.get(family)  # fmt: skip
+    kv_heads = 4 if family == "opt" else 2
+    return write_synthetic_checkpoint(path, family=family, num_kv_heads=kv_heads, dtype=dtype,
+                                      tie_word_embeddings=tie, tokenizer_dir=tokenizer_dir,
+                                      config_overrides=overrides, **SHAPE, **kw)  # fmt: skip
+
+
+def digests(directory: Path) -> dict[str, str]:
+    """sha256 of every file of an export but the run record (it holds timings)."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != RECORD_FILE
+    }
+
+
+def export(model_dir: Path, out: Path, stream: str, recipe: str, scheme: str, fmt: str = "auto", **kw) -> Path:
+    options = {"engine": {"stream": stream, "progress": False}}
+    for name in recipe.split("+"):
+        if name in FAST:
+            options[name] = FAST[name]
+    lowbit.quantize_to(out, model=str(model_dir), recipe=recipe, scheme=scheme, options=options, seed=1,
+                       export=ExportSettings(format=fmt, **kw), **DATA)  # fmt: skip
+    return out
+
+
+def assert_stream_matches(model_dir: Path, tmp_path: Path, recipe: str, scheme: str, fmt: str = "auto", **kw):
+    resident = export(model_dir, tmp_path / "resident" / "out", "off", recipe, scheme, fmt, **kw)
+    streamed = export(model_dir, tmp_path / "streamed" / "out", "on", recipe, scheme, fmt, **kw)  # same card
+    assert digests(streamed) == digests(resident)
+    return streamed
+
+
+@pytest.mark.parametrize(
+    "recipe, scheme",
+    [("rtn", "w4g32"), ("gptq", "w4g32"), ("awq+rtn", "w4g32"), ("signround", "w4g32"), ("omniquant", "w3g32"),
+     ("desv", "w3g32"), ("teq+rtn", "w4g32")],
+)  # fmt: skip
+def test_stream_equals_resident_for_every_block_recipe(tmp_path, tokenizer_dir, recipe, scheme):
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
+    assert_stream_matches(model_dir, tmp_path, recipe, scheme)
+
+
+@pytest.mark.parametrize(
+    "family, dtype, tie",
+    [("llama", torch.float16, True), ("opt", torch.bfloat16, False), ("gemma3", torch.bfloat16, True),
+     ("phi3", torch.float16, False), ("qwen3_moe", torch.bfloat16, False), ("qwen3", torch.bfloat16, False)],
+)  # fmt: skip
+def test_stream_equals_resident_for_every_family(tmp_path, tokenizer_dir, family, dtype, tie):
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir, family, dtype, tie, max_shard_bytes=20_000)
+    scheme = "w4g32-sym" if family == "qwen3_moe" else "w4g32"  # compressed-tensors experts are symmetric
+    assert_stream_matches(model_dir, tmp_path, "gptq", scheme)
+
+
+@pytest.mark.parametrize("fmt", ["fake", "compressed-tensors", "gptq"])
+def test_stream_equals_resident_for_every_format_and_sharded(tmp_path, tokenizer_dir, fmt):
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir, max_shard_bytes=30_000)
+    scheme = "w4g32-sym" if fmt == "gptq" else "w4g32"
+    streamed = assert_stream_matches(model_dir, tmp_path, "rtn", scheme, fmt, max_shard_size="40KB")
+    assert (streamed / "model.safetensors.index.json").is_file()
+
+
+def test_streamed_export_loads_like_the_resident_one(tmp_path, tokenizer_dir):
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
+    streamed = export(model_dir, tmp_path / "streamed", "on", "gptq", "w4g32", "compressed-tensors")
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    loaded = lowbit.load(str(streamed))
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits
+    assert torch.isfinite(logits).all() and logits.shape == (1, 12, VOCAB)
+
+
+def test_what_a_streamed_run_cannot_do_is_refused_before_loading(tmp_path, tokenizer_dir, monkeypatch):
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr("lowbit.models.load_streamed", forbidden)
+    stream = {"engine": {"stream": "on"}}
+    with pytest.raises(LowbitError, match="--out"):
+        lowbit.quantize_to(None, model=str(model_dir), recipe="rtn", options=stream)
+    with pytest.raises(LowbitError, match="whole model"):
+        lowbit.quantize_to(tmp_path / "a", model=str(model_dir), recipe="awq+invarexplore+rtn", options=stream)
+    with pytest.raises(LowbitError, match="lowbit eval"):
+        lowbit.quantize_to(tmp_path / "b", model=str(model_dir), recipe="rtn", options=stream,
+                           evaluate=EvalSettings("builtin"))  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_streamed_result_has_no_blocks_to_save(tmp_path, tokenizer_dir):
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
+    result = lowbit.quantize_to(tmp_path / "out", model=str(model_dir), recipe="rtn", scheme="w4g32",
+                                options={"engine": {"stream": "on"}})  # fmt: skip
+    assert result.streamed and result.record["format"] == "compressed-tensors"
+    assert all(record.codes.is_meta for record in result.weights.values())
+    with pytest.raises(LowbitError, match="streamed"):
+        result.save(tmp_path / "again")
