@@ -3,21 +3,31 @@
 A single-shard export must be byte for byte what lowbit wrote before the writer existed: `save_pretrained` for
 `fake`, one `save_file` of the float remainder plus the packed tensors for compressed-tensors and GPTQ (the
 references below rebuild those files the old way). A small `max_shard_size` gives several shards and an index that
-transformers, compressed-tensors and lowbit's loader read with the same logits as the single file.
+transformers, compressed-tensors and lowbit's loader read with the same logits as the single file. The writer spills
+each group to its own file and assembles shards from raw bytes: every shard is byte for byte one `save_file` of its
+tensors (mixed dtypes, 0-d and empty tensors, odd names), and the writer keeps no reference to a group it took.
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
+import math
+import os
+import random
+import struct
 import subprocess
 import sys
+import tempfile
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -28,6 +38,7 @@ from conftest import make_llama, make_opt, save_model_dir
 from lowbit.errors import LowbitError
 from lowbit.export import compressed_tensors as ct
 from lowbit.export import gptq
+from lowbit.export import safetensors_layout as layout
 from lowbit.export.blocks import block_export_tensors, block_prefixes, export_context, remainder_tensors
 from lowbit.export.shards import INDEX_FILE, SINGLE_FILE, ShardWriter, parse_max_shard_size
 from lowbit.models import load_model
@@ -314,3 +325,205 @@ def test_meta_and_duplicate_names_raise_and_tied_tensors_are_written_once(tmp_pa
     written = load_file(tmp_path / SINGLE_FILE)
     assert sorted(written) == ["embed.weight", "head.half"]
     assert torch.equal(written["embed.weight"], embed) and torch.equal(written["head.half"], embed[:2])
+
+
+def test_add_block_spills_the_group_to_its_file_and_lets_it_go(tmp_path):
+    """At most one group in memory: after add_block the writer holds no tensor of it, only its file."""
+    writer = ShardWriter(tmp_path, 10**6)
+    group = {"b.w": torch.randn(4, 4), "b.h": torch.randn(8).to(torch.float16)[::2]}  # a strided view is copied
+    refs = [weakref.ref(t) for t in group.values()] + [weakref.ref(t.untyped_storage()) for t in group.values()]
+    expected = {name: t.contiguous().clone() for name, t in group.items()}
+    writer.add_block(group)
+    del group
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    assert writer.groups_done == 1 and [p.name for p in tmp_path.iterdir()] == [".group-00000.safetensors.partial"]
+    spilled = load_file(writer.group_file(0))
+    assert spilled.keys() == expected.keys() and all(torch.equal(spilled[k], expected[k]) for k in expected)
+    writer.add_block({"c": torch.ones(2)})
+    assert writer.groups_done == 2 and writer.group_file(1).exists()
+    assert writer.finish() == [SINGLE_FILE] and writer.groups_done == 2
+    assert [p.name for p in tmp_path.iterdir()] == [SINGLE_FILE]  # the group files went into the shard
+
+
+def test_group_files_are_deleted_as_their_shard_closes(tmp_path):
+    writer = ShardWriter(tmp_path, 100)
+    writer.add_block({"g0.a": torch.ones(10), "g0.b": torch.ones(10)})  # 80 bytes: open
+    writer.add_block({"g1.a": torch.ones(10)})  # closes shard 1 (g0), g1 waits in its file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".group-00001.safetensors.partial",
+                                                          ".shard-00001.safetensors.partial"]  # fmt: skip
+    embed = torch.randn(5, 4)
+    writer.add_block({"embed": embed})
+    writer.add_block({"head": embed})  # a group left empty by a tie: no file, but counted
+    assert writer.groups_done == 4 and not writer.group_file(3).exists()
+    assert list(writer._storages.values())[0][1] == {(0, (5, 4), (4, 1), torch.float32): "embed"}
+    assert len(writer._storages) == 1  # weak entries only: the groups' freed storages are forgotten
+    del embed
+    gc.collect()
+    assert writer._storages == {}
+    writer.finish()
+    assert sorted(json.loads((tmp_path / INDEX_FILE).read_text())["weight_map"]) == ["embed", "g0.a", "g0.b", "g1.a"]
+    assert not list(tmp_path.glob(".*"))
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_sync_fsyncs_each_shard(sync, tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    writer = ShardWriter(tmp_path, 40, sync=sync)
+    for index in range(3):
+        writer.add_block({f"g{index}": torch.ones(10)})  # 40 bytes: one shard each
+    assert len(writer.finish()) == 4
+    assert len(synced) == (3 if sync else 0)
+
+
+# --- byte identity of assembled shards with save_file ----------------------------------------------------------------
+
+DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.float16, torch.bfloat16, torch.int32,
+          torch.uint32, torch.float32, torch.complex64, torch.float64, torch.int64, torch.uint64, torch.float8_e4m3fn,
+          torch.float8_e5m2]  # fmt: skip
+SHAPES = [(), (0,), (3, 0), (1,), (5,), (2, 3), (1, 1, 7)]
+ODD_NAMES = ["a", "b.weight", "Z", "é", 'x"q', "back\\slash", "nl\n", "ctl\x01\x1f", "del\x7f", "emoji\U0001f600",
+             "\u2028", "tab\t", "", "a.10", "a.9"]  # fmt: skip
+
+
+def _tensor(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random bytes of this dtype and shape (bools 0/1), each tensor with its own storage."""
+    generator = torch.Generator().manual_seed(seed)
+    count = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    high = 2 if dtype == torch.bool else 256
+    return torch.randint(0, high, (count,), dtype=torch.uint8, generator=generator).view(dtype).reshape(shape)
+
+
+def _expected_layout(groups: list[dict[str, torch.Tensor]], max_bytes: int) -> list[list[str]]:
+    """The shard boundary rule: close before a group that would overflow, and as soon as a shard is full."""
+    shards, names, size = [], [], 0
+    for group in groups:
+        group_bytes = sum(t.numel() * t.element_size() for t in group.values())
+        if names and size + group_bytes > max_bytes:
+            shards, names, size = [*shards, names], [], 0
+        names, size = names + list(group), size + group_bytes
+        if size >= max_bytes:
+            shards, names, size = [*shards, names], [], 0
+    return [*shards, names] if names or not shards else shards
+
+
+def _check_writer_against_save_file(directory: Path, groups: list[dict[str, torch.Tensor]], max_bytes: int) -> None:
+    writer = ShardWriter(directory, max_bytes)
+    for group in groups[:-1]:
+        writer.add_block(group)
+    files = writer.finish(groups[-1] if groups else None)  # finish's extra: each tensor its own group
+    tail = [{name: t} for name, t in (groups[-1] if groups else {}).items()]
+    shards = _expected_layout(groups[:-1] + tail, max_bytes)
+    everything = {name: t for group in groups for name, t in group.items()}
+    assert sorted(p.name for p in directory.iterdir()) == sorted(files)  # no .partial left
+    assert writer.groups_done == len(groups) - 1 + len(tail)
+    if len(shards) == 1:
+        assert files == [SINGLE_FILE]
+    else:
+        weight_map = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+        written = [sorted(key for key, where in weight_map.items() if where == file) for file in files[:-1]]
+        assert written == [sorted(names) for names in shards]
+    reference = directory.parent / f"{directory.name}.reference"
+    for file, names in zip(files, shards, strict=False):
+        save_file({name: everything[name] for name in names}, str(reference), metadata={"format": "pt"})
+        assert (directory / file).read_bytes() == reference.read_bytes(), file
+    reference.unlink()
+
+
+def test_assembled_shards_are_save_file_byte_for_byte_fixed(tmp_path):
+    """Every dtype and shape, odd names, one file and shards of every size, groups of one and of many."""
+    tensors = [(name, _tensor(DTYPES[i % len(DTYPES)], SHAPES[i % len(SHAPES)], i)) for i, name in enumerate(ODD_NAMES)]
+    tensors += [(f"blk.{i}", _tensor(dtype, shape, 100 + i)) for i, (dtype, shape) in enumerate(
+        (dtype, shape) for dtype in DTYPES for shape in SHAPES)]  # fmt: skip
+    random.Random(0).shuffle(tensors)
+    groups = [dict(tensors[start : start + 9]) for start in range(0, len(tensors), 9)]
+    for max_bytes in (1, 64, 300, 10**6):
+        directory = tmp_path / f"max{max_bytes}"
+        directory.mkdir()
+        _check_writer_against_save_file(directory, groups, max_bytes)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(st.tuples(st.text(max_size=6), st.sampled_from(DTYPES), st.sampled_from(SHAPES)), max_size=14,
+                   unique_by=lambda spec: spec[0]),
+    cuts=st.lists(st.integers(0, 14), max_size=4),
+    max_bytes=st.sampled_from([1, 16, 100, 10**6]),
+)  # fmt: skip
+def test_assembled_shards_are_save_file_byte_for_byte(specs, cuts, max_bytes):
+    specs = [spec for spec in specs if spec[0] != "__metadata__"]
+    tensors = [(name, _tensor(dtype, shape, seed)) for seed, (name, dtype, shape) in enumerate(specs)]
+    bounds = sorted({0, len(tensors), *(min(cut, len(tensors)) for cut in cuts)})
+    groups = [dict(tensors[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)] or [{}]
+    with tempfile.TemporaryDirectory() as root:
+        directory = Path(root) / "out"
+        directory.mkdir()
+        _check_writer_against_save_file(directory, groups, max_bytes)
+
+
+# --- safetensors_layout: the exact rules -----------------------------------------------------------------------------
+
+
+def test_dtype_order_is_safetensors_data_order(tmp_path):
+    """Descending `Dtype` enum order, not size: U64 > I64 > F64 > C64, BF16 > F16 > U16 > I16, U8 > F4 > BOOL."""
+    dtypes = [*DTYPES, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.float8_e8m0fnu]
+    tensors = {f"{len(dtypes) - i:02d}": _tensor(dtype, (2,), i) for i, dtype in enumerate(dtypes)}  # names reversed
+    tensors["f4"] = torch.zeros(2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    save_file(tensors, str(tmp_path / "all.safetensors"))
+    written = [entry.dtype for entry in layout.read_entries(tmp_path / "all.safetensors")]
+    assert len(written) == len(set(written)) == len(tensors)
+    assert written == [dtype for dtype in reversed(layout.DTYPE_ORDER) if dtype in written]
+    assert written == [entry.dtype for entry in layout.ordered(layout.read_entries(tmp_path / "all.safetensors"))]
+
+
+def test_encode_header_exactly():
+    entries = [layout.Entry("b", "F16", (2,), 4), layout.Entry("é\n", "BOOL", (0,), 0), layout.Entry("a", "I64", (), 8),
+               layout.Entry("c", "BF16", (1, 1), 2)]  # fmt: skip
+    text = (b'{"__metadata__":{"format":"pt"},"a":{"dtype":"I64","shape":[],"data_offsets":[0,8]},'
+            b'"c":{"dtype":"BF16","shape":[1,1],"data_offsets":[8,10]},'
+            b'"b":{"dtype":"F16","shape":[2],"data_offsets":[10,14]},'
+            + '"é\\n":{"dtype":"BOOL","shape":[0],"data_offsets":[14,14]}}'.encode())  # fmt: skip
+    padded = text + b" " * (-len(text) % 8)
+    assert layout.encode_header(layout.ordered(entries), {"format": "pt"}) == struct.pack("<Q", len(padded)) + padded
+    assert layout.encode_header([], None) == struct.pack("<Q", 8) + b"{}      "
+    with pytest.raises(LowbitError, match="__metadata__"):
+        layout.encode_header([layout.Entry("__metadata__", "F32", (), 4)], None)
+    with pytest.raises(LowbitError, match="unknown to lowbit"):
+        layout.ordered([layout.Entry("x", "F7", (), 1), layout.Entry("y", "F32", (), 4)])
+
+
+@pytest.mark.parametrize("metadata", [None, {}, {"format": "pt"}])
+@pytest.mark.parametrize("copy", ["kernel", "refused", "absent"])
+def test_merge_is_save_file_whatever_the_copy(copy, metadata, tmp_path, monkeypatch):
+    """copy_file_range, or plain reads and writes in small chunks when it is refused (EXDEV) or missing."""
+    if copy == "refused":
+        monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "xdev")),
+                            raising=False)  # fmt: skip
+    elif copy == "absent":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    if copy != "kernel":
+        monkeypatch.setattr(layout, "CHUNK_BYTES", 3)
+    tensors = {name: _tensor(DTYPES[i % len(DTYPES)], SHAPES[i % len(SHAPES)], i) for i, name in enumerate(ODD_NAMES)}
+    items = list(tensors.items())
+    sources = []
+    for index, start in enumerate(range(0, len(items), 4)):
+        sources.append(tmp_path / f"part{index}.safetensors")
+        save_file(dict(items[start : start + 4]), str(sources[-1]))
+    names = layout.merge(sources, tmp_path / "merged.safetensors", metadata, remove=True)
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata=metadata)
+    assert (tmp_path / "merged.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    assert names == [entry.name for entry in layout.read_entries(tmp_path / "reference.safetensors")]
+    assert not any(path.exists() for path in sources)
+
+
+def test_a_truncated_group_file_is_refused(tmp_path):
+    save_file({"w": torch.ones(4)}, str(tmp_path / "g.safetensors"))
+    data = (tmp_path / "g.safetensors").read_bytes()
+    (tmp_path / "g.safetensors").write_bytes(data[:-1])
+    with pytest.raises(LowbitError, match="truncated"):
+        layout.read_entries(tmp_path / "g.safetensors")
+    (tmp_path / "g.safetensors").write_bytes(b"\xff" * 8)
+    with pytest.raises(LowbitError, match="not a safetensors file"):
+        layout.read_entries(tmp_path / "g.safetensors")

@@ -1,22 +1,28 @@
 """Sharded safetensors writing, one group of tensors (a finished decoder block's export) at a time.
 
 Why: a model larger than memory must hand each finished block's export tensors to disk and let them go
-(lowbit's design notes). The writer holds at most one open shard; a group is never split across shards, so a
-shard closes at a group boundary. The layout depends only on the groups and `max_shard_bytes`, so the same inputs
-give the same files (a resumed run writes the same bytes).
+(lowbit's design notes). The writer holds at most one group: `add_block` writes the group at once to its own file
+(`.group-0000k.safetensors.partial`, k counting groups from 0) and keeps only names and sizes. A group is never
+split across shards, so a shard closes at a group boundary; it is then assembled from its groups' files by copying
+raw bytes (`safetensors_layout.merge`: no tensors, bounded memory) and they are deleted. The layout depends only on
+the groups and `max_shard_bytes`, so the same inputs give the same files (a resumed run writes the same bytes).
 
 What it writes is what transformers writes: `model.safetensors` alone when everything fits one shard (the bytes of
 a one-shot `save_file` of the same tensors, metadata `{"format": "pt"}`), else `model-0000k-of-0000n.safetensors`
 plus `model.safetensors.index.json` (`metadata.total_size`, sorted `weight_map`). Meta tensors and duplicate names
 raise (pitfall 3 of lowbit's design notes: peers silently wrote empty weights); a tensor tied to one already
-written (same storage and view, e.g. lm_head = embed_tokens) is written once, under the first name.
+given (same storage and view, e.g. lm_head = embed_tokens) is written once, under the first name. Ties are found
+through weak references only: a tensor is tied to an earlier one only while the caller keeps that one's storage
+alive (a tied lm_head comes with the embedding in `finish`'s remainder, so that case always holds).
+
+A crash part-way leaves only `.group-*.partial` and `.shard-*.partial` files in the directory (and, while
+`save_file` runs, its own `.tmp*` file); the atomic output directory of the caller removes them with the rest.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import weakref
 from collections.abc import Mapping
@@ -27,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.export.safetensors_layout import merge
 from lowbit.formats.files import INDEX_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
@@ -83,16 +90,19 @@ def _view_key(tensor: Tensor) -> tuple:
 class ShardWriter:
     """Write groups of tensors into safetensors shards of at most `max_shard_bytes` (one oversized group excepted).
 
-    A shard closes (is written, and its tensors released) as soon as it reaches `max_shard_bytes`, or before a group
+    A shard closes (is assembled from its groups' files) as soon as it reaches `max_shard_bytes`, or before a group
     that would take it past that. `sync=True` fsyncs each shard as it closes (a resumable run marks a block done
-    only once its shard is on disk).
+    only once its shard is on disk). `groups_done` counts the groups written to their files so far (for resuming;
+    group files are not fsynced, so with `sync=True` only the groups of closed shards are known to be on disk).
     """
 
     def __init__(self, directory: str | Path, max_shard_bytes: int | str, *, sync: bool = False) -> None:
         self.directory = Path(directory)
         self.max_shard_bytes = parse_max_shard_size(max_shard_bytes)
         self.sync = sync
-        self._open: dict[str, Tensor] = {}
+        self.groups_done = 0
+        self._open_groups: list[Path] = []  # the files of the open shard's groups
+        self._open_names: list[str] = []
         self._open_bytes = 0
         self._closed: list[tuple[Path, list[str]]] = []  # temp file, its tensor names
         self._names: set[str] = set()
@@ -101,17 +111,22 @@ class ShardWriter:
         self._finished = False
 
     def add_block(self, tensors: Mapping[str, Tensor]) -> None:
-        """Add a group that is never split across shards; closes shards as they fill."""
+        """Add a group that is never split across shards: written to its file now, closing shards as they fill."""
         if self._finished:
             raise LowbitError("ShardWriter.add_block after finish: the export is already complete")
         group = self._accept(tensors)
         size = sum(tensor_bytes(t) for t in group.values())
-        if self._open and self._open_bytes + size > self.max_shard_bytes:
+        if self._open_names and self._open_bytes + size > self.max_shard_bytes:
             self._close()
-        self._open.update(group)
+        self._spill(group)
+        del group  # the caller's tensors are no longer referenced here
         self._open_bytes += size
         if self._open_bytes >= self.max_shard_bytes:
             self._close()
+
+    def group_file(self, index: int) -> Path:
+        """Where group `index` (from 0, in `add_block` order) waits until its shard is assembled."""
+        return self.directory / f".group-{index:05d}.safetensors.partial"
 
     def finish(
         self, extra: Mapping[str, Tensor] | None = None, index_metadata: dict[str, Any] | None = None
@@ -123,7 +138,7 @@ class ShardWriter:
         """
         for name, tensor in (extra or {}).items():
             self.add_block({name: tensor})
-        if self._open or not self._closed:
+        if self._open_names or not self._closed:
             self._close()
         self._finished = True
         count = len(self._closed)
@@ -169,13 +184,22 @@ class ShardWriter:
         return group
 
     def _tied_to(self, name: str, tensor: Tensor) -> str | None:
-        """The name an identical view of this storage was taken under (storage still alive), else None."""
+        """The name an identical view of this storage was taken under (storage still alive), else None.
+
+        Only a weak reference to each storage is kept, and its entry goes when the storage is freed.
+        """
         if tensor.numel() == 0:
             return None
         key = _storage_key(tensor)
         entry = self._storages.get(key)
         if entry is None or entry[0]() is None:  # new storage, or a freed one whose address was reused
-            entry = (weakref.ref(tensor.untyped_storage()), {})
+            storages = self._storages
+
+            def forget(ref: weakref.ref, key: tuple[str, int] = key) -> None:
+                if storages.get(key, (None,))[0] is ref:
+                    del storages[key]
+
+            entry = (weakref.ref(tensor.untyped_storage(), forget), {})
             self._storages[key] = entry
         views = entry[1]
         view = _view_key(tensor)
@@ -184,22 +208,24 @@ class ShardWriter:
         views[view] = name  # another view of the same storage is written as its own copy (_plain)
         return None
 
+    def _spill(self, group: dict[str, Tensor]) -> None:
+        """Write a group to its own file (none for a group left empty by ties) and count it done."""
+        if group:
+            path = self.group_file(self.groups_done)
+            save_file({name: _plain(t) for name, t in group.items()}, str(path))
+            self._open_groups.append(path)
+            self._open_names.extend(group)
+        self.groups_done += 1
+
     def _close(self) -> None:
-        """Write the open shard under a temporary name and release its tensors."""
+        """Assemble the open shard from its groups' files under a temporary name, deleting them as they are copied."""
         temp = self.directory / f".shard-{len(self._closed) + 1:05d}.safetensors.partial"
-        shard = {name: _plain(t) for name, t in self._open.items()}
-        save_file(shard, str(temp), metadata=METADATA)
-        if self.sync:
-            fd = os.open(temp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        self._closed.append((temp, list(shard)))
+        merge(self._open_groups, temp, METADATA, remove=True, sync=self.sync)
+        self._closed.append((temp, self._open_names))
         self.total_bytes += self._open_bytes
-        log.debug("closed shard %d: %d tensors, %d bytes", len(self._closed), len(shard), self._open_bytes)
-        self._open, self._open_bytes = {}, 0
-        del shard
+        log.debug("closed shard %d: %d groups, %d tensors, %d bytes", len(self._closed), len(self._open_groups),
+                  len(self._open_names), self._open_bytes)  # fmt: skip
+        self._open_groups, self._open_names, self._open_bytes = [], [], 0
 
 
 def _plain(tensor: Tensor) -> Tensor:
