@@ -8,7 +8,10 @@ the block is dropped back to the meta device, so memory holds one block, not the
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -56,6 +59,26 @@ class CheckpointBlocks:
 
     def release(self, index: int) -> None:
         self.streamed.release_block(index)
+        return_freed_memory()
+
+
+@functools.cache
+def _glibc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; a no-op elsewhere).
+
+    Why: glibc raises its mmap threshold after large frees, so later block-sized tensors come from the heap, whose
+    freed pages it keeps; without this, a streamed run's resident memory grows by about a block per block read
+    (measured: 32 x 50 MB blocks read and released, 403 -> 1479 MB; 402 MB after a trim)."""
+    trim = _glibc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def without_codes(record: QuantizedWeight) -> QuantizedWeight:

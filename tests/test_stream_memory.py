@@ -1,0 +1,66 @@
+"""Peak memory of a streamed run does not grow with depth (measured in a fresh process: VmHWM); a resident run of
+the same checkpoints does, which shows the measurement can tell the two apart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.synthetic import write_synthetic_checkpoint
+
+# RTN: 12.6 M parameters a block, 50 MB at the fp32 compute precision, so 28 more resident blocks are ~1.4 GB;
+# GPTQ (slower per block): 3.2 M parameters a block, 12 more blocks
+SHAPES = {
+    "rtn": ({"hidden_size": 1024, "intermediate_size": 2816, "num_heads": 8, "num_kv_heads": 8}, (4, 32)),
+    "gptq": ({"hidden_size": 512, "intermediate_size": 1376, "num_heads": 8, "num_kv_heads": 8}, (4, 16)),
+}
+
+RUN = """
+import json, sys
+import lowbit
+from lowbit.run import ExportSettings
+recipe, stream, out, model = sys.argv[1:5]
+options = {"engine": {"stream": stream, "progress": False}}
+lowbit.quantize_to(out, model=model, recipe=recipe, scheme="w4g128", dataset="builtin", nsamples=4, seqlen=32,
+                   options=options, export=ExportSettings(checkpoint=False))
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+print(json.dumps({key: int(status[key].split()[0]) * 1024 for key in ("VmHWM", "RssAnon")}))
+"""
+
+
+def checkpoints(tmp_path: Path, tokenizer, recipe: str) -> list[Path]:
+    """A shallow and a deep checkpoint of the same width (bf16, sharded) for `recipe`."""
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    shape, depths = SHAPES[recipe]
+    settings = {"family": "llama", "vocab_size": 320, "dtype": torch.bfloat16, "max_shard_bytes": 200_000_000}
+    return [
+        write_synthetic_checkpoint(
+            tmp_path / f"depth{n}", num_layers=n, tokenizer_dir=tokenizer_dir, **settings, **shape
+        )
+        for n in depths
+    ]
+
+
+def peak(tmp_path: Path, model: Path, recipe: str, stream: str) -> int:
+    out = tmp_path / f"{model.name}-{recipe}-{stream}"
+    done = subprocess.run([sys.executable, "-c", RUN, recipe, stream, str(out), str(model)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["VmHWM"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["rtn", "gptq"])
+def test_streamed_peak_does_not_grow_with_depth(tmp_path, tokenizer, recipe):
+    models = checkpoints(tmp_path, tokenizer, recipe)
+    shallow, deep = (peak(tmp_path, model, recipe, "on") for model in models)
+    assert deep <= 1.10 * shallow, (shallow, deep)
+    if recipe == "rtn":  # the control: the resident run holds every block (28 more x 50 MB)
+        resident_shallow, resident_deep = (peak(tmp_path, model, recipe, "off") for model in models)
+        assert resident_deep - resident_shallow > 1_000_000_000, (resident_shallow, resident_deep)
