@@ -13,6 +13,7 @@ from pathlib import Path
 def write_tokenizer(out: Path, vocab: int) -> Path:
     """Train on the builtin text and save a transformers tokenizer (ids < `vocab`) into `out`."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

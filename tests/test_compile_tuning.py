@@ -14,7 +14,7 @@ from lowbit.engine.block_train import EpochSettings, block_forward, train_epochs
 from lowbit.engine.precision import resolve_compile
 from lowbit.errors import LowbitError
 from lowbit.methods.signround.stage import SignRound, SignRoundOptions
-from lowbit.run import check_run
+from lowbit.quantization import check_run
 from lowbit.scheme import parse_scheme
 
 W2 = parse_scheme("w2g32")

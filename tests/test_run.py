@@ -16,7 +16,7 @@ def _forbid(monkeypatch, name: str) -> None:
 
 
 def test_a_format_the_shapes_cannot_hold_is_refused_before_calibration(tiny_llama_dir, tmp_path, monkeypatch):
-    _forbid(monkeypatch, "lowbit.run.load_calibration")
+    _forbid(monkeypatch, "lowbit.quantization.load_calibration")
     _forbid(monkeypatch, "lowbit.run.run_quantization")
     out = tmp_path / "out"
     with pytest.raises(LowbitError, match="group"):  # g128 does not divide the tiny model's 64-wide layers

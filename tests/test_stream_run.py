@@ -133,3 +133,73 @@ def test_a_streamed_result_has_no_blocks_to_save(tmp_path, tokenizer_dir):
     assert all(record.codes.is_meta for record in result.weights.values())
     with pytest.raises(LowbitError, match="streamed"):
         result.save(tmp_path / "again")
+
+
+def cli(model_dir: Path, out: Path, recipe: str, *extra: str) -> list[str]:
+    return ["quantize", str(model_dir), "--recipe", recipe, "--scheme", "w4g32", "--dataset", "builtin",
+            "--nsamples", "4", "--seqlen", "32", "--seed", "1", "--out", str(out), "--max-shard-size", "30KB",
+            "--opt", "engine.stream=on", "--opt", "engine.progress=false", *extra]  # fmt: skip
+
+
+def export_files(directory: Path) -> dict[str, str]:
+    """sha256 of every file but the run record (timings) and the model card (it names its folder)."""
+    return {name: digest for name, digest in digests(directory).items() if name != "README.md"}
+
+
+@pytest.mark.parametrize("recipe, after", [("gptq", 0), ("signround", 1), ("rtn", 1)])
+def test_interrupted_streamed_run_resumes_to_the_same_bytes(tmp_path, tokenizer_dir, monkeypatch, recipe, after):
+    from lowbit.cli import main
+    from lowbit.engine.stream_checkpoint import StreamCheckpoint
+    from lowbit.engine.workdir import work_dir_for
+
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir, max_shard_bytes=20_000)
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    extra = ("--opt", "signround.iters=4") if recipe == "signround" else ()
+    assert main(cli(model_dir, reference, recipe, "--no-checkpoint", *extra)) == 0
+
+    original = StreamCheckpoint.save
+
+    def save(self, index, *args, **kwargs):
+        original(self, index, *args, **kwargs)
+        if index == after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamCheckpoint, "save", save)
+    assert main(cli(model_dir, out, recipe, *extra)) == 130
+    monkeypatch.undo()
+    work = work_dir_for(out)
+    assert not out.exists() and (work / "export").is_dir()
+    assert main(cli(model_dir, out, recipe, "--resume", *extra)) == 0
+    assert export_files(out) == export_files(reference)
+    assert not work.exists()
+
+
+def test_kill_9_mid_stream_then_resume(tmp_path, tokenizer_dir):
+    """A real SIGKILL while the streamed run writes: --resume continues after the last finished block."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lowbit.cli import main
+    from lowbit.engine.workdir import work_dir_for
+
+    shape = {**SHAPE, "num_layers": 6}
+    model_dir = write_synthetic_checkpoint(tmp_path / "ckpt", family="llama", num_kv_heads=2,
+                                           tokenizer_dir=tokenizer_dir, max_shard_bytes=20_000, **shape)  # fmt: skip
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    slow = ("--opt", "signround.iters=60")
+    assert main(cli(model_dir, reference, "signround", "--no-checkpoint", *slow)) == 0
+    process = subprocess.Popen([sys.executable, "-m", "lowbit", *cli(model_dir, out, "signround", *slow)],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    second = work_dir_for(out) / "stream" / "block-0001.safetensors"
+    deadline = time.monotonic() + 300
+    while not second.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the kill")
+    assert not out.exists()
+    assert main(cli(model_dir, out, "signround", "--resume", *slow)) == 0
+    assert export_files(out) == export_files(reference)

@@ -10,8 +10,9 @@ from typing import Any
 
 from lowbit.config import build_config
 from lowbit.models import LoadedModel, load_model
+from lowbit.quantization import run_quantization
 from lowbit.result import QuantizedModel
-from lowbit.run import EvalSettings, ExportSettings, quantize_to, run_quantization
+from lowbit.run import EvalSettings, ExportSettings, quantize_to
 from lowbit.scheme import QuantScheme
 
 __all__ = ["EvalSettings", "ExportSettings", "quantize", "quantize_to"]

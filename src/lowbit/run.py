@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +18,10 @@ from typing import Any
 
 import torch
 
-from lowbit.actquant import activation_record, install_activation_quant, installed_act_bits
-from lowbit.arch import arch_for, window_bos_id
+from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
-from lowbit.data import load_calibration, load_eval
-from lowbit.engine.pipeline import run_stages
-from lowbit.engine.precision import resolve_compile
-from lowbit.engine.streaming import BlockSink, BlockSource
-from lowbit.engine.workdir import WorkDir, estimate_checkpoint_bytes, model_digest, tensor_digest, work_dir_for
+from lowbit.data import load_eval
+from lowbit.engine.workdir import WorkDir, estimate_checkpoint_bytes, work_dir_for
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.export import AUTO_FORMAT, FORMATS, TARGETS, check_output_dir
@@ -34,9 +29,8 @@ from lowbit.export.atomic import output_lock
 from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
 from lowbit.export.space import check_free_space, estimate_export_bytes
 from lowbit.export.validate import check_act_format, preflight_export
-from lowbit.formats.files import ARTIFACTS_FILE
 from lowbit.models import LoadedModel, load_model
-from lowbit.record import determinism_record, package_versions, peak_rss_mb
+from lowbit.quantization import check_run, run_quantization, settings_fingerprint
 from lowbit.result import QuantizedModel
 from lowbit.scheme import QuantScheme
 
@@ -166,30 +160,41 @@ def check_streamable(config: QuantizeConfig, export: ExportSettings, evaluate: E
             "--eval needs the whole model in memory, which a streamed run never holds: evaluate the export "
             "afterwards with `lowbit eval DIR` (packed weights stay packed), or --opt engine.stream=off"
         )
-    if export.resume:
-        raise LowbitError("a streamed run cannot resume yet: start it again without --resume")
 
 
 def run_streamed(config: QuantizeConfig, export: ExportSettings, model: str | None) -> QuantizedModel:
     """Read each block from the checkpoint as the loop reaches it and write it to the export as it finishes."""
+    from lowbit.engine.stream_checkpoint import StreamCheckpoint
     from lowbit.engine.streaming import CheckpointBlocks
-    from lowbit.export.atomic import atomic_output_dir
+    from lowbit.export.atomic import atomic_output_dir, resumable_output_dir
     from lowbit.export.streamed import StreamedExport
     from lowbit.models import load_streamed
 
     assert export.out is not None
+    work_dir = prepare_work_dir(config, export)  # the partial export is the checkpoint: it grows in there
     loaded, streamed = load_streamed(model)
     preflight(config, export, loaded.model, checkpoints=False)
     fmt = stream_format(config, export, loaded.model)
     ct_packing = export.ct_packing or ("dense" if export.format == AUTO_FORMAT else None)
     needed = estimate_export_bytes(loaded.model, config.scheme, fmt)
-    with atomic_output_dir(export.out, export.overwrite, needed_bytes=needed) as temp:
-        sink = StreamedExport(temp, fmt, loaded.model, max_shard_bytes=parse_max_shard_size(export.max_shard_size),
-                              act_bits=config.scheme.act_bits, ct_packing=ct_packing)  # fmt: skip
-        result = run_quantization(loaded, config, source=CheckpointBlocks(streamed), sink=sink)
+    checkpoint = StreamCheckpoint(work_dir) if work_dir is not None else None
+    output = (
+        atomic_output_dir(export.out, export.overwrite, needed_bytes=needed)
+        if checkpoint is None
+        else resumable_output_dir(export.out, export.overwrite, checkpoint.export_dir, needed_bytes=needed)
+    )
+    with output as directory:
+        max_shard_bytes = parse_max_shard_size(export.max_shard_size)
+        sink = StreamedExport(directory, fmt, loaded.model, max_shard_bytes=max_shard_bytes, ct_packing=ct_packing,
+                              act_bits=config.scheme.act_bits, checkpoint=checkpoint)  # fmt: skip
+        result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume,
+                                  source=CheckpointBlocks(streamed), sink=sink)  # fmt: skip
         result.streamed = True
         result.record["stream"] = {"source_dtype": str(streamed.source_dtype).removeprefix("torch.")}
         result.finish_streamed(sink, export.out, target=export.target, tp=export.tp, ct_packing=ct_packing)
+    if result.work is not None:
+        result.work.remove()
+        result.work = None
     log.info("wrote %s export to %s (streamed)", fmt, export.out)
     if export.report:
         from lowbit.eval.report import report_from_dir
@@ -270,110 +275,3 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, settings: EvalSe
                             progress=settings.progress)  # fmt: skip
         results[data.meta.get("name", name)] = {**result.to_dict(), "data": data.meta}
     return results
-
-
-def check_run(config: QuantizeConfig, model: torch.nn.Module) -> None:
-    """Stage options against the calibration size and the model's depth, and the compiler `engine.compile=on`
-    needs: before any data is loaded or forward run."""
-    resolve_compile(config.engine.compile, torch.device(config.engine.device))
-    depth = len(arch_for(model).blocks(model))
-    for spec in config.stages:
-        spec.stage_class.check_run(spec.options, nsamples=config.nsamples, seqlen=config.seqlen, depth=depth)
-
-
-def settings_fingerprint(config: QuantizeConfig) -> dict[str, Any]:
-    """The settings part of a run's fingerprint (checkable before the model is loaded)."""
-    settings = config.to_dict()
-    settings["options"]["engine"].pop("progress", None)  # display only
-    settings["options"]["engine"].pop("stream", None)  # a streamed run writes the same bytes as a resident one
-    return settings
-
-
-def run_fingerprint(loaded: LoadedModel, config: QuantizeConfig, calibration: torch.Tensor | None) -> dict[str, Any]:
-    """What must match for checkpoints to be reused: model files, settings, calibration tokens, versions."""
-    versions = package_versions()
-    return {
-        "model": {"name": loaded.name, "files": model_digest(loaded.path) if loaded.path.is_dir() else None},
-        "config": settings_fingerprint(config),
-        "calibration_sha256": tensor_digest(calibration),
-        "versions": {key: versions[key] for key in ("lowbit", "torch", "transformers")},
-    }
-
-
-def run_quantization(
-    loaded: LoadedModel,
-    config: QuantizeConfig,
-    *,
-    work_dir: str | Path | None = None,
-    resume: bool = False,
-    source: BlockSource | None = None,
-    sink: BlockSink | None = None,
-) -> QuantizedModel:
-    """Run a validated config on a loaded model (in place) and assemble the result with its run record; a
-    streamed run passes the block `source` and the export `sink` (engine/streaming.py)."""
-    started = time.perf_counter()
-    arch = arch_for(loaded.model)
-    check_run(config, loaded.model)
-    if installed_act_bits(loaded.model, arch) != 16:
-        raise LowbitError(
-            "this model runs with activation quantization installed (a reloaded W-A export): quantize the float model"
-        )
-    calibration = None
-    data_meta: dict[str, Any] = {}
-    if config.needs_data:
-        data = load_calibration(
-            loaded.tokenizer,
-            config.dataset,
-            nsamples=config.nsamples,
-            seqlen=config.seqlen,
-            seed=config.seed,
-            bos_id=window_bos_id(loaded.model),  # Gemma: every window starts with BOS (recorded in the meta)
-        )
-        calibration, data_meta = data.input_ids, data.meta
-    data_seconds = time.perf_counter() - started
-
-    stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
-    work = None
-    if work_dir is not None:
-        work = WorkDir.open(work_dir, run_fingerprint(loaded, config, calibration), resume=resume)
-    tuned = time.perf_counter()
-    try:
-        found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed, work,
-                           source=source, sink=sink)  # fmt: skip
-    except BaseException:
-        if work is not None and not work.holds_progress():
-            work.remove()  # nothing to resume: leave no trace
-        raise
-    records, metrics = found.records, found.metrics
-    quantize_seconds = time.perf_counter() - tuned
-    log.info("quantized %d linears with %s in %.1fs", len(records), config.recipe, quantize_seconds)
-    # A W-A result *is* a W-A model: its activation quantizers stay installed for every later forward (perplexity,
-    # generate, lm-eval), so it is never evaluated weight-only by accident.
-    act_handle = None
-    if config.scheme.quantizes_activations:
-        act_handle = install_activation_quant(loaded.model, arch, config.scheme.act_bits)
-        log.info("activation quantization installed: %d-bit per-token asymmetric", config.scheme.act_bits)
-    record = {
-        "model": loaded.name,
-        "model_path": str(loaded.path),
-        "architecture": arch.family,
-        "config": config.to_dict(),
-        "calibration": data_meta,
-        "versions": package_versions(),
-        "timings": {
-            "data_seconds": round(data_seconds, 3),
-            "quantize_seconds": round(quantize_seconds, 3),
-            "checkpoint_seconds": round(found.checkpoint_seconds, 3),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-        },
-        "stages": metrics,
-        "quantized_linears": len(records),
-        "activation": activation_record(config.scheme.act_bits),
-        "determinism": determinism_record(),
-    }
-    if work is not None:
-        record["checkpoints"] = {"work_dir": str(work.path), "resumed": resume}
-    artifacts = found.artifacts
-    if artifacts:
-        record["artifacts"] = {"file": ARTIFACTS_FILE, "tensors": len(artifacts)}
-    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts, act_handle, work)

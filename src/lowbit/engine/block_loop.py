@@ -121,6 +121,14 @@ def _restore_block(checkpoint: GroupCheckpoint, ctx: BlockContext, result: Group
     result.metrics.append(state.metrics)
 
 
+def _restore_streamed(sink: BlockSink, index: int, result: GroupResult) -> None:
+    """A block a streamed run finished before it was interrupted: its records (codes on meta), artifacts, metrics."""
+    state = sink.restore(index)
+    result.records.update(state.records)
+    result.artifacts.update(state.artifacts)
+    result.metrics.append(state.metrics)
+
+
 def run_block_stages(
     model: nn.Module,
     arch: ArchSpec,
@@ -156,7 +164,7 @@ def run_block_stages(
     )
     blocks = arch.blocks(model)
     result = GroupResult()
-    first = len(checkpoint.finished_blocks()) if checkpoint else 0
+    first = len(checkpoint.finished_blocks()) if checkpoint else sink.done if sink else 0
     fp_in = q_in = None
     per_block: list[dict[str, Any]] = [{} for _ in blocks]
     if needs_data and first < len(blocks):
@@ -169,13 +177,22 @@ def run_block_stages(
         )
         fp_in = q_in = captured.hidden
         per_block = captured.per_block  # each block replays with its own layer's kwargs (sliding/global, rotary)
-    if first:
+        if sink is not None and first:  # a resumed streamed run: the chains as the last finished block left them
+            chains = sink.chains(first - 1)
+            q_in = chains["q"]
+            fp_in = chains.get("fp", q_in)
+    if first and checkpoint:
         log.info(
             "resuming: blocks 0-%d are reloaded from %s (their input chain is replayed)", first - 1, checkpoint.path
         )
+    elif first:
+        log.info("resuming a streamed run after block %d (its export and chains are kept)", first - 1)
     bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not options.progress)
     for index in bar:
         start = time.perf_counter()
+        if sink is not None and index < first:  # finished by the interrupted run: nothing to read or replay
+            _restore_streamed(sink, index, result)
+            continue
         if source is not None:
             source.materialize(index)
         ctx = BlockContext(
@@ -207,7 +224,7 @@ def run_block_stages(
             if index < first:
                 _restore_block(checkpoint, ctx, result)  # instead of the stages: the chain below replays exactly
             else:
-                known = set(_all_artifacts(stages)) if checkpoint else set()
+                known = set(_all_artifacts(stages)) if checkpoint or sink else set()
                 if needs_data and (routing := routing_metrics(ctx)) is not None:
                     ctx.metrics["routing"] = routing  # tokens per expert of a sparse MoE block (engine/moe.py)
                 if needs_data and replay_autocast != "off":
@@ -236,6 +253,12 @@ def run_block_stages(
             continue
         ctx.metrics["seconds"] = round(time.perf_counter() - start, 3)
         result.metrics.append({"block": index, **ctx.metrics})
+        if sink is not None:
+            fresh = {k: t for k, t in _all_artifacts(stages).items() if k not in known}
+            chains = {"q": q_in} if q_in is not None else {}
+            if float_chain and fp_in is not None and fp_in is not q_in:
+                chains["fp"] = fp_in
+            sink.block_done(index, chains, fresh, result.metrics[-1])
         if checkpoint:
             fresh = {k: t for k, t in _all_artifacts(stages).items() if k not in known}
             relative = {key.removeprefix(f"{ctx.name}."): record for key, record in block_records.items()}

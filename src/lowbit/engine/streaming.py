@@ -12,7 +12,7 @@ import ctypes
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -35,10 +35,24 @@ class BlockSource(Protocol):
 
 
 class BlockSink(Protocol):
-    """Takes each finished block (its final weights and quantized records) before the block is released."""
+    """Takes each finished block (its final weights and quantized records) before the block is released, and keeps
+    what a resumed run needs: `done` blocks finished before, each `restore`d without running, then the `chains`."""
+
+    done: int
 
     def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
         """`records` are keyed by full module name."""
+
+    def block_done(
+        self, index: int, chains: dict[str, torch.Tensor], artifacts: dict[str, torch.Tensor], metrics: dict
+    ) -> None:
+        """Block `index` is final, and `chains` are the inputs of the next block."""
+
+    def restore(self, index: int) -> Any:
+        """A block finished by an interrupted run: `.records` (codes on meta), `.artifacts`, `.metrics`."""
+
+    def chains(self, index: int) -> dict[str, torch.Tensor]:
+        """The chains saved after finished block `index`: "q" (quantized), "fp" (float) when used."""
 
 
 class CheckpointBlocks:

@@ -48,7 +48,7 @@ def work_dir_for(out: str | Path) -> Path:
     return final.parent / f".{final.name}.lowbit-work"
 
 
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     from lowbit.export.atomic import write_error
 
     temp = path.with_name(f".{path.name}.partial")
@@ -72,7 +72,7 @@ def _atomic_json(data: Any, path: Path) -> None:
     os.replace(temp, path)
 
 
-def _load(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def load_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
@@ -83,7 +83,7 @@ def _load(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         ) from error
 
 
-def _split(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+def split_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {key[len(prefix) :]: t for key, t in tensors.items() if key.startswith(prefix)}
 
 
@@ -218,13 +218,13 @@ class GroupCheckpoint:
         self.path.mkdir(parents=True, exist_ok=True)
         tensors = {f"param.{k}": v for k, v in _unique_state(model).items()}
         tensors.update({f"art.{k}": v for k, v in artifacts.items()})
-        _atomic_save(tensors, self._model_file, {"metrics": json.dumps(metrics, default=str)})
+        atomic_save(tensors, self._model_file, {"metrics": json.dumps(metrics, default=str)})
 
     def load_model(self, model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Put the saved model state back; returns the stage's artifacts and metrics."""
-        tensors, meta = _load(self._model_file)
-        _load_state(model, _split(tensors, "param."), str(self._model_file))
-        return _split(tensors, "art."), json.loads(meta.get("metrics", "{}"))
+        tensors, meta = load_tensors(self._model_file)
+        _load_state(model, split_prefix(tensors, "param."), str(self._model_file))
+        return split_prefix(tensors, "art."), json.loads(meta.get("metrics", "{}"))
 
     # --- block-scope stages -------------------------------------------------------------------------------
 
@@ -255,19 +255,19 @@ class GroupCheckpoint:
             schemes[name] = record.scheme.to_dict()
         tensors.update({f"art.{k}": v for k, v in artifacts.items()})
         meta = {"metrics": json.dumps(metrics, default=str), "schemes": json.dumps(schemes)}
-        _atomic_save(tensors, self.path / f"block-{index:04d}.safetensors", meta)
+        atomic_save(tensors, self.path / f"block-{index:04d}.safetensors", meta)
 
     def load_block(self, index: int, block: nn.Module) -> BlockState:
         """Put a finished block's parameters back; returns its records, artifacts and metrics."""
         path = self.path / f"block-{index:04d}.safetensors"
-        tensors, meta = _load(path)
-        params = _split(tensors, "param.")
+        tensors, meta = load_tensors(path)
+        params = split_prefix(tensors, "param.")
         _load_state(block, params, str(path))
         records = {}
         for name, scheme in json.loads(meta.get("schemes", "{}")).items():
-            state = _split(tensors, f"rec.{name}.")
+            state = split_prefix(tensors, f"rec.{name}.")
             records[name] = QuantizedWeight.from_state(state, QuantScheme.from_dict(scheme))
-        return BlockState(params, records, _split(tensors, "art."), json.loads(meta.get("metrics", "{}")))
+        return BlockState(params, records, split_prefix(tensors, "art."), json.loads(meta.get("metrics", "{}")))
 
 
 def _unique_state(model: nn.Module) -> dict[str, Tensor]:

@@ -195,6 +195,26 @@ def atomic_output_dir(out: str | Path, overwrite: bool, *, needed_bytes: int | N
     _publish(temp, final, overwrite)
 
 
+@contextlib.contextmanager
+def resumable_output_dir(
+    out: str | Path, overwrite: bool, partial: Path, *, needed_bytes: int | None = None
+) -> Iterator[Path]:
+    """Yield `partial` (a resumable run's partial export, kept on error so that --resume continues it); on success
+    it replaces `out` as `atomic_output_dir`'s temp directory does."""
+    final = check_output_dir(out, overwrite)
+    try:
+        yield partial
+        normalize_permissions(partial)
+    except Exception as e:
+        if isinstance(e, LowbitError):
+            raise
+        converted = write_error(e, final, needed_bytes)
+        if converted is not e:
+            raise converted from None
+        raise
+    _publish(partial, final, overwrite)
+
+
 def _publish(temp: Path, final: Path, overwrite: bool) -> None:
     """Rename into place; never mix with a directory that appeared meanwhile unless overwriting."""
     if final.exists() and not overwrite:

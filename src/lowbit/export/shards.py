@@ -96,10 +96,16 @@ class ShardWriter:
     group files are not fsynced, so with `sync=True` only the groups of closed shards are known to be on disk).
     """
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int | str, *, sync: bool = False) -> None:
+    def __init__(
+        self, directory: str | Path, max_shard_bytes: int | str, *, sync: bool = False, keep_merged: bool = False
+    ) -> None:
         self.directory = Path(directory)
         self.max_shard_bytes = parse_max_shard_size(max_shard_bytes)
         self.sync = sync
+        # resumable: a closed shard's group files stay until `drop_merged` (after the caller's checkpoint), so the
+        # state saved at the last checkpoint still names files that exist
+        self.keep_merged = keep_merged
+        self._merged: list[Path] = []
         self.groups_done = 0
         self._open_groups: list[Path] = []  # the files of the open shard's groups
         self._open_names: list[str] = []
@@ -124,6 +130,45 @@ class ShardWriter:
         if self._open_bytes >= self.max_shard_bytes:
             self._close()
 
+    def state(self) -> dict[str, Any]:
+        """What `restore` needs to continue after the groups added so far (JSON; tie tracking is not kept)."""
+        return {
+            "groups_done": self.groups_done,
+            "open_groups": [path.name for path in self._open_groups],
+            "open_names": self._open_names,
+            "open_bytes": self._open_bytes,
+            "closed": [[path.name, names] for path, names in self._closed],
+            "total_bytes": self.total_bytes,
+        }
+
+    @classmethod
+    def restore(
+        cls, directory: str | Path, max_shard_bytes: int | str, state: dict[str, Any], *, sync: bool = False
+    ) -> ShardWriter:
+        """A resumable writer continuing from `state` in `directory`; files of groups added after it are removed."""
+        writer = cls(directory, max_shard_bytes, sync=sync, keep_merged=True)
+        writer.groups_done = state["groups_done"]
+        writer._open_groups = [writer.directory / name for name in state["open_groups"]]
+        writer._open_names = list(state["open_names"])
+        writer._open_bytes = state["open_bytes"]
+        writer._closed = [(writer.directory / name, list(names)) for name, names in state["closed"]]
+        writer.total_bytes = state["total_bytes"]
+        writer._names = {name for _, names in writer._closed for name in names} | set(writer._open_names)
+        known = {path.name for path in writer._open_groups} | {path.name for path, _ in writer._closed}
+        missing = sorted(name for name in known if not (writer.directory / name).is_file())
+        if missing:
+            raise LowbitError(f"the partial export in '{directory}' lacks {missing[0]}: re-run with --overwrite")
+        for path in writer.directory.glob(".*.partial"):
+            if path.name not in known:
+                path.unlink()  # a group or shard of the interrupted block, or merged groups already in a shard
+        return writer
+
+    def drop_merged(self) -> None:
+        """Delete the group files already copied into closed shards (a resumable writer, after a checkpoint)."""
+        for path in self._merged:
+            path.unlink(missing_ok=True)
+        self._merged = []
+
     def group_file(self, index: int) -> Path:
         """Where group `index` (from 0, in `add_block` order) waits until its shard is assembled."""
         return self.directory / f".group-{index:05d}.safetensors.partial"
@@ -140,6 +185,7 @@ class ShardWriter:
             self.add_block({name: tensor})
         if self._open_names or not self._closed:
             self._close()
+        self.drop_merged()
         self._finished = True
         count = len(self._closed)
         if count == 1:
@@ -220,7 +266,9 @@ class ShardWriter:
     def _close(self) -> None:
         """Assemble the open shard from its groups' files under a temporary name, deleting them as they are copied."""
         temp = self.directory / f".shard-{len(self._closed) + 1:05d}.safetensors.partial"
-        merge(self._open_groups, temp, METADATA, remove=True, sync=self.sync)
+        merge(self._open_groups, temp, METADATA, remove=not self.keep_merged, sync=self.sync)
+        if self.keep_merged:
+            self._merged.extend(self._open_groups)
         self._closed.append((temp, self._open_names))
         self.total_bytes += self._open_bytes
         log.debug("closed shard %d: %d groups, %d tensors, %d bytes", len(self._closed), len(self._open_groups),

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from lowbit.engine.stream_checkpoint import StreamCheckpoint, StreamedBlock
 from lowbit.export.blocks import ExportContext
 from lowbit.export.blocks import block_export_tensors as export_tensors
 from lowbit.export.shards import ShardWriter
@@ -35,14 +37,47 @@ class StreamedExport:
         act_bits: int = 16,
         ct_packing: str | None = None,
         packer: str = "lowbit",
+        checkpoint: StreamCheckpoint | None = None,
     ) -> None:
         self.directory, self.fmt = Path(directory), fmt
         dtype = model.get_input_embeddings().weight.dtype  # the plan's dtype: compressed-tensors scales use it
         self.context = ExportContext(fmt, model, dtype, ct_packing or "dense", packer, act_bits)
-        self.writer = ShardWriter(self.directory, max_shard_bytes)
+        self.checkpoint = checkpoint
+        self.done = checkpoint.finished() if checkpoint is not None else 0
+        if self.done:  # resume: the writer as it was after the last finished block
+            state = checkpoint.load(self.done - 1).writer_state
+            self.writer = ShardWriter.restore(self.directory, max_shard_bytes, state, sync=True)
+        else:
+            self.writer = ShardWriter(self.directory, max_shard_bytes, sync=checkpoint is not None,
+                                      keep_merged=checkpoint is not None)  # fmt: skip
+        self._records: dict[str, QuantizedWeight] = {}
 
     def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
         """Check block `index`'s records against its weights and write its export tensors."""
         check_block_records(block, prefix, records)
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.writer.add_block(export_tensors(self.context, prefix, records, block))
+        self._records = records
         log.debug("block %d written to the %s export", index, self.fmt)
+
+    def block_done(
+        self, index: int, chains: dict[str, Tensor], artifacts: dict[str, Tensor], metrics: dict[str, Any]
+    ) -> None:
+        """Block `index` and the chain after it are final: checkpoint them (a resumable run) and forget them."""
+        if self.checkpoint is not None:
+            from lowbit.engine.streaming import without_codes
+
+            records = {name: without_codes(record) for name, record in self._records.items()}
+            self.checkpoint.save(index, records, artifacts, metrics, chains, self.writer.state())
+            self.writer.drop_merged()
+        self._records = {}
+
+    def restore(self, index: int) -> StreamedBlock:
+        """Finished block `index` of an interrupted run (records without codes, artifacts, metrics)."""
+        assert self.checkpoint is not None
+        return self.checkpoint.load(index)
+
+    def chains(self, index: int) -> dict[str, Tensor]:
+        """The block inputs saved after finished block `index`."""
+        assert self.checkpoint is not None
+        return self.checkpoint.chains(index)

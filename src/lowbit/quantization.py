@@ -1,0 +1,138 @@
+"""The quantization itself, on a loaded model: calibration data, the stages, and the run record.
+
+`lowbit.run` wraps it with what a run to a directory needs (checks, loading, evaluation, the export); the
+fingerprints here decide whether checkpoints can be reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowbit.actquant import activation_record, install_activation_quant, installed_act_bits
+from lowbit.arch import arch_for, window_bos_id
+from lowbit.config import QuantizeConfig
+from lowbit.data import load_calibration
+from lowbit.engine.pipeline import run_stages
+from lowbit.engine.precision import resolve_compile
+from lowbit.engine.streaming import BlockSink, BlockSource
+from lowbit.engine.workdir import WorkDir, model_digest, tensor_digest
+from lowbit.errors import LowbitError
+from lowbit.formats.files import ARTIFACTS_FILE
+from lowbit.models import LoadedModel
+from lowbit.record import determinism_record, package_versions, peak_rss_mb
+from lowbit.result import QuantizedModel
+
+log = logging.getLogger(__name__)
+
+
+def check_run(config: QuantizeConfig, model: torch.nn.Module) -> None:
+    """Stage options against the calibration size and the model's depth, and the compiler `engine.compile=on`
+    needs: before any data is loaded or forward run."""
+    resolve_compile(config.engine.compile, torch.device(config.engine.device))
+    depth = len(arch_for(model).blocks(model))
+    for spec in config.stages:
+        spec.stage_class.check_run(spec.options, nsamples=config.nsamples, seqlen=config.seqlen, depth=depth)
+
+
+def settings_fingerprint(config: QuantizeConfig) -> dict[str, Any]:
+    """The settings part of a run's fingerprint (checkable before the model is loaded)."""
+    settings = config.to_dict()
+    settings["options"]["engine"].pop("progress", None)  # display only
+    settings["options"]["engine"].pop("stream", None)  # a streamed run writes the same bytes as a resident one
+    return settings
+
+
+def run_fingerprint(loaded: LoadedModel, config: QuantizeConfig, calibration: torch.Tensor | None) -> dict[str, Any]:
+    """What must match for checkpoints to be reused: model files, settings, calibration tokens, versions."""
+    versions = package_versions()
+    return {
+        "model": {"name": loaded.name, "files": model_digest(loaded.path) if loaded.path.is_dir() else None},
+        "config": settings_fingerprint(config),
+        "calibration_sha256": tensor_digest(calibration),
+        "versions": {key: versions[key] for key in ("lowbit", "torch", "transformers")},
+    }
+
+
+def run_quantization(
+    loaded: LoadedModel,
+    config: QuantizeConfig,
+    *,
+    work_dir: str | Path | None = None,
+    resume: bool = False,
+    source: BlockSource | None = None,
+    sink: BlockSink | None = None,
+) -> QuantizedModel:
+    """Run a validated config on a loaded model (in place) and assemble the result with its run record; a
+    streamed run passes the block `source` and the export `sink` (engine/streaming.py)."""
+    started = time.perf_counter()
+    arch = arch_for(loaded.model)
+    check_run(config, loaded.model)
+    if installed_act_bits(loaded.model, arch) != 16:
+        raise LowbitError(
+            "this model runs with activation quantization installed (a reloaded W-A export): quantize the float model"
+        )
+    calibration = None
+    data_meta: dict[str, Any] = {}
+    if config.needs_data:
+        data = load_calibration(
+            loaded.tokenizer,
+            config.dataset,
+            nsamples=config.nsamples,
+            seqlen=config.seqlen,
+            seed=config.seed,
+            bos_id=window_bos_id(loaded.model),  # Gemma: every window starts with BOS (recorded in the meta)
+        )
+        calibration, data_meta = data.input_ids, data.meta
+    data_seconds = time.perf_counter() - started
+
+    stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
+    work = None
+    if work_dir is not None:
+        work = WorkDir.open(work_dir, run_fingerprint(loaded, config, calibration), resume=resume)
+    tuned = time.perf_counter()
+    try:
+        groups = work if source is None else None  # a streamed run checkpoints through its sink
+        found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed,
+                           groups, source=source, sink=sink)  # fmt: skip
+    except BaseException:
+        if work is not None and not work.holds_progress():
+            work.remove()  # nothing to resume: leave no trace
+        raise
+    records, metrics = found.records, found.metrics
+    quantize_seconds = time.perf_counter() - tuned
+    log.info("quantized %d linears with %s in %.1fs", len(records), config.recipe, quantize_seconds)
+    # A W-A result *is* a W-A model: its activation quantizers stay installed for every later forward (perplexity,
+    # generate, lm-eval), so it is never evaluated weight-only by accident.
+    act_handle = None
+    if config.scheme.quantizes_activations:
+        act_handle = install_activation_quant(loaded.model, arch, config.scheme.act_bits)
+        log.info("activation quantization installed: %d-bit per-token asymmetric", config.scheme.act_bits)
+    record = {
+        "model": loaded.name,
+        "model_path": str(loaded.path),
+        "architecture": arch.family,
+        "config": config.to_dict(),
+        "calibration": data_meta,
+        "versions": package_versions(),
+        "timings": {
+            "data_seconds": round(data_seconds, 3),
+            "quantize_seconds": round(quantize_seconds, 3),
+            "checkpoint_seconds": round(found.checkpoint_seconds, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        },
+        "stages": metrics,
+        "quantized_linears": len(records),
+        "activation": activation_record(config.scheme.act_bits),
+        "determinism": determinism_record(),
+    }
+    if work is not None:
+        record["checkpoints"] = {"work_dir": str(work.path), "resumed": resume}
+    artifacts = found.artifacts
+    if artifacts:
+        record["artifacts"] = {"file": ARTIFACTS_FILE, "tensors": len(artifacts)}
+    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts, act_handle, work)
