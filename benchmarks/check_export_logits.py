@@ -1,0 +1,82 @@
+"""Load a compressed-tensors export in transformers (bf16, dequantized by compressed-tensors) and in lowbit's packed
+CPU runtime, each in its own process, and compare their logits on one prompt.
+
+    python benchmarks/check_export_logits.py --export /tmp/lowbit-bench-stream/llama2-7b-rtn \
+        --json benchmarks/results/stream_7b_logits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_json  # noqa: E402
+
+PROMPT = "Quantization maps float weights to a few integer levels with a scale and a zero point."
+
+TRANSFORMERS = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+path, prompt, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+                                             quantization_config=CompressedTensorsConfig(dequantize=True))
+ids = AutoTokenizer.from_pretrained(path)(prompt, return_tensors="pt").input_ids
+with torch.no_grad():
+    torch.save({"ids": ids, "logits": model(input_ids=ids).logits.float()}, out)
+"""
+
+LOWBIT = """
+import sys, torch, lowbit
+path, prompt, out = sys.argv[1:4]
+loaded = lowbit.load(path)
+ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+with torch.no_grad():
+    torch.save({"ids": ids, "logits": loaded.model(input_ids=ids).logits.float()}, out)
+"""
+
+
+def run(code: str, export: Path, out: Path) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, str(export), PROMPT, str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    peak = next(line for line in done.stderr.splitlines() if "Maximum resident set size" in line)
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(int(peak.split()[-1]) / 1024)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export", type=Path, required=True)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = {"transformers_bf16": run(TRANSFORMERS, args.export, Path(tmp) / "hf.pt"),
+                "lowbit_packed": run(LOWBIT, args.export, Path(tmp) / "lowbit.pt")}  # fmt: skip
+        hf, ours = torch.load(Path(tmp) / "hf.pt"), torch.load(Path(tmp) / "lowbit.pt")
+    assert torch.equal(hf["ids"], ours["ids"]), "the two loaders tokenized the prompt differently"
+    a, b = hf["logits"], ours["logits"]
+    scale = b.abs().max().item()
+    comparison = {
+        "tokens": int(a.shape[1]),
+        "max_abs_diff": round((a - b).abs().max().item(), 5),
+        "max_abs_logit": round(scale, 3),
+        "relative_max_diff": round((a - b).abs().max().item() / scale, 5),
+        "argmax_agreement": round((a.argmax(-1) == b.argmax(-1)).float().mean().item(), 4),
+        "cosine": round(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(), 6),
+    }
+    payload = {"benchmark": "export_logits", "command": " ".join(sys.argv), "machine": machine(),
+               "export": str(args.export), "prompt": PROMPT, "loaders": rows, "comparison": comparison}  # fmt: skip
+    write_json(args.json, payload)
+    print(payload["loaders"], comparison)
+
+
+if __name__ == "__main__":
+    main()
