@@ -1,0 +1,432 @@
+"""The memory planner: a run's peak RAM (and accelerator memory) from config.json, the recipe and the calibration
+size, before anything loads; resident or streamed; a refusal that names the fixes when it cannot fit.
+
+Why: a run that runs out of memory after an hour of calibration (or gets OOM-killed without a word) is the worst
+failure a quantizer can have on a large model. The estimate is a sum of named terms in bytes, per phase of the run
+(load, capture, block loop, model-scope stages, export, evaluation); the peak is the largest phase plus the runtime
+baseline. The stage terms live in engine/plan_stages.py, the shapes in engine/shape.py. Calibrated against measured
+peak RSS of real runs (benchmarks/plan_calibrate.py, results in benchmarks/results/plan_calibration.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from lowbit.config import QuantizeConfig
+from lowbit.engine.memory import MemoryPhases, available_memory, cgroup_available, gpu_free, peak_rss_phases
+from lowbit.engine.plan_result import GIB, MIB, MemoryPlan, gib
+from lowbit.engine.plan_stages import (
+    F32,
+    RunFacts,
+    chain_plan,
+    model_stage_state,
+    replay_activations,
+    stage_state,
+)
+from lowbit.engine.shape import BlockShape, LinearShape, ModelShape
+from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+# Peak RSS of a resident RTN run of a tiny model (llama hidden 64, 2 layers, SmolLM2's 49152-token tokenizer) minus
+# its model, records and export terms: python + torch + transformers + tokenizer + calibration text + lowbit
+# (benchmarks/plan_calibrate.py, 2-core x86 CPU, torch 2.13 CPU, transformers 5.25; importing lowbit alone: 380 MiB).
+RUNTIME_BASELINE = 440 * MIB
+# Host RSS the CUDA runtime libraries add to a process (cuBLAS, cuDNN, the context's host side) and the context on the
+# device; assumed from common reports, not measured here.
+CUDA_HOST_RUNTIME = 1536 * MIB
+CUDA_CONTEXT = 512 * MIB
+# Allocator overhead over what the terms allocate, on the terms allocated and freed block after block (not on the
+# model, the records or mapped pages): with glibc's mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=131072, so no heap
+# retention) a GPTQ run peaked 6% above the live terms plus this slack (benchmarks/plan_calibrate.py's METHOD).
+ALLOCATOR_SLACK = 0.10
+# glibc serves allocations below its dynamic mmap threshold (at most 32 MiB) from the heap, and a heap fragmented by
+# the block loop's batches, weight temporaries and Hessians is not returned: peak RSS then exceeds the peak of the live
+# tensors by about this share of the loop's per-block terms (fitted on 6 GPTQ/SignRound/AWQ runs of models up to
+# hidden 1024, benchmarks/results/plan_calibration.json). Where the loop's pieces (a batch of a chain, the largest
+# linear's fp32 weight) are 32 MiB or more, they are mmapped and returned when freed: no retention is counted there,
+# which is not measured (no such model fits this 2-core machine's runs).
+HEAP_RETENTION = 0.7
+GLIBC_MMAP_MAX = 32 * MIB
+STATIC_TERMS = ("model_fp32", "non_block_fp32", "checkpoint_pages", "records")  # allocated once, kept
+AUTO_STREAM_FRACTION = 0.85  # stream=auto streams when the resident run needs more than this share of the memory
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # export/shards.py DEFAULT_MAX_SHARD_SIZE
+DEFAULT_EVAL_SEQLEN = 2048  # run.EvalSettings.seqlen
+StreamOption = Literal["auto", "on", "off"]
+
+
+# --- the estimate ----------------------------------------------------------------------------------------------
+
+
+def _facts(shape: ModelShape, config: QuantizeConfig, available: int | None) -> RunFacts:
+    from lowbit.engine.pipeline import stage_groups
+
+    stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
+    return RunFacts(
+        shape, config.scheme, config.nsamples, config.seqlen, config.engine.batch_size,
+        torch.device(config.engine.device), stage_groups(stages), config.engine.quantized_input, available,
+    )  # fmt: skip
+
+
+def _record_bytes(linear: LinearShape, config: QuantizeConfig) -> int:
+    """quantizer.QuantizedWeight: uint8 codes, scale (scheme dtype) and int32 zero per (row, group), g_idx, bias."""
+    scheme = config.scheme
+    groups = scheme.num_groups(linear.in_features)
+    scale = torch.empty((), dtype=scheme.torch_scale_dtype).element_size()
+    size = linear.out_features * (linear.in_features + groups * (scale + 4))
+    size += linear.in_features * 4 if config.act_order_groups else 0
+    size += linear.out_features * F32 if linear.bias else 0
+    return size * linear.count
+
+
+def _export_bytes(linear: LinearShape, config: QuantizeConfig, fmt: str) -> int:
+    """The tensors export/blocks.py builds for one quantized linear (compressed-tensors scales in the model dtype,
+    fp32 here; `fake`: the dequantized fp32 weight)."""
+    bits, m, k = config.scheme.bits, linear.out_features, linear.in_features
+    groups = config.scheme.num_groups(k)
+    words = lambda n: -(-n * bits // 32) * 4  # noqa: E731 - bytes of n values packed into int32 words
+    if fmt == "fake":
+        size = m * k * F32
+    elif fmt == "gptq":
+        size = words(k) * m + groups * words(m) + groups * m * 2 + k * 4
+    elif config.scheme.quantizes_activations:
+        size = m * k + m * F32
+    else:
+        zeros = groups * words(m) if config.scheme.kind == "asym" else 0  # symmetric kinds store no zero points
+        size = m * words(k) + m * groups * F32 + zeros + 16
+    return size * linear.count
+
+
+def _block_bytes(block: BlockShape, per_linear: Callable[[LinearShape], int]) -> int:
+    return sum(per_linear(linear) for linear in block.linears)
+
+
+def _eval_bytes(shape: ModelShape, seqlen: int) -> int:
+    """eval/perplexity.py: one window, batch 1: the logits and cross_entropy's log-softmax, plus one block's
+    activations."""
+    inter = max(shape.intermediate_size, shape.moe_intermediate_size)
+    return 2 * seqlen * shape.vocab_size * F32 + seqlen * (4 * shape.hidden_size + 3 * inter) * F32
+
+
+def _loop_terms(facts: RunFacts, resident: dict[str, int], chains_on_disk: bool) -> dict[str, int]:
+    """The block loop at its worst block: the larger of the engine's replay peak and a stage's peak."""
+    worst: dict[str, int] = {}
+    for group in facts.groups:
+        if group[0].scope != "block":
+            continue
+        chains = chain_plan(facts, group)
+        peak, during = (0, 0) if chains_on_disk else (chains.peak, chains.during_stages)
+        on_host = chains.count_peak and facts.device.type != "cuda"  # on CUDA a batch's activations are on the device
+        replay = {"chains": peak, "replay_activations": replay_activations(facts) if on_host else 0}
+        best_stage: dict[str, int] = {}
+        for stage in group:
+            host, _ = stage_state(facts, stage)
+            if sum(host.values()) > sum(best_stage.values()):
+                best_stage = host
+        staged = {"chains": during, **best_stage}
+        terms = {**resident, **(replay if sum(replay.values()) >= sum(staged.values()) else staged)}
+        if sum(terms.values()) > sum(worst.values()):
+            worst = terms
+    return worst or dict(resident)
+
+
+def _gpu_terms(facts: RunFacts) -> dict[str, int]:
+    """engine.device=cuda: the block at fp32 on the device, one batch's activations, the stage's device state."""
+    block = facts.block.params * F32
+    stage_terms: dict[str, int] = {}
+    for group in facts.groups:
+        if group[0].scope != "block":
+            facts.notes.append(f"the accelerator memory of model-scope stage '{group[0].name}' is not estimated")
+            continue
+        for stage in group:
+            _, device = stage_state(facts, stage)
+            if sum(device.values()) > sum(stage_terms.values()):
+                stage_terms = device
+    return {"cuda_context": CUDA_CONTEXT, "block_weights": block, "batch_activations": replay_activations(facts),
+            **stage_terms}  # fmt: skip
+
+
+def estimate(
+    shape: ModelShape,
+    config: QuantizeConfig,
+    *,
+    stream: bool,
+    evaluate: bool = False,
+    export_format: str = "auto",
+    available: int | None = None,
+    gpu_available: int | None = None,
+    eval_seqlen: int = DEFAULT_EVAL_SEQLEN,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    chains_on_disk: bool | None = None,
+) -> MemoryPlan:
+    """The memory plan of `config` on a model of `shape`, resident (`stream=False`) or streamed block by block.
+
+    Terms are bytes per phase on top of the runtime baseline; the resident phases follow today's engine (fp32 model,
+    every block's records kept until the export), the streamed ones the design of lowbit's large-model notes
+    (non-block tensors at fp32, one block read at its stored dtype and converted, records and export tensors of one
+    block, the shard writer's open shard). `chains_on_disk` (default: engine.offload == "disk" where that option
+    exists) takes the activation chains out of RAM.
+    """
+    fmt = "compressed-tensors" if export_format == "auto" else export_format
+    if chains_on_disk is None:
+        chains_on_disk = getattr(config.engine, "offload", "memory") == "disk"
+    facts = _facts(shape, config, available)
+    block = facts.block
+    quantizes = any(stage.kind == "quantizer" for group in facts.groups for stage in group)
+    record = (lambda linear: _record_bytes(linear, config)) if quantizes else (lambda linear: 0)
+    export_one = max(_block_bytes(b, lambda linear: _export_bytes(linear, config, fmt)) for b in shape.blocks)
+    export_all = sum(_block_bytes(b, lambda linear: _export_bytes(linear, config, fmt)) for b in shape.blocks)
+    non_block = shape.non_block_params * F32
+    phases: dict[str, dict[str, int]] = {}
+    if stream:
+        block_now = {
+            "non_block_fp32": non_block,
+            "block_read": block.params * shape.dtype_bytes,
+            "block_fp32": block.params * F32,
+            "block_records": _block_bytes(block, record),
+            "export_open_shard": min(export_all, max_shard_bytes + export_one),
+        }
+        largest = max(shape.vocab_size * shape.hidden_size, block.params)
+        phases["open"] = {"non_block_fp32": non_block, "tensor_read": largest * shape.dtype_bytes}
+        if config.needs_data:
+            phases["capture"] = {"non_block_fp32": non_block, "chains": 0 if chains_on_disk else 2 * facts.chain}
+        phases["block_loop"] = _loop_terms(facts, block_now, chains_on_disk)
+        phases["export"] = {"non_block_fp32": non_block, "export_open_shard": block_now["export_open_shard"]}
+        if evaluate:
+            facts.notes.append("streamed evaluation is assumed block by block (not implemented yet)")
+            phases["evaluation"] = {"non_block_fp32": non_block, "block_fp32": block.params * F32,
+                                    "eval_activations": _eval_bytes(shape, eval_seqlen)}  # fmt: skip
+    else:
+        model = shape.params * F32
+        records = sum(_block_bytes(b, record) for b in shape.blocks)
+        new_export = 0 if fmt == "fake" else min(export_all, max_shard_bytes + export_one)
+        phases["load"] = {"model_fp32": model, "checkpoint_pages": shape.checkpoint_bytes}
+        if config.needs_data:  # engine/capture.py: block 0's inputs as a list of batches, then concatenated
+            phases["capture"] = {"model_fp32": model, "chains": 0 if chains_on_disk else 2 * facts.chain}
+        phases["block_loop"] = _loop_terms(facts, {"model_fp32": model, "records": records}, chains_on_disk)
+        for group in facts.groups:
+            if group[0].scope == "model":
+                phases[f"{group[0].name}_stage"] = {"model_fp32": model, **model_stage_state(facts, group[0])}
+        phases["export"] = {"model_fp32": model, "records": records, "export_open_shard": new_export}
+        if evaluate:
+            phases["evaluation"] = {"model_fp32": model, "records": records,
+                                    "eval_activations": _eval_bytes(shape, eval_seqlen)}  # fmt: skip
+    _allocator_terms(phases, config, shape)
+    baseline = RUNTIME_BASELINE + (CUDA_HOST_RUNTIME if facts.device.type == "cuda" else 0)
+    gpu_terms = _gpu_terms(facts) if facts.device.type == "cuda" else {}
+    blocked = None
+    if stream:
+        blocked = streaming_blocker(shape, facts)
+    settings = {
+        "recipe": config.recipe, "scheme": config.scheme.name, "nsamples": config.nsamples,
+        "seqlen": config.seqlen, "batch_size": config.engine.batch_size, "device": config.engine.device,
+        "export_format": fmt, "evaluate": evaluate, "chains_on_disk": chains_on_disk,
+    }  # fmt: skip
+    return MemoryPlan(
+        shape, settings, stream, phases, baseline, available, gpu_terms, gpu_available, blocked=blocked,
+        notes=list(dict.fromkeys(facts.notes)),
+    )  # fmt: skip
+
+
+def _allocator_terms(phases: dict[str, dict[str, int]], config: QuantizeConfig, shape: ModelShape) -> None:
+    """Add the allocator's share to every phase: ALLOCATOR_SLACK of what it allocates and frees, and, where the loop's
+    batches are small enough for glibc's heap, HEAP_RETENTION of the loop's per-block terms, kept by every later phase
+    (a fragmented heap is not returned)."""
+    # the pieces the loop allocates and frees: the largest linear's fp32 temporaries and the chains' batches
+    piece = max(linear.out_features * linear.in_features for linear in shape.largest_block.linears) * F32
+    if config.needs_data:
+        piece = min(piece, min(config.engine.batch_size, config.nsamples) * config.seqlen * shape.hidden_size * F32)
+    retained = 0
+    for name, terms in phases.items():  # in the order the run goes through them
+        dynamic = sum(v for k, v in terms.items() if k not in STATIC_TERMS)
+        terms["allocator_slack"] = int(ALLOCATOR_SLACK * dynamic)
+        if name == "block_loop" and piece < GLIBC_MMAP_MAX:
+            retained = int(HEAP_RETENTION * dynamic)
+        if retained:
+            terms["heap_retention"] = retained
+
+
+def streaming_blocker(shape: ModelShape, facts: RunFacts) -> str | None:
+    """Why this run cannot stream (None: it can): a model-scope stage needs the whole model, or the family is not
+    one the streaming reader loads exactly."""
+    from lowbit.engine.skeleton import STREAMABLE_MODEL_TYPES
+
+    if shape.model_type not in STREAMABLE_MODEL_TYPES:
+        return f"streaming does not support model type '{shape.model_type}'"
+    scoped = [group[0].name for group in facts.groups if group[0].scope == "model"]
+    if scoped:
+        return f"stage '{scoped[0]}' works on the whole model (model scope) and cannot stream"
+    return None
+
+
+# --- deciding, and what would fit -----------------------------------------------------------------------------
+
+
+def plan_run(
+    model_dir_or_config: str | Path | dict[str, Any] | Any,
+    config: QuantizeConfig,
+    *,
+    stream_option: StreamOption = "auto",
+    available: int | None = None,
+    gpu_available: int | None = None,
+    evaluate: bool = False,
+    export_format: str = "auto",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    eval_seqlen: int = DEFAULT_EVAL_SEQLEN,
+) -> MemoryPlan:
+    """Plan a run before loading anything: resident or streamed (`auto`: stream when the resident run needs more than
+    AUTO_STREAM_FRACTION of the available memory), whether it fits, and the fixes when it does not.
+
+    `model_dir_or_config`: a model directory, its config.json, a config dict or `PretrainedConfig`, or a ModelShape.
+    `available` / `gpu_available` (bytes) default to what this machine has now (`available_memory`, CUDA's free
+    memory when engine.device is cuda)."""
+    if stream_option not in ("auto", "on", "off"):
+        raise LowbitError(f"stream must be auto, on or off, got '{stream_option}'")
+    shape = model_dir_or_config if isinstance(model_dir_or_config, ModelShape) else (
+        ModelShape.from_config(model_dir_or_config)
+    )  # fmt: skip
+    available = available_memory() if available is None else int(available)
+    if gpu_available is None and config.engine.device.startswith("cuda"):
+        gpu_available = gpu_free(config.engine.device)
+    kwargs = {"evaluate": evaluate, "export_format": export_format, "available": available,
+              "gpu_available": gpu_available, "max_shard_bytes": max_shard_bytes,
+              "eval_seqlen": eval_seqlen}  # fmt: skip
+    resident = estimate(shape, config, stream=False, **kwargs)
+    if stream_option == "off":
+        plan, decision = resident, "stream=off"
+    elif stream_option == "on":
+        plan, decision = estimate(shape, config, stream=True, **kwargs), "stream=on"
+    else:
+        streamed = estimate(shape, config, stream=True, **kwargs)
+        threshold = AUTO_STREAM_FRACTION * available
+        if resident.required <= threshold or streamed.blocked is not None:
+            plan = resident
+            decision = f"auto: resident needs {gib(resident.required)}, within {AUTO_STREAM_FRACTION:.0%} of available"
+            if resident.required > threshold:
+                decision = f"auto: resident ({streamed.blocked})"
+        else:
+            plan = streamed
+            decision = (
+                f"auto: resident would need {gib(resident.required)}, over {AUTO_STREAM_FRACTION:.0%} of "
+                f"{gib(available)}; streaming needs {gib(streamed.required)}"
+            )
+    plan.decision = decision
+    if not plan.fits:
+        plan.fixes, plan.gpu_fixes = _fixes(shape, config, plan, kwargs)
+    log.debug("memory plan: %s", plan.to_dict())
+    return plan
+
+
+def _host_fits(plan: MemoryPlan) -> bool:
+    return plan.blocked is None and (plan.available is None or plan.required <= plan.available)
+
+
+def _gpu_fits(plan: MemoryPlan) -> bool:
+    return plan.gpu_available is None or not plan.gpu_terms or plan.gpu_estimate <= plan.gpu_available
+
+
+def _with(config: QuantizeConfig, **changes: Any) -> QuantizeConfig:
+    engine = {k: changes.pop(k) for k in list(changes) if k.startswith("engine_")}
+    if engine:
+        changes["engine"] = dataclasses.replace(config.engine, **{k[7:]: v for k, v in engine.items()})
+    return dataclasses.replace(config, **changes)
+
+
+def _largest_fitting(low: int, high: int, fits: Callable[[int], bool]) -> int | None:
+    """The largest value in [low, high] for which `fits` holds (monotone), or None."""
+    if high < low or not fits(low):
+        return None
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def _host_options(shape: ModelShape, config: QuantizeConfig, stream: bool, kwargs: dict[str, Any]) -> list[str]:
+    """Calibration-size and engine options that make the run fit in RAM in the given mode, cheapest first."""
+
+    def fits(**changes: Any) -> bool:
+        return _host_fits(estimate(shape, _with(config, **changes), stream=stream, **kwargs))
+
+    found = []
+    if config.needs_data:
+        n = _largest_fitting(1, config.nsamples - 1, lambda v: fits(nsamples=v))
+        if n is not None:
+            found.append(f"--nsamples {n}")
+        length = _largest_fitting(8, config.seqlen - 1, lambda v: fits(seqlen=v))
+        if length is not None:
+            found.append(f"--seqlen {length}")
+        offload = getattr(config.engine, "offload", None)  # the chains' store, where the engine has one
+        if offload not in (None, "disk") and fits(engine_offload="disk"):
+            found.append("engine.offload=disk (the activation chains in files)")
+        if config.engine.batch_size > 1 and fits(engine_batch_size=1):
+            found.append("engine.batch_size=1")
+    if kwargs["max_shard_bytes"] > 10**9 and _host_fits(
+        estimate(shape, config, stream=stream, **{**kwargs, "max_shard_bytes": 10**9})
+    ):
+        found.append("--max-shard-size 1GB (the export's open shard is held in memory)")
+    return found
+
+
+def _fixes(
+    shape: ModelShape, config: QuantizeConfig, plan: MemoryPlan, kwargs: dict[str, Any]
+) -> tuple[list[str], list[str]]:
+    """Options that make the run fit, each on its own, cheapest first: streaming (or, where a stage cannot stream,
+    resident), fewer samples, a shorter seqlen, the chains on disk (where engine.offload exists), a smaller batch; for
+    the accelerator, smaller batches, fewer samples or the CPU."""
+    host: list[str] = []
+    gpu: list[str] = []
+    stream = plan.stream
+    if not _host_fits(plan):
+        other = estimate(shape, config, stream=not stream, **kwargs)
+        if _host_fits(other):
+            mode = "streaming (engine.stream=on" if not stream else "resident (engine.stream=off"
+            host.append(f"{mode}, {gib(other.required)})")
+        mode = stream if plan.blocked is None else not stream
+        host += _host_options(shape, config, mode, kwargs)
+        if not host and not stream and other.blocked is None:  # streaming alone is not enough: combined with them
+            host += [f"engine.stream=on with {fix}" for fix in _host_options(shape, config, True, kwargs)]
+        if not host and (plan.blocked or other.blocked):
+            plan.notes.append(f"streaming cannot help: {plan.blocked or other.blocked}")
+    if not _gpu_fits(plan):
+        for name, options in (("signround", ("micro_batch_size",)), ("omniquant", ("batch_size",))):
+            spec = next((s for s in config.stages if s.name == name), None)
+            if spec is None:
+                continue
+            smaller = dataclasses.replace(spec.options, **dict.fromkeys(options, 1))
+            stages = tuple(dataclasses.replace(s, options=smaller) if s is spec else s for s in config.stages)
+            if _gpu_fits(estimate(shape, dataclasses.replace(config, stages=stages), stream=stream, **kwargs)):
+                gpu.append(f"{name}.{options[0]}=1")
+        smaller_batch = _with(config, engine_batch_size=1)
+        if config.engine.batch_size > 1 and _gpu_fits(estimate(shape, smaller_batch, stream=stream, **kwargs)):
+            gpu.append("engine.batch_size=1")
+        n = _largest_fitting(
+            1, config.nsamples - 1,
+            lambda v: _gpu_fits(estimate(shape, _with(config, nsamples=v), stream=stream, **kwargs)),
+        )  # fmt: skip
+        if n is not None and config.needs_data:
+            gpu.append(f"--nsamples {n}")
+        on_cpu = estimate(shape, _with(config, engine_device="cpu"), stream=stream, **kwargs)
+        if _host_fits(on_cpu):
+            gpu.append(f"engine.device=cpu ({gib(on_cpu.required)} of RAM)")
+    return host, gpu
+
+
+__all__ = [
+    "GIB",
+    "MIB",
+    "MemoryPhases",
+    "MemoryPlan",
+    "ModelShape",
+    "available_memory",
+    "cgroup_available",
+    "estimate",
+    "peak_rss_phases",
+    "plan_run",
+]
