@@ -13,6 +13,7 @@ compressed-tensors, `--nsamples x --seqlen` of builtin calibration text). Peak R
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import subprocess
 import sys
@@ -56,6 +57,14 @@ def timed(command: list[str], log: Path) -> dict:
     return {"seconds": round(wall, 1), "peak_rss_mb": round(peak, 1) if peak else None, "exit": done.returncode}
 
 
+def digests(directory: Path) -> dict[str, str]:
+    """sha256 of each export file but the run record (timings) and the model card (it names its folder)."""
+    skip = ("lowbit_record.json", "README.md")
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir()) if p.name not in skip
+    }
+
+
 def command_for(run: str, args: argparse.Namespace, out: Path) -> list[str]:
     shards = sorted(str(p) for p in args.model.glob("*.safetensors"))
     if run == "cat":
@@ -77,6 +86,9 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--stream", default="on")
+    parser.add_argument(
+        "--compare-resident", action="store_true", help="also run each recipe resident: time ratio and export bytes"
+    )
     parser.add_argument("--opt", action="append", default=[], help="more --opt STAGE.NAME=VALUE for lowbit")
     parser.add_argument("--out-dir", type=Path, default=Path("/tmp/lowbit-bench-stream"))
     parser.add_argument("--json", type=Path, required=True)
@@ -90,6 +102,13 @@ def main() -> None:
         row = {"run": run, "cold_cache": cold, **timed(command_for(run, args, out), args.out_dir / f"{run}.log")}
         if out.is_dir():
             row["export_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        if args.compare_resident and run not in ("cat", "read"):
+            drop_caches()
+            resident = argparse.Namespace(**{**vars(args), "stream": "off"})
+            twin = out.with_name(out.name + "-resident")
+            row["resident"] = timed(command_for(run, resident, twin), args.out_dir / f"{run}-resident.log")
+            row["stream_over_resident_time"] = round(row["seconds"] / row["resident"]["seconds"], 3)
+            row["same_export_bytes"] = digests(out) == digests(twin)
         rows.append(row)
         print(row, flush=True)
     floor = next((row["seconds"] for row in rows if row["run"] == "cat"), None)

@@ -28,17 +28,23 @@ path, prompt, out = sys.argv[1:4]
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
                                              quantization_config=CompressedTensorsConfig(dequantize=True))
 ids = AutoTokenizer.from_pretrained(path)(prompt, return_tensors="pt").input_ids
+last = model.config.num_hidden_layers - 1
+names = [f"model.layers.0.self_attn.q_proj", f"model.layers.{last}.mlp.down_proj"]
+weights = {name: model.get_submodule(name).weight.detach().clone() for name in names}
 with torch.no_grad():
-    torch.save({"ids": ids, "logits": model(input_ids=ids).logits.float()}, out)
+    torch.save({"ids": ids, "logits": model(input_ids=ids).logits.float(), "weights": weights}, out)
 """
 
 LOWBIT = """
 import sys, torch, lowbit
 path, prompt, out = sys.argv[1:4]
-loaded = lowbit.load(path)
+loaded = lowbit.load(path, kernel="reference")  # dequantize per forward: the fake-quant model, bit for bit
 ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+last = loaded.model.config.num_hidden_layers - 1
+names = [f"model.layers.0.self_attn.q_proj", f"model.layers.{last}.mlp.down_proj"]
+weights = {name: loaded.model.get_submodule(name).dequantize() for name in names}
 with torch.no_grad():
-    torch.save({"ids": ids, "logits": loaded.model(input_ids=ids).logits.float()}, out)
+    torch.save({"ids": ids, "logits": loaded.model(input_ids=ids).logits.float(), "weights": weights}, out)
 """
 
 
@@ -64,7 +70,12 @@ def main() -> None:
     assert torch.equal(hf["ids"], ours["ids"]), "the two loaders tokenized the prompt differently"
     a, b = hf["logits"], ours["logits"]
     scale = b.abs().max().item()
+    weights = {  # transformers' decompressed bf16 weight vs lowbit's dequantized fp32 weight rounded to bf16
+        name: bool(torch.equal(hf["weights"][name], ours["weights"][name].to(hf["weights"][name].dtype)))
+        for name in hf["weights"]
+    }
     comparison = {
+        "weights_equal_in_bf16": weights,
         "tokens": int(a.shape[1]),
         "max_abs_diff": round((a - b).abs().max().item(), 5),
         "max_abs_logit": round(scale, 3),

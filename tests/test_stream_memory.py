@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lowbit.config import build_config
+from lowbit.engine.plan import plan_run
 from lowbit.synthetic import write_synthetic_checkpoint
 
 # RTN: 12.6 M parameters a block, 50 MB at the fp32 compute precision, so 28 more resident blocks are ~1.4 GB;
@@ -61,6 +63,9 @@ def test_streamed_peak_does_not_grow_with_depth(tmp_path, tokenizer, recipe):
     models = checkpoints(tmp_path, tokenizer, recipe)
     shallow, deep = (peak(tmp_path, model, recipe, "on") for model in models)
     assert deep <= 1.10 * shallow, (shallow, deep)
+    config = build_config(recipe=recipe, scheme="w4g128", nsamples=4, seqlen=32)
+    planned = plan_run(models[1], config, stream_option="on").estimate  # what the planner said before the run
+    assert 0.75 * deep <= planned <= 1.25 * deep, (planned, deep)
     if recipe == "rtn":  # the control: the resident run holds every block (28 more x 50 MB)
         resident_shallow, resident_deep = (peak(tmp_path, model, recipe, "off") for model in models)
         assert resident_deep - resident_shallow > 1_000_000_000, (resident_shallow, resident_deep)

@@ -130,7 +130,7 @@ def test_a_streamed_result_has_no_blocks_to_save(tmp_path, tokenizer_dir):
     result = lowbit.quantize_to(tmp_path / "out", model=str(model_dir), recipe="rtn", scheme="w4g32",
                                 options={"engine": {"stream": "on"}})  # fmt: skip
     assert result.streamed and result.record["format"] == "compressed-tensors"
-    assert all(record.codes.is_meta for record in result.weights.values())
+    assert all(r.codes.is_meta and r.scale.is_meta for r in result.weights.values())  # nothing grows with depth
     with pytest.raises(LowbitError, match="streamed"):
         result.save(tmp_path / "again")
 
@@ -203,3 +203,34 @@ def test_kill_9_mid_stream_then_resume(tmp_path, tokenizer_dir):
     assert not out.exists()
     assert main(cli(model_dir, out, "signround", "--resume", *slow)) == 0
     assert export_files(out) == export_files(reference)
+
+
+def test_a_run_that_fits_nowhere_is_refused_before_loading_with_the_fix(tmp_path, tokenizer_dir, monkeypatch):
+    from lowbit.cli import main
+
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
+    monkeypatch.setattr("lowbit.engine.plan.available_memory", lambda: 300 * 2**20)  # less than the runtime itself
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr("lowbit.models.load_streamed", forbidden)
+    monkeypatch.setattr("lowbit.run.load_model", forbidden)
+    out = tmp_path / "out"
+    assert main(cli(model_dir, out, "gptq")[:-4]) == 2  # engine.stream left at auto
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no output, no work directory, no lock
+
+
+def test_auto_streams_when_the_resident_run_would_not_fit(tmp_path, tokenizer_dir, monkeypatch):
+    from lowbit.engine.plan import ModelShape, estimate
+
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
+    config = lowbit.config.build_config(recipe="rtn", scheme="w4g32")
+    shape = ModelShape.from_config(model_dir)
+    resident = estimate(shape, config, stream=False).required
+    streamed = estimate(shape, config, stream=True).required
+    assert streamed < resident
+    monkeypatch.setattr("lowbit.engine.plan.available_memory", lambda: int((resident + streamed) / 2 / 0.85))
+    result = lowbit.quantize_to(tmp_path / "out", model=str(model_dir), recipe="rtn", scheme="w4g32")
+    assert result.streamed and result.record["memory"]["plan"]["mode"] == "stream"
+    assert result.record["memory"]["measured_mib"]["peak_rss_mib"] > 0

@@ -162,6 +162,25 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from lowbit.config import build_config, opts_to_mapping
+    from lowbit.engine.plan import plan_run
+    from lowbit.export.shards import parse_max_shard_size
+    from lowbit.models import resolve_model_path
+
+    config = build_config(recipe=args.recipe, scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen,
+                          options=opts_to_mapping(args.opt))  # fmt: skip
+    source = Path(args.model) if args.model and Path(args.model).is_file() else resolve_model_path(args.model)
+    sizes = {key: None if value is None else parse_max_shard_size(value)
+             for key, value in (("available", args.memory), ("gpu_available", args.gpu_memory))}  # fmt: skip
+    plan = plan_run(source, config, stream_option=config.engine.stream, evaluate=args.eval,
+                    export_format=args.format, **sizes)  # fmt: skip
+    print(plan.describe())
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan.to_dict(), indent=2))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from lowbit.eval.report import report_from_dir
 
@@ -213,6 +232,8 @@ def _run_command(args: argparse.Namespace, quiet: bool) -> int:
             return _eval(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "plan":
+            return _plan(args)
         return _report(args)
 
 
@@ -248,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None  # stop as cleanly as Ctrl-C
     try:
-        if args.command in ("quantize", "eval", "compare", "report"):
+        if args.command in ("quantize", "eval", "compare", "report", "plan"):
             return _run_command(args, quiet)
         if args.command == "archs":
             from lowbit.support import matrix_markdown

@@ -149,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("directory", help="an export written by `lowbit quantize --out`")
     report.add_argument("--markdown", action="store_true", help="write report.md even when matplotlib is installed")
 
+    plan = commands.add_parser("plan", help="the memory plan of a run, from config.json only (nothing is loaded)")
+    plan.add_argument("model", nargs="?", default=None, help="model directory, its config.json, or a hub id")
+    plan.add_argument("--recipe", default=None, help="as for quantize (default rtn)")
+    plan.add_argument("--scheme", default=None, help="as for quantize (default w4g128)")
+    plan.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
+    plan.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 512)")
+    plan.add_argument("--opt", action="append", default=[], metavar="STAGE.NAME=VALUE", help="stage option")
+    plan.add_argument("--format", default="auto", help="export format (as for quantize)")
+    plan.add_argument("--eval", action="store_true", help="also plan the perplexity evaluation")
+    plan.add_argument("--memory", default=None, help="RAM to plan for, e.g. 64GB (default: what is available now)")
+    plan.add_argument("--gpu-memory", default=None, help="accelerator memory to plan for with engine.device=cuda")
+    plan.add_argument("--json", default=None, help="also write the plan as JSON to this file")
     commands.add_parser("recipes", help="list stages, schemes, formats and every option with its default")
     commands.add_parser("archs", help="the support matrix: model family x stage x export format")
     return parser

@@ -17,7 +17,9 @@ from lowbit.actquant import activation_record, install_activation_quant, install
 from lowbit.arch import arch_for, window_bos_id
 from lowbit.config import QuantizeConfig
 from lowbit.data import load_calibration
+from lowbit.engine.memory import peak_rss_phases
 from lowbit.engine.pipeline import run_stages
+from lowbit.engine.plan import MemoryPlan
 from lowbit.engine.precision import resolve_compile
 from lowbit.engine.streaming import BlockSink, BlockSource
 from lowbit.engine.workdir import WorkDir, model_digest, tensor_digest
@@ -66,6 +68,7 @@ def run_quantization(
     resume: bool = False,
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
+    plan: MemoryPlan | None = None,
 ) -> QuantizedModel:
     """Run a validated config on a loaded model (in place) and assemble the result with its run record; a
     streamed run passes the block `source` and the export `sink` (engine/streaming.py)."""
@@ -130,6 +133,8 @@ def run_quantization(
         "activation": activation_record(config.scheme.act_bits),
         "determinism": determinism_record(),
     }
+    if plan is not None:  # the planner's estimate next to what this process measured (quantization done)
+        record["memory"] = {"plan": plan.to_dict(), "measured_mib": peak_rss_phases()}
     if work is not None:
         record["checkpoints"] = {"work_dir": str(work.path), "resumed": resume}
     artifacts = found.artifacts

@@ -21,6 +21,8 @@ import torch
 from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_eval
+from lowbit.engine.plan import MemoryPlan, plan_run
+from lowbit.engine.shape import ModelShape
 from lowbit.engine.workdir import WorkDir, estimate_checkpoint_bytes, work_dir_for
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
@@ -29,9 +31,10 @@ from lowbit.export.atomic import output_lock
 from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
 from lowbit.export.space import check_free_space, estimate_export_bytes
 from lowbit.export.validate import check_act_format, preflight_export
-from lowbit.models import LoadedModel, load_model
+from lowbit.models import LoadedModel, load_model, resolve_model_path
 from lowbit.quantization import check_run, run_quantization, settings_fingerprint
 from lowbit.result import QuantizedModel
+from lowbit.safeload import check_model_dir
 from lowbit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
@@ -113,9 +116,10 @@ def run(
 ) -> QuantizedModel:
     """The run itself, under the caller's output lock (see the module docstring for the order)."""
     check_export_settings(config, export)
-    if streams(config, export, model):
+    plan = plan_memory(config, export, model, evaluate, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if plan is not None and plan.stream:
         check_streamable(config, export, evaluate)
-        return run_streamed(config, export, model)
+        return run_streamed(config, export, model, plan)
     work_dir = prepare_work_dir(config, export)
     loaded = (
         model
@@ -124,7 +128,7 @@ def run(
     )
     preflight(config, export, loaded.model, checkpoints=work_dir is not None)  # before any calibration or forward
     before = evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate) if evaluate else {}
-    result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume)
+    result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan)
     if evaluate:
         after = evaluate_perplexity(result.model, result.tokenizer, evaluate)
         result.record["evaluation"] = {"before": before, "after": after}
@@ -138,10 +142,36 @@ def run(
     return result
 
 
-def streams(config: QuantizeConfig, export: ExportSettings, model: str | LoadedModel | None) -> bool:
-    """Whether this run reads its blocks from the checkpoint one at a time (`engine.stream`); a model passed in
-    already loaded is resident by definition."""
-    return config.engine.stream == "on" and not isinstance(model, LoadedModel)
+def plan_memory(
+    config: QuantizeConfig,
+    export: ExportSettings,
+    model: str | LoadedModel | None,
+    evaluate: EvalSettings | None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> MemoryPlan | None:
+    """The memory plan from config.json, before any weight is read: resident or streamed (`engine.stream`; auto
+    streams when the resident run would not fit), and a refusal naming the fix when neither fits. None for a model
+    passed in already loaded (resident by definition)."""
+    if isinstance(model, LoadedModel):
+        return None
+    option = config.engine.stream
+    if option == "auto" and (evaluate is not None or export.out is None):
+        option = "off"  # a streamed run needs --out and cannot evaluate the whole model: plan resident
+    path = resolve_model_path(model)
+    check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # as load_model, first
+    try:
+        shape = ModelShape.from_config(path)
+    except (LowbitError, ValueError, TypeError, KeyError) as error:
+        if option == "on":
+            raise
+        log.info("no memory plan (%s): the model loads resident", error)
+        return None
+    plan = plan_run(shape, config, stream_option=option, evaluate=evaluate is not None, export_format=export.format)
+    log.info("memory plan: %s, estimated peak %.0f MiB (%s)", "stream" if plan.stream else "resident",
+             plan.estimate / 2**20, plan.decision)  # fmt: skip
+    return plan.check()
 
 
 def check_streamable(config: QuantizeConfig, export: ExportSettings, evaluate: EvalSettings | None) -> None:
@@ -162,7 +192,9 @@ def check_streamable(config: QuantizeConfig, export: ExportSettings, evaluate: E
         )
 
 
-def run_streamed(config: QuantizeConfig, export: ExportSettings, model: str | None) -> QuantizedModel:
+def run_streamed(
+    config: QuantizeConfig, export: ExportSettings, model: str | None, plan: MemoryPlan | None = None
+) -> QuantizedModel:
     """Read each block from the checkpoint as the loop reaches it and write it to the export as it finishes."""
     from lowbit.engine.stream_checkpoint import StreamCheckpoint
     from lowbit.engine.streaming import CheckpointBlocks
@@ -187,7 +219,7 @@ def run_streamed(config: QuantizeConfig, export: ExportSettings, model: str | No
         max_shard_bytes = parse_max_shard_size(export.max_shard_size)
         sink = StreamedExport(directory, fmt, loaded.model, max_shard_bytes=max_shard_bytes, ct_packing=ct_packing,
                               act_bits=config.scheme.act_bits, checkpoint=checkpoint)  # fmt: skip
-        result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume,
+        result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
                                   source=CheckpointBlocks(streamed), sink=sink)  # fmt: skip
         result.streamed = True
         result.record["stream"] = {"source_dtype": str(streamed.source_dtype).removeprefix("torch.")}

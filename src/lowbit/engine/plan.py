@@ -56,7 +56,6 @@ HEAP_RETENTION = 0.7
 GLIBC_MMAP_MAX = 32 * MIB
 STATIC_TERMS = ("model_fp32", "non_block_fp32", "checkpoint_pages", "records")  # allocated once, kept
 AUTO_STREAM_FRACTION = 0.85  # stream=auto streams when the resident run needs more than this share of the memory
-DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # export/shards.py DEFAULT_MAX_SHARD_SIZE
 DEFAULT_EVAL_SEQLEN = 2048  # run.EvalSettings.seqlen
 StreamOption = Literal["auto", "on", "off"]
 
@@ -162,7 +161,6 @@ def estimate(
     available: int | None = None,
     gpu_available: int | None = None,
     eval_seqlen: int = DEFAULT_EVAL_SEQLEN,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     chains_on_disk: bool | None = None,
 ) -> MemoryPlan:
     """The memory plan of `config` on a model of `shape`, resident (`stream=False`) or streamed block by block.
@@ -170,7 +168,7 @@ def estimate(
     Terms are bytes per phase on top of the runtime baseline; the resident phases follow today's engine (fp32 model,
     every block's records kept until the export), the streamed ones the design of lowbit's large-model notes
     (non-block tensors at fp32, one block read at its stored dtype and converted, records and export tensors of one
-    block, the shard writer's open shard). `chains_on_disk` (default: engine.offload == "disk" where that option
+    block, one block's export group). `chains_on_disk` (default: engine.offload == "disk" where that option
     exists) takes the activation chains out of RAM.
     """
     fmt = "compressed-tensors" if export_format == "auto" else export_format
@@ -181,7 +179,6 @@ def estimate(
     quantizes = any(stage.kind == "quantizer" for group in facts.groups for stage in group)
     record = (lambda linear: _record_bytes(linear, config)) if quantizes else (lambda linear: 0)
     export_one = max(_block_bytes(b, lambda linear: _export_bytes(linear, config, fmt)) for b in shape.blocks)
-    export_all = sum(_block_bytes(b, lambda linear: _export_bytes(linear, config, fmt)) for b in shape.blocks)
     non_block = shape.non_block_params * F32
     phases: dict[str, dict[str, int]] = {}
     if stream:
@@ -190,14 +187,14 @@ def estimate(
             "block_read": block.params * shape.dtype_bytes,
             "block_fp32": block.params * F32,
             "block_records": _block_bytes(block, record),
-            "export_open_shard": min(export_all, max_shard_bytes + export_one),
+            "export_group": export_one,  # the shard writer writes each block's group to disk at once
         }
         largest = max(shape.vocab_size * shape.hidden_size, block.params)
         phases["open"] = {"non_block_fp32": non_block, "tensor_read": largest * shape.dtype_bytes}
         if config.needs_data:
             phases["capture"] = {"non_block_fp32": non_block, "chains": 0 if chains_on_disk else 2 * facts.chain}
         phases["block_loop"] = _loop_terms(facts, block_now, chains_on_disk)
-        phases["export"] = {"non_block_fp32": non_block, "export_open_shard": block_now["export_open_shard"]}
+        phases["export"] = {"non_block_fp32": non_block, "export_group": export_one}
         if evaluate:
             facts.notes.append("streamed evaluation is assumed block by block (not implemented yet)")
             phases["evaluation"] = {"non_block_fp32": non_block, "block_fp32": block.params * F32,
@@ -205,7 +202,7 @@ def estimate(
     else:
         model = shape.params * F32
         records = sum(_block_bytes(b, record) for b in shape.blocks)
-        new_export = 0 if fmt == "fake" else min(export_all, max_shard_bytes + export_one)
+        new_export = 0 if fmt == "fake" else export_one
         phases["load"] = {"model_fp32": model, "checkpoint_pages": shape.checkpoint_bytes}
         if config.needs_data:  # engine/capture.py: block 0's inputs as a list of batches, then concatenated
             phases["capture"] = {"model_fp32": model, "chains": 0 if chains_on_disk else 2 * facts.chain}
@@ -213,7 +210,7 @@ def estimate(
         for group in facts.groups:
             if group[0].scope == "model":
                 phases[f"{group[0].name}_stage"] = {"model_fp32": model, **model_stage_state(facts, group[0])}
-        phases["export"] = {"model_fp32": model, "records": records, "export_open_shard": new_export}
+        phases["export"] = {"model_fp32": model, "records": records, "export_group": new_export}
         if evaluate:
             phases["evaluation"] = {"model_fp32": model, "records": records,
                                     "eval_activations": _eval_bytes(shape, eval_seqlen)}  # fmt: skip
@@ -277,7 +274,6 @@ def plan_run(
     gpu_available: int | None = None,
     evaluate: bool = False,
     export_format: str = "auto",
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     eval_seqlen: int = DEFAULT_EVAL_SEQLEN,
 ) -> MemoryPlan:
     """Plan a run before loading anything: resident or streamed (`auto`: stream when the resident run needs more than
@@ -295,7 +291,7 @@ def plan_run(
     if gpu_available is None and config.engine.device.startswith("cuda"):
         gpu_available = gpu_free(config.engine.device)
     kwargs = {"evaluate": evaluate, "export_format": export_format, "available": available,
-              "gpu_available": gpu_available, "max_shard_bytes": max_shard_bytes,
+              "gpu_available": gpu_available,
               "eval_seqlen": eval_seqlen}  # fmt: skip
     resident = estimate(shape, config, stream=False, **kwargs)
     if stream_option == "off":
@@ -367,10 +363,6 @@ def _host_options(shape: ModelShape, config: QuantizeConfig, stream: bool, kwarg
             found.append("engine.offload=disk (the activation chains in files)")
         if config.engine.batch_size > 1 and fits(engine_batch_size=1):
             found.append("engine.batch_size=1")
-    if kwargs["max_shard_bytes"] > 10**9 and _host_fits(
-        estimate(shape, config, stream=stream, **{**kwargs, "max_shard_bytes": 10**9})
-    ):
-        found.append("--max-shard-size 1GB (the export's open shard is held in memory)")
     return found
 
 

@@ -79,7 +79,7 @@ class MemoryPlan:
             top = ", ".join(f"{k} {gib(v)}" for k, v in sorted(terms.items(), key=lambda kv: -kv[1])[:3])
             why = next((note for note in self.notes if note.startswith("streaming cannot help")), None)
             fixes = f"it fits with: {'; or '.join(self.fixes)}" if self.fixes else (
-                "no single option makes it fit (streaming, fewer samples, a shorter seqlen, a smaller batch or shard "
+                "no single option makes it fit (streaming, fewer samples, a shorter seqlen, a smaller batch "
                 f"size){' - ' + why if why else ''}: it needs a machine with more memory"
             )  # fmt: skip
             parts.append(

@@ -74,9 +74,10 @@ class StreamCheckpoint:
         shapes, schemes = {}, {}
         for name, record in records.items():
             state = record.state_dict()
-            state.pop("codes")
-            tensors.update({f"rec.{name}.{key}": value for key, value in state.items()})
-            shapes[name], schemes[name] = list(record.codes.shape), record.scheme.to_dict()
+            tensors.update({f"rec.{name}.{key}": value for key, value in state.items() if not value.is_meta})
+            shapes[name] = {key: [list(value.shape), str(value.dtype).removeprefix("torch.")]
+                            for key, value in state.items() if value.is_meta}  # fmt: skip
+            schemes[name] = record.scheme.to_dict()
         meta = {"metrics": json.dumps(metrics, default=str), "shapes": json.dumps(shapes),
                 "schemes": json.dumps(schemes), "writer": json.dumps(writer_state)}  # fmt: skip
         atomic_save(tensors, self._block(index), meta)
@@ -90,9 +91,10 @@ class StreamCheckpoint:
         records = {}
         for name, scheme in json.loads(meta["schemes"]).items():
             state = split_prefix(tensors, f"rec.{name}.")
-            codes = torch.empty(shapes[name], dtype=torch.uint8, device="meta")
-            records[name] = QuantizedWeight(codes, state["scale"], state["zero"], QuantScheme.from_dict(scheme),
-                                            state.get("g_idx"), state.get("bias"))  # fmt: skip
+            for key, (shape, dtype) in shapes[name].items():
+                state[key] = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+            parts = (state["codes"], state["scale"], state["zero"], QuantScheme.from_dict(scheme))
+            records[name] = QuantizedWeight(*parts, state.get("g_idx"), state.get("bias"))
         writer = json.loads(meta["writer"])
         return StreamedBlock(records, split_prefix(tensors, "art."), json.loads(meta["metrics"]), writer)
 

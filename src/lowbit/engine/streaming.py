@@ -96,6 +96,11 @@ def return_freed_memory() -> None:
 
 
 def without_codes(record: QuantizedWeight) -> QuantizedWeight:
-    """`record` with its codes on the meta device: the shape, scheme, scales and zeros an export's config and
-    validation read, without the one byte per weight a streamed run must not keep."""
-    return dataclasses.replace(record, codes=torch.empty(record.codes.shape, dtype=record.codes.dtype, device="meta"))
+    """`record` with its codes, scales and zeros on the meta device: the shapes, scheme and act-order map an export's
+    config and its final validation read, without the ~1.06 bytes per weight (W4G128) a streamed run must not keep;
+    the checks that read values ran when the block finished (`export.validate.check_block_records`)."""
+    return dataclasses.replace(record, codes=_meta(record.codes), scale=_meta(record.scale), zero=_meta(record.zero))
+
+
+def _meta(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")

@@ -54,7 +54,8 @@ class StreamedExport:
 
     def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
         """Check block `index`'s records against its weights and write its export tensors."""
-        check_block_records(block, prefix, records)
+        if self.fmt != "fake":
+            check_block_records(block, prefix, records, self.fmt, self.context.dtype)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.writer.add_block(export_tensors(self.context, prefix, records, block))
         self._records = records

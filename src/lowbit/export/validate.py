@@ -313,14 +313,22 @@ def _check_records(
             return
 
 
-def check_block_records(block: nn.Module, prefix: str, records: dict[str, QuantizedWeight]) -> None:
-    """The per-record checks of `validate_export` on one finished block (a streamed run checks each block before
-    it is written and released): valid records on plain linears. Their weights equal the records by construction
-    (the block loop has just written `record.dequantize()` into them, after every stage), so that comparison, a
-    second dequantization of every weight, is left out."""
+def check_block_records(
+    block: nn.Module, prefix: str, records: dict[str, QuantizedWeight], fmt: str, dtype: torch.dtype
+) -> None:
+    """The checks of `validate_export` that read a record's tensors, on one finished block (a streamed run checks
+    each block before it is written and released; the whole export is validated on shapes and schemes at the end):
+    valid records on plain linears, and what `fmt` needs of their zeros and scales. The weights equal the records
+    by construction (the block loop has just written `record.dequantize()` into them, after every stage), so that
+    comparison, a second dequantization of every weight, is left out."""
     findings = Findings()
     _check_records(block, records, findings, prefix=f"{prefix}.", folded=False)
-    _report(findings, "the export", "any")
+    plan = ExportPlan(block, records, [], [], set(), dtype)
+    if fmt == "compressed-tensors":
+        _check_ct_scales(plan, findings)
+    elif fmt == "gptq":
+        _check_gptq(plan, findings, values=True)
+    _report(findings, fmt, "any")
 
 
 def validate_export(
@@ -340,7 +348,7 @@ def validate_export(
     """
     findings = Findings()
     _check_model(plan, findings, records=not streamed)
-    _check_plan(plan, fmt, target, tp, ct_packing, act_bits, findings, values=True)
+    _check_plan(plan, fmt, target, tp, ct_packing, act_bits, findings, values=not streamed)
     return _report(findings, fmt, target)
 
 
