@@ -24,8 +24,8 @@ PROMPT = "Quantization maps float weights to a few integer levels with a scale a
 TRANSFORMERS = """
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
-path, prompt, out = sys.argv[1:4]
-model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
+path, prompt, out, dtype = sys.argv[1:5]
+model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
                                              quantization_config=CompressedTensorsConfig(dequantize=True))
 ids = AutoTokenizer.from_pretrained(path)(prompt, return_tensors="pt").input_ids
 last = model.config.num_hidden_layers - 1
@@ -48,10 +48,10 @@ with torch.no_grad():
 """
 
 
-def run(code: str, export: Path, out: Path) -> dict:
+def run(code: str, export: Path, out: Path, dtype: str = "bfloat16") -> dict:
     started = time.perf_counter()
-    done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code, str(export), PROMPT, str(out)],
-                          capture_output=True, text=True)  # fmt: skip
+    command = ["/usr/bin/time", "-v", sys.executable, "-c", code, str(export), PROMPT, str(out), dtype]
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr[-3000:])
     peak = next(line for line in done.stderr.splitlines() if "Maximum resident set size" in line)
@@ -62,20 +62,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--export", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--dtype", default="bfloat16", help="transformers' dtype (float32 needs 4 bytes a weight)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = {"transformers_bf16": run(TRANSFORMERS, args.export, Path(tmp) / "hf.pt"),
+        rows = {f"transformers_{args.dtype}": run(TRANSFORMERS, args.export, Path(tmp) / "hf.pt", args.dtype),
                 "lowbit_packed": run(LOWBIT, args.export, Path(tmp) / "lowbit.pt")}  # fmt: skip
         hf, ours = torch.load(Path(tmp) / "hf.pt"), torch.load(Path(tmp) / "lowbit.pt")
     assert torch.equal(hf["ids"], ours["ids"]), "the two loaders tokenized the prompt differently"
     a, b = hf["logits"], ours["logits"]
     scale = b.abs().max().item()
-    weights = {  # transformers' decompressed bf16 weight vs lowbit's dequantized fp32 weight rounded to bf16
+    weights = {  # transformers' decompressed weight vs lowbit's dequantized fp32 weight in transformers' dtype
         name: bool(torch.equal(hf["weights"][name], ours["weights"][name].to(hf["weights"][name].dtype)))
         for name in hf["weights"]
     }
     comparison = {
-        "weights_equal_in_bf16": weights,
+        "weights_equal_in_transformers_dtype": weights,
         "tokens": int(a.shape[1]),
         "max_abs_diff": round((a - b).abs().max().item(), 5),
         "max_abs_logit": round(scale, 3),
@@ -84,7 +85,8 @@ def main() -> None:
         "cosine": round(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0).item(), 6),
     }
     payload = {"benchmark": "export_logits", "command": " ".join(sys.argv), "machine": machine(),
-               "export": str(args.export), "prompt": PROMPT, "loaders": rows, "comparison": comparison}  # fmt: skip
+               "export": str(args.export), "dtype": args.dtype, "prompt": PROMPT, "loaders": rows,
+               "comparison": comparison}  # fmt: skip
     write_json(args.json, payload)
     print(payload["loaders"], comparison)
 
