@@ -1,4 +1,4 @@
-"""Calibrate the memory planner (lowbit.engine.plan) against the measured peak RSS of real `lowbit quantize` runs.
+"""Calibrate the memory planner (lowbit.planner.plan) against the measured peak RSS of real `lowbit quantize` runs.
 
 Each run is a fresh `python -m lowbit quantize` subprocess on a synthetic Llama checkpoint (SmolLM2's tokenizer, so the
 vocabulary is a real one's), resident as today's engine runs; its peak RSS is the child's ru_maxrss from wait4 (the
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from lowbit.config import build_config
-from lowbit.engine.plan import MIB, RUNTIME_BASELINE, plan_run
 from lowbit.models import embedded_default_path
+from lowbit.planner.plan import MIB, RUNTIME_BASELINE, plan_run
 from lowbit.synthetic import write_synthetic_checkpoint
 
 MODELS = {

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from lowbit.config import build_config
-from lowbit.engine.plan import available_memory, plan_run
+from lowbit.planner.plan import available_memory, plan_run
 
 LLAMA_2_7B = {
     "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,

@@ -15,7 +15,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from lowbit import synthetic
 from lowbit.config import build_config
-from lowbit.engine.plan import (
+from lowbit.errors import LowbitError
+from lowbit.export import compressed_tensors as ct
+from lowbit.planner.plan import (
     GIB,
     MIB,
     RUNTIME_BASELINE,
@@ -28,9 +30,7 @@ from lowbit.engine.plan import (
     peak_rss_phases,
     plan_run,
 )
-from lowbit.engine.shape import LinearShape, ModelShape
-from lowbit.errors import LowbitError
-from lowbit.export import compressed_tensors as ct
+from lowbit.planner.shape import LinearShape, ModelShape
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import parse_scheme
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lowbit.config import build_config
-from lowbit.engine.plan import plan_run
+from lowbit.planner.plan import plan_run
 from lowbit.synthetic import write_synthetic_checkpoint
 
 # RTN: 12.6 M parameters a block, 50 MB at the fp32 compute precision, so 28 more resident blocks are ~1.4 GB;

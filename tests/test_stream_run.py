@@ -209,7 +209,7 @@ def test_a_run_that_fits_nowhere_is_refused_before_loading_with_the_fix(tmp_path
     from lowbit.cli import main
 
     model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
-    monkeypatch.setattr("lowbit.engine.plan.available_memory", lambda: 300 * 2**20)  # less than the runtime itself
+    monkeypatch.setattr("lowbit.planner.plan.available_memory", lambda: 300 * 2**20)  # less than the runtime itself
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
@@ -222,7 +222,7 @@ def test_a_run_that_fits_nowhere_is_refused_before_loading_with_the_fix(tmp_path
 
 
 def test_auto_streams_when_the_resident_run_would_not_fit(tmp_path, tokenizer_dir, monkeypatch):
-    from lowbit.engine.plan import ModelShape, estimate
+    from lowbit.planner.plan import ModelShape, estimate
 
     model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
     config = lowbit.config.build_config(recipe="rtn", scheme="w4g32")
@@ -230,7 +230,7 @@ def test_auto_streams_when_the_resident_run_would_not_fit(tmp_path, tokenizer_di
     resident = estimate(shape, config, stream=False).required
     streamed = estimate(shape, config, stream=True).required
     assert streamed < resident
-    monkeypatch.setattr("lowbit.engine.plan.available_memory", lambda: int((resident + streamed) / 2 / 0.85))
+    monkeypatch.setattr("lowbit.planner.plan.available_memory", lambda: int((resident + streamed) / 2 / 0.85))
     result = lowbit.quantize_to(tmp_path / "out", model=str(model_dir), recipe="rtn", scheme="w4g32")
     assert result.streamed and result.record["memory"]["plan"]["mode"] == "stream"
     assert result.record["memory"]["measured_mib"]["peak_rss_mib"] > 0

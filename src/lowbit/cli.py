@@ -164,9 +164,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from lowbit.config import build_config, opts_to_mapping
-    from lowbit.engine.plan import plan_run
     from lowbit.export.shards import parse_max_shard_size
     from lowbit.models import resolve_model_path
+    from lowbit.planner.plan import plan_run
 
     config = build_config(recipe=args.recipe, scheme=args.scheme, nsamples=args.nsamples, seqlen=args.seqlen,
                           options=opts_to_mapping(args.opt))  # fmt: skip

@@ -19,13 +19,13 @@ from lowbit.config import QuantizeConfig
 from lowbit.data import load_calibration
 from lowbit.engine.memory import peak_rss_phases
 from lowbit.engine.pipeline import run_stages
-from lowbit.engine.plan import MemoryPlan
 from lowbit.engine.precision import resolve_compile
 from lowbit.engine.streaming import BlockSink, BlockSource
 from lowbit.engine.workdir import WorkDir, model_digest, tensor_digest
 from lowbit.errors import LowbitError
 from lowbit.formats.files import ARTIFACTS_FILE
 from lowbit.models import LoadedModel
+from lowbit.planner.plan import MemoryPlan
 from lowbit.record import determinism_record, package_versions, peak_rss_mb
 from lowbit.result import QuantizedModel
 

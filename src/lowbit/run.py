@@ -21,8 +21,6 @@ import torch
 from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_eval
-from lowbit.engine.plan import MemoryPlan, plan_run
-from lowbit.engine.shape import ModelShape
 from lowbit.engine.workdir import WorkDir, estimate_checkpoint_bytes, work_dir_for
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
@@ -32,6 +30,8 @@ from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
 from lowbit.export.space import check_free_space, estimate_export_bytes
 from lowbit.export.validate import check_act_format, preflight_export
 from lowbit.models import LoadedModel, load_model, resolve_model_path
+from lowbit.planner.plan import MemoryPlan, plan_run
+from lowbit.planner.shape import ModelShape
 from lowbit.quantization import check_run, run_quantization, settings_fingerprint
 from lowbit.result import QuantizedModel
 from lowbit.safeload import check_model_dir

@@ -1,4 +1,4 @@
-"""A model's shape from its config.json alone: what the memory planner (engine/plan.py) sizes a run from.
+"""A model's shape from its config.json alone: what the memory planner (planner/plan.py) sizes a run from.
 
 Why: the planner must refuse a run that cannot fit before a single weight is read, so every size it needs (parameters
 per block, per linear, outside the blocks) comes from the config, never from the model. The counts follow the

@@ -1,5 +1,5 @@
 """What each stage holds while it processes one block, and the activation chains the block loop keeps: the sizes the
-memory planner (engine/plan.py) adds up, in bytes, read from the code of each stage (named below).
+memory planner (planner/plan.py) adds up, in bytes, read from the code of each stage (named below).
 
 Why a table per stage: a stage's memory is decided by its implementation (GPTQ's Hessians and recorded calls,
 SignRound's V and snapshot, AWQ's cached features), not by a formula a user could guess; each function here says
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lowbit.engine.shape import BlockShape, LinearShape, ModelShape
+from lowbit.planner.shape import BlockShape, LinearShape, ModelShape
 from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 
 F32 = 4

@@ -1,4 +1,4 @@
-"""The memory planner's answer (engine/plan.py builds it): named terms per phase, the decision, whether it fits,
+"""The memory planner's answer (planner/plan.py builds it): named terms per phase, the decision, whether it fits,
 the one-line refusal, the run-record dict and the human table of `lowbit plan`.
 """
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lowbit.engine.shape import ModelShape
 from lowbit.errors import LowbitError
+from lowbit.planner.shape import ModelShape
 
 MIB = 2**20
 GIB = 2**30

@@ -4,7 +4,7 @@ size, before anything loads; resident or streamed; a refusal that names the fixe
 Why: a run that runs out of memory after an hour of calibration (or gets OOM-killed without a word) is the worst
 failure a quantizer can have on a large model. The estimate is a sum of named terms in bytes, per phase of the run
 (load, capture, block loop, model-scope stages, export, evaluation); the peak is the largest phase plus the runtime
-baseline. The stage terms live in engine/plan_stages.py, the shapes in engine/shape.py. Calibrated against measured
+baseline. The stage terms live in planner/stages.py, the shapes in planner/shape.py. Calibrated against measured
 peak RSS of real runs (benchmarks/plan_calibrate.py, results in benchmarks/results/plan_calibration.json).
 """
 
@@ -14,14 +14,15 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from lowbit.config import QuantizeConfig
 from lowbit.engine.memory import MemoryPhases, available_memory, cgroup_available, gpu_free, peak_rss_phases
-from lowbit.engine.plan_result import GIB, MIB, MemoryPlan, gib
-from lowbit.engine.plan_stages import (
+from lowbit.errors import LowbitError
+from lowbit.planner.result import GIB, MIB, MemoryPlan, gib
+from lowbit.planner.shape import BlockShape, LinearShape, ModelShape
+from lowbit.planner.stages import (
     F32,
     RunFacts,
     chain_plan,
@@ -29,8 +30,9 @@ from lowbit.engine.plan_stages import (
     replay_activations,
     stage_state,
 )
-from lowbit.engine.shape import BlockShape, LinearShape, ModelShape
-from lowbit.errors import LowbitError
+
+if TYPE_CHECKING:
+    from lowbit.config import QuantizeConfig
 
 log = logging.getLogger(__name__)
 
