@@ -4,6 +4,7 @@ same bytes as a resident run, for every block-scope recipe, family and format; w
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,22 @@ def test_auto_streams_when_the_resident_run_would_not_fit(tmp_path, tokenizer_di
     result = lowbit.quantize_to(tmp_path / "out", model=str(model_dir), recipe="rtn", scheme="w4g32")
     assert result.streamed and result.record["memory"]["plan"]["mode"] == "stream"
     assert result.record["memory"]["measured_mib"]["peak_rss_mib"] > 0
+
+
+def test_lowbit_plan_prints_the_plan_without_loading(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    from lowbit.cli import main
+
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("lowbit plan loaded the model")
+
+    monkeypatch.setattr("lowbit.models.load_model", forbidden)
+    monkeypatch.setattr("lowbit.models.load_streamed", forbidden)
+    plan_json = tmp_path / "plan.json"
+    assert main(["plan", str(model_dir), "--recipe", "gptq", "--memory", "64GB", "--json", str(plan_json)]) == 0
+    out = capsys.readouterr().out
+    assert "block_loop" in out and "fits" in out
+    assert json.loads(plan_json.read_text())["available_mib"] == pytest.approx(64e9 / 2**20, rel=1e-3)
+    assert main(["plan", str(model_dir), "--recipe", "gptq", "--memory", "100MB"]) == 0
+    assert "does not fit" in capsys.readouterr().out
