@@ -26,7 +26,8 @@ import torch
 
 from lowbit.config import build_config
 from lowbit.models import embedded_default_path
-from lowbit.planner.plan import MIB, RUNTIME_BASELINE, plan_run
+from lowbit.planner.estimate import RUNTIME_BASELINE
+from lowbit.planner.plan import MIB, plan_run
 from lowbit.synthetic import write_synthetic_checkpoint
 
 MODELS = {

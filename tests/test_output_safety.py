@@ -20,8 +20,8 @@ from lowbit.cli import main
 from lowbit.errors import LowbitError
 from lowbit.export import prepare_packed
 from lowbit.export.atomic import atomic_output_dir, output_lock
+from lowbit.export.preflight import preflight_export
 from lowbit.export.space import estimate_export_bytes
-from lowbit.export.validate import preflight_export
 from lowbit.models import load_model
 from lowbit.scheme import parse_scheme
 

@@ -17,13 +17,11 @@ from lowbit import synthetic
 from lowbit.config import build_config
 from lowbit.errors import LowbitError
 from lowbit.export import compressed_tensors as ct
+from lowbit.planner.estimate import RUNTIME_BASELINE, _export_bytes, _record_bytes
 from lowbit.planner.plan import (
     GIB,
     MIB,
-    RUNTIME_BASELINE,
     MemoryPhases,
-    _export_bytes,
-    _record_bytes,
     available_memory,
     cgroup_available,
     estimate,

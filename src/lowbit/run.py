@@ -26,9 +26,10 @@ from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.export import AUTO_FORMAT, FORMATS, TARGETS, check_output_dir
 from lowbit.export.atomic import output_lock
+from lowbit.export.preflight import preflight_export
 from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
 from lowbit.export.space import check_free_space, estimate_export_bytes
-from lowbit.export.validate import check_act_format, preflight_export
+from lowbit.export.validate import check_act_format
 from lowbit.models import LoadedModel, load_model, resolve_model_path
 from lowbit.planner.plan import MemoryPlan, plan_run
 from lowbit.planner.shape import ModelShape
