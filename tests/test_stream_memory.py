@@ -1,9 +1,16 @@
 """Peak memory of a streamed run does not grow with depth (measured in a fresh process: VmHWM); a resident run of
-the same checkpoints does, which shows the measurement can tell the two apart."""
+the same checkpoints does, which shows the measurement can tell the two apart.
+
+The depth comparison pins glibc's mmap threshold in the measured process (`MALLOC_MMAP_THRESHOLD_`): with glibc's
+default, block-sized temporaries come from a heap whose fragmentation moves a run's peak by +-50 MB from run to run
+(measured on the deep RTN checkpoint: 661-760 MB default, 551-554 MB pinned), and more blocks are more draws of that
+noise, which once failed CI at 1.125x with nothing held across blocks. The planner is compared with the default
+allocator, which is what a user runs."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,10 +56,12 @@ def checkpoints(tmp_path: Path, tokenizer, recipe: str) -> list[Path]:
     ]
 
 
-def peak(tmp_path: Path, model: Path, recipe: str, stream: str) -> int:
-    out = tmp_path / f"{model.name}-{recipe}-{stream}"
+def peak(tmp_path: Path, model: Path, recipe: str, stream: str, pinned: bool = True) -> int:
+    """VmHWM of one run in a fresh process; `pinned`: large allocations bypass the heap (see the module docstring)."""
+    out = tmp_path / f"{model.name}-{recipe}-{stream}-{'pinned' if pinned else 'default'}"
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)} if pinned else None
     done = subprocess.run([sys.executable, "-c", RUN, recipe, stream, str(out), str(model)], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+                          text=True, timeout=600, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])["VmHWM"]
 
@@ -65,7 +74,8 @@ def test_streamed_peak_does_not_grow_with_depth(tmp_path, tokenizer, recipe):
     assert deep <= 1.10 * shallow, (shallow, deep)
     config = build_config(recipe=recipe, scheme="w4g128", nsamples=4, seqlen=32)
     planned = plan_run(models[1], config, stream_option="on").estimate  # what the planner said before the run
-    assert 0.75 * deep <= planned <= 1.25 * deep, (planned, deep)
+    measured = peak(tmp_path, models[1], recipe, "on", pinned=False)
+    assert 0.75 * measured <= planned <= 1.25 * measured, (planned, measured)
     if recipe == "rtn":  # the control: the resident run holds every block (28 more x 50 MB)
         resident_shallow, resident_deep = (peak(tmp_path, model, recipe, "off") for model in models)
         assert resident_deep - resident_shallow > 1_000_000_000, (resident_shallow, resident_deep)
