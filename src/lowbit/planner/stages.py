@@ -18,7 +18,7 @@ from lowbit.planner.shape import BlockShape, LinearShape, ModelShape
 from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 
 F32 = 4
-SOLVE_COPIES = 5  # gptq/solve.py: H's clone, Hd, L, Hinv and U live together at the end of _inverse_factor
+SOLVE_COPIES = 2  # gptq/solve.py: the stage hands its H over (consume_h); two of Hd, L, Hinv, U live at once
 SOLVE_WEIGHT_COPIES = 5  # gptq/solve.py: W0, its clone in _column_loop, codes (fp32), Q and one transient
 RTN_WEIGHT_COPIES = 4  # quantizer.py: the fp32 weight, its grouped view padded, codes and the dequantized weight
 # signround/tune.py, per weight in fp32: weight clone, V, its grad, grouped W, QDQ out, rz, codes, the leaf and its
@@ -129,8 +129,8 @@ def _rtn(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, int]]:
 
 def gptq_solve(facts: RunFacts, subset: list[LinearShape]) -> tuple[int, int]:
     """(accumulated Hessians + the solve's workspace, the Hessians alone) of one true-sequential subset: one k x k
-    fp32 H per linear of the subset (HessianAccumulator), all alive when the first is solved; the solve copies H
-    and factors it on CPU (solve.py)."""
+    fp32 H per linear of the subset (HessianAccumulator), all alive when the first is solved; the solve factors the H
+    it is handed on CPU (solve.py)."""
     hessians = sum(linear.count * linear.in_features**2 * F32 for linear in subset)
     k = max(linear.in_features for linear in subset)
     weights = max(_weights_bytes(linear, SOLVE_WEIGHT_COPIES) for linear in subset)

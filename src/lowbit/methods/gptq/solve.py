@@ -101,11 +101,16 @@ def _inverse_factor(H: Tensor, percdamp: float) -> Tensor | None:
     damp = percdamp * torch.mean(torch.diag(H))
     Hd = H.clone()
     Hd.diagonal().add_(damp)
+    # each k x k intermediate is dropped as soon as the next exists: at most two live beside H (a 7B down_proj's
+    # is 485 MB, and this solve is a streamed GPTQ run's peak)
     L, info = torch.linalg.cholesky_ex(Hd)
+    del Hd
     if int(info) != 0:
         return None
     Hinv = torch.cholesky_inverse(L)
+    del L
     U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    del Hinv
     if int(info) != 0 or not bool(torch.isfinite(U).all()):
         return None
     return U
@@ -184,8 +189,10 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     mse: bool = False,
+    consume_h: bool = False,
 ) -> GPTQResult:
-    """Quantize one linear weight [m, k] with its Hessian [k, k] (§3-§6); `weight` and `H` are not modified.
+    """Quantize one linear weight [m, k] with its Hessian [k, k] (§3-§6); `weight` is not modified, and `H` is not
+    either unless `consume_h` (a caller done with a fp32 CPU H saves its k x k copy; H's values are then undefined).
 
     Robust by construction: when Cholesky fails or the result is not finite, the damping grows by 0.01 up to
     1.0 and the layer falls back to RTN after that; every retry is logged and returned, never silent.
@@ -196,7 +203,9 @@ def gptq_quantize(
         raise LowbitError(f"GPTQ block_size must be >= 1 and percdamp >= 0 (got {block_size}, {percdamp})")
     m, k = weight.shape
     W0 = weight.detach().to("cpu", torch.float32).clone()
-    H = H.detach().to("cpu", torch.float32).clone()
+    H = H.detach().to("cpu", torch.float32)
+    if not consume_h:
+        H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W0[:, dead] = 0

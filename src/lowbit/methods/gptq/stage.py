@@ -148,6 +148,7 @@ class GPTQ(BlockStage):
                     act_order=opts.act_order,
                     static_groups=opts.static_groups,
                     mse=opts.mse,
+                    consume_h=True,  # popped above: nothing reads this Hessian again
                 )
                 for note in result.notes:
                     log.warning("GPTQ %s.%s: %s", ctx.name, name, note)
