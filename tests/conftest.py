@@ -88,6 +88,14 @@ def save_model_dir(path: Path, model: torch.nn.Module, tokenizer: PreTrainedToke
 
 
 @pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, tokenizer) -> Path:
+    """The conftest tokenizer saved to a directory (synthetic checkpoints copy it in)."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny Llama checkpoint directory with tokenizer (read-only for tests: copy before modifying)."""
     return save_model_dir(tmp_path_factory.mktemp("tiny-llama"), make_llama(), tokenizer)

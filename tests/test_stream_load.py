@@ -44,13 +44,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def write(path: Path, family: str = "llama", dtype=torch.bfloat16, tie: bool = False, **extra) -> Path:
     overrides = {
         "qwen3_moe": {"num_experts": 4},

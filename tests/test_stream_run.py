@@ -13,7 +13,7 @@ import torch
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.formats.files import RECORD_FILE
-from lowbit.run import EvalSettings, ExportSettings
+from lowbit.run import ExportSettings
 from lowbit.synthetic import write_synthetic_checkpoint
 
 VOCAB = 320  # the conftest tokenizer's
@@ -25,13 +25,6 @@ FAST = {
     "teq": {"steps": 4, "loss": "mse"},
 }
 DATA = {"dataset": "builtin", "nsamples": 4, "seqlen": 32}
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tokenizer")
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def checkpoint(path: Path, tokenizer_dir: Path, family: str = "llama", dtype=torch.bfloat16, tie=False, **kw) -> Path:
@@ -120,9 +113,6 @@ def test_what_a_streamed_run_cannot_do_is_refused_before_loading(tmp_path, token
         lowbit.quantize_to(None, model=str(model_dir), recipe="rtn", options=stream)
     with pytest.raises(LowbitError, match="whole model"):
         lowbit.quantize_to(tmp_path / "a", model=str(model_dir), recipe="awq+invarexplore+rtn", options=stream)
-    with pytest.raises(LowbitError, match="lowbit eval"):
-        lowbit.quantize_to(tmp_path / "b", model=str(model_dir), recipe="rtn", options=stream,
-                           evaluate=EvalSettings("builtin"))  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 

@@ -106,7 +106,7 @@ def load_model(
     """
     path = resolve_model_path(model, cache_dir=cache_dir)
     check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    tokenizer = _load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code)
     logger.info("loading model from %s (%s)", path, dtype)
     use_safetensors = bool(safetensors_files(path))
     hf_model = _load_causal_lm(path, dtype, use_safetensors=use_safetensors, trust_remote_code=trust_remote_code)
@@ -123,7 +123,7 @@ def load_streamed(model: str | None, *, cache_dir: Path | None = None) -> tuple[
 
     path = resolve_model_path(model, cache_dir=cache_dir)
     check_model_dir(path, allow_pickle=False, trust_remote_code=False)
-    tokenizer = _load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     streamed = StreamedModel(path)
     return LoadedModel(model=streamed.model, tokenizer=tokenizer, name=model or DEFAULT_MODEL_ID, path=path), streamed
 
@@ -183,7 +183,7 @@ def _resolve_hub_id(model: str) -> Path:
     return _checked_model_dir(local)
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:

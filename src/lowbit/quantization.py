@@ -20,7 +20,7 @@ from lowbit.data import load_calibration
 from lowbit.engine.memory import peak_rss_phases
 from lowbit.engine.pipeline import run_stages
 from lowbit.engine.precision import resolve_compile
-from lowbit.engine.streaming import BlockSink, BlockSource
+from lowbit.engine.streaming import BlockObserver, BlockSink, BlockSource
 from lowbit.engine.workdir import WorkDir, model_digest, tensor_digest
 from lowbit.errors import LowbitError
 from lowbit.formats.files import ARTIFACTS_FILE
@@ -69,6 +69,7 @@ def run_quantization(
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
     plan: MemoryPlan | None = None,
+    observer: BlockObserver | None = None,
 ) -> QuantizedModel:
     """Run a validated config on a loaded model (in place) and assemble the result with its run record; a
     streamed run passes the block `source` and the export `sink` (engine/streaming.py)."""
@@ -101,7 +102,7 @@ def run_quantization(
     try:
         groups = work if source is None else None  # a streamed run checkpoints through its sink
         found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed,
-                           groups, source=source, sink=sink)  # fmt: skip
+                           groups, source=source, sink=sink, observer=observer)  # fmt: skip
     except BaseException:
         if work is not None and not work.holds_progress():
             work.remove()  # nothing to resume: leave no trace

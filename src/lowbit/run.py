@@ -21,9 +21,12 @@ import torch
 from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import load_eval
+from lowbit.engine.streaming import BlockSource
 from lowbit.engine.workdir import WorkDir, estimate_checkpoint_bytes, work_dir_for
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
+from lowbit.eval.perplexity import cut_windows, window_count
+from lowbit.eval.streamed import EvalText, StreamedEvaluation
 from lowbit.export import AUTO_FORMAT, FORMATS, TARGETS, check_output_dir
 from lowbit.export.atomic import output_lock
 from lowbit.export.preflight import preflight_export
@@ -120,7 +123,7 @@ def run(
     plan = plan_memory(config, export, model, evaluate, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if plan is not None and plan.stream:
         check_streamable(config, export, evaluate)
-        return run_streamed(config, export, model, plan)
+        return run_streamed(config, export, model, plan, evaluate)
     work_dir = prepare_work_dir(config, export)
     loaded = (
         model
@@ -158,8 +161,8 @@ def plan_memory(
     if isinstance(model, LoadedModel):
         return None
     option = config.engine.stream
-    if option == "auto" and (evaluate is not None or export.out is None):
-        option = "off"  # a streamed run needs --out and cannot evaluate the whole model: plan resident
+    if option == "auto" and export.out is None:
+        option = "off"  # a streamed run writes its export as it goes: without --out, plan resident
     path = resolve_model_path(model)
     check_model_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)  # as load_model, first
     try:
@@ -169,7 +172,10 @@ def plan_memory(
             raise
         log.info("no memory plan (%s): the model loads resident", error)
         return None
-    plan = plan_run(shape, config, stream_option=option, evaluate=evaluate is not None, export_format=export.format)
+    eval_plan = {} if evaluate is None else {"eval_seqlen": evaluate.seqlen, "eval_windows": count_eval_windows(
+        path, evaluate, trust_remote_code=trust_remote_code)}  # fmt: skip
+    plan = plan_run(shape, config, stream_option=option, evaluate=evaluate is not None, export_format=export.format,
+                    **eval_plan)  # fmt: skip
     log.info("memory plan: %s, estimated peak %.0f MiB (%s)", "stream" if plan.stream else "resident",
              plan.estimate / 2**20, plan.decision)  # fmt: skip
     return plan.check()
@@ -186,17 +192,17 @@ def check_streamable(config: QuantizeConfig, export: ExportSettings, evaluate: E
             f"{', '.join(whole)} needs the whole model's loss, which a streamed run never holds: use a block-scope "
             "recipe (--opt teq.loss=mse for TEQ), or --opt engine.stream=off on a machine that holds the model"
         )
-    if evaluate is not None:
-        raise LowbitError(
-            "--eval needs the whole model in memory, which a streamed run never holds: evaluate the export "
-            "afterwards with `lowbit eval DIR` (packed weights stay packed), or --opt engine.stream=off"
-        )
 
 
 def run_streamed(
-    config: QuantizeConfig, export: ExportSettings, model: str | None, plan: MemoryPlan | None = None
+    config: QuantizeConfig,
+    export: ExportSettings,
+    model: str | None,
+    plan: MemoryPlan | None = None,
+    evaluate: EvalSettings | None = None,
 ) -> QuantizedModel:
-    """Read each block from the checkpoint as the loop reaches it and write it to the export as it finishes."""
+    """Read each block from the checkpoint as the loop reaches it and write it to the export as it finishes;
+    `evaluate` runs the evaluation windows through each block as read and as finished (eval/streamed.py)."""
     from lowbit.engine.stream_checkpoint import StreamCheckpoint
     from lowbit.engine.streaming import CheckpointBlocks
     from lowbit.export.atomic import atomic_output_dir, resumable_output_dir
@@ -220,8 +226,12 @@ def run_streamed(
         max_shard_bytes = parse_max_shard_size(export.max_shard_size)
         sink = StreamedExport(directory, fmt, loaded.model, max_shard_bytes=max_shard_bytes, ct_packing=ct_packing,
                               act_bits=config.scheme.act_bits, checkpoint=checkpoint)  # fmt: skip
+        source = CheckpointBlocks(streamed)
+        evaluation = streamed_evaluation(loaded, config, evaluate, source) if evaluate else None
         result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
-                                  source=CheckpointBlocks(streamed), sink=sink)  # fmt: skip
+                                  source=source, sink=sink, observer=evaluation)  # fmt: skip
+        if evaluation is not None:
+            result.record["evaluation"] = evaluation.results()
         result.streamed = True
         result.record["stream"] = {"source_dtype": str(streamed.source_dtype).removeprefix("torch.")}
         result.finish_streamed(sink, export.out, target=export.target, tp=export.tp, ct_packing=ct_packing)
@@ -308,3 +318,34 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, settings: EvalSe
                             progress=settings.progress)  # fmt: skip
         results[data.meta.get("name", name)] = {**result.to_dict(), "data": data.meta}
     return results
+
+
+def streamed_evaluation(
+    loaded: LoadedModel, config: QuantizeConfig, settings: EvalSettings, source: BlockSource
+) -> StreamedEvaluation:
+    """The evaluation of a streamed run: each of `settings.datasets` cut into windows as `perplexity()` cuts them."""
+    texts = []
+    for name in [part.strip() for part in settings.datasets.split(",") if part.strip()]:
+        data = load_eval(loaded.tokenizer, name)
+        windows = cut_windows(loaded.model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
+                              bos=None)  # fmt: skip
+        texts.append(EvalText(data.meta.get("name", name), windows, data.meta))
+    return StreamedEvaluation(loaded.model, arch_for(loaded.model), texts, device=torch.device(config.engine.device),
+                              source=source)  # fmt: skip
+
+
+def count_eval_windows(path: Path, settings: EvalSettings, *, trust_remote_code: bool = False) -> int | None:
+    """At most how many windows the evaluation cuts (every dataset together), from the tokenizer alone: the memory
+    planner counts a streamed evaluation's chains by it. None where the text cannot be read yet."""
+    from lowbit.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        counts = []
+        for name in [part.strip() for part in settings.datasets.split(",") if part.strip()]:
+            tokens = load_eval(tokenizer, name).input_ids.numel()
+            counts.append(window_count(tokens, settings.seqlen - 1, settings.windows))  # BOS-first windows: L - 1
+    except LowbitError as error:
+        log.info("evaluation windows not counted before loading (%s)", error)
+        return None
+    return sum(counts)

@@ -20,7 +20,7 @@ from lowbit.engine.moe import routing_metrics
 from lowbit.engine.precision import replay_autocast as resolve_replay
 from lowbit.engine.precision import resolve_compile
 from lowbit.engine.stage import BlockStage
-from lowbit.engine.streaming import BlockSink, BlockSource, without_codes
+from lowbit.engine.streaming import BlockObserver, BlockSink, BlockSource, without_codes
 from lowbit.engine.workdir import GroupCheckpoint
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
@@ -140,12 +140,14 @@ def run_block_stages(
     checkpoint: GroupCheckpoint | None = None,
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
+    observer: BlockObserver | None = None,
 ) -> GroupResult:
     """Run block-scope stages over every decoder block, in place on `model`.
 
     With a `source` (a streamed model) each block is read when the loop reaches it and released after; with a
     `sink` each finished block is handed over before that, and the result keeps only its records' metadata
-    (codes on the meta device), so memory does not grow with depth.
+    (codes on the meta device), so memory does not grow with depth. An `observer` (a streamed run's evaluation)
+    sees each block as read and with its final weights, and its chains are checkpointed with the loop's.
 
     Returns the quantized records (full module name -> record; empty when no stage is a quantizer) and the
     per-block metrics for the run record. With `quantized_input`, block i+1 sees the quantized block i's output
@@ -181,12 +183,16 @@ def run_block_stages(
             chains = sink.chains(first - 1)
             q_in = chains["q"]
             fp_in = chains.get("fp", q_in)
+    if observer is not None:
+        observer.begin()
     if first and checkpoint:
         log.info(
             "resuming: blocks 0-%d are reloaded from %s (their input chain is replayed)", first - 1, checkpoint.path
         )
     elif first:
         log.info("resuming a streamed run after block %d (its export and chains are kept)", first - 1)
+        if observer is not None:
+            observer.restore(sink.chains(first - 1))
     bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not options.progress)
     for index in bar:
         start = time.perf_counter()
@@ -213,6 +219,8 @@ def run_block_stages(
         if first == len(blocks):  # everything finished before: no forward needed
             _restore_block(checkpoint, ctx, result)
             continue
+        if observer is not None:  # on the model's own attention kernel, as a resident evaluation runs
+            observer.float_block(index, ctx.block)
         # every forward of this block (targets, stages, chain) on the chosen attention kernel
         with block_attention(ctx.block, arch.attention, attention) as chunked:
             if float_chain:
@@ -251,6 +259,9 @@ def run_block_stages(
                     q_in = fp_in
         if index < first:
             continue
+        if observer is not None:
+            with ctx.act_quant():
+                observer.final_block(index, ctx.block)
         ctx.metrics["seconds"] = round(time.perf_counter() - start, 3)
         result.metrics.append({"block": index, **ctx.metrics})
         if sink is not None:
@@ -258,6 +269,8 @@ def run_block_stages(
             chains = {"q": q_in} if q_in is not None else {}
             if float_chain and fp_in is not None and fp_in is not q_in:
                 chains["fp"] = fp_in
+            if observer is not None:
+                chains.update(observer.chains())
             sink.block_done(index, chains, fresh, result.metrics[-1])
         if checkpoint:
             fresh = {k: t for k, t in _all_artifacts(stages).items() if k not in known}

@@ -12,7 +12,7 @@ from torch import nn
 from lowbit.arch import ArchSpec
 from lowbit.engine.block_loop import EngineOptions, run_block_stages
 from lowbit.engine.stage import BlockStage, ModelContext, ModelStage, Stage
-from lowbit.engine.streaming import BlockSink, BlockSource
+from lowbit.engine.streaming import BlockObserver, BlockSink, BlockSource
 from lowbit.engine.workdir import WorkDir
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
@@ -58,6 +58,7 @@ def run_stages(
     work: WorkDir | None = None,
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
+    observer: BlockObserver | None = None,
 ) -> PipelineResult:
     """Apply every stage to `model` in place. With `work`, finished groups and blocks are checkpointed and an
     interrupted run resumes after them. A streamed run (`source`, `sink`: engine/streaming.py) is one group of
@@ -81,7 +82,17 @@ def run_stages(
         stage = group[0]
         if stage.scope == "block":
             found = run_block_stages(
-                model, arch, group, scheme, calibration, options, seed, checkpoint, source=source, sink=sink
+                model,
+                arch,
+                group,
+                scheme,
+                calibration,
+                options,
+                seed,
+                checkpoint,
+                source=source,
+                sink=sink,
+                observer=observer,
             )
             records.update(found.records)
             result.checkpoint_seconds += found.checkpoint_seconds

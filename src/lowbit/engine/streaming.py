@@ -55,6 +55,26 @@ class BlockSink(Protocol):
         """The chains saved after finished block `index`: "q" (quantized), "fp" (float) when used."""
 
 
+class BlockObserver(Protocol):
+    """Follows the block loop without changing it (a streamed run's evaluation): sees every block as read and
+    with its final weights, and keeps chains of its own that are checkpointed with the loop's."""
+
+    def begin(self) -> None:
+        """Before the first block, on the prepared model (MoE experts split): capture what the blocks are fed."""
+
+    def float_block(self, index: int, block: nn.Module) -> None:
+        """Block `index` as read, before any stage."""
+
+    def final_block(self, index: int, block: nn.Module) -> None:
+        """Block `index` with its final weights (under the scheme's activation quantizers)."""
+
+    def chains(self) -> dict[str, torch.Tensor]:
+        """The observer's chains after the last block it saw."""
+
+    def restore(self, chains: dict[str, torch.Tensor]) -> None:
+        """Continue from `chains` saved by an interrupted run (a superset of `chains()`'s keys)."""
+
+
 class CheckpointBlocks:
     """A `BlockSource` over a streamed checkpoint."""
 

@@ -35,22 +35,21 @@ def window_count(n_tokens: int, seqlen: int, max_windows: int | None) -> int:
     return count if max_windows is None else min(count, max_windows)
 
 
-@torch.inference_mode()
-def perplexity(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    *,
-    seqlen: int = 2048,
-    max_windows: int | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    bos: bool | None = None,
-) -> PerplexityResult:
-    """Cut the token stream into non-overlapping windows, no KV cache, mean CE of the L-1 predictions each.
+@dataclass(frozen=True)
+class Windows:
+    """The evaluation windows of a token stream: `ids` [count, seqlen], each BOS-first where the family needs it."""
 
-    For a family that needs a leading BOS (`bos=None` asks the model's ArchSpec, True/False force it), each window
-    is the model's BOS + the next seqlen - 1 stream tokens (a leading BOS of the stream is dropped), still L - 1
-    predictions per window."""
+    ids: torch.Tensor
+    tokens_available: int
+    bos_first: bool
+
+
+def cut_windows(
+    model: nn.Module, input_ids: torch.Tensor, *, seqlen: int, max_windows: int | None, bos: bool | None
+) -> Windows:
+    """Non-overlapping windows of `seqlen` tokens. For a family that needs a leading BOS (`bos=None` asks the
+    model's ArchSpec, True/False force it), each window is the model's BOS + the next seqlen - 1 stream tokens (a
+    leading BOS of the stream is dropped), still L - 1 predictions per window."""
     if seqlen < 2:
         raise LowbitError(f"perplexity window length must be at least 2, got {seqlen}")
     bos_id = window_bos_id(model) if bos is None else (model.config.bos_token_id if bos else None)
@@ -66,19 +65,47 @@ def perplexity(
             f"evaluation text has {stream.numel()} tokens, fewer than one window of {seqlen}; "
             "use a longer dataset or a smaller --eval-seqlen"
         )
-    nlls = []
-    for index in tqdm(range(count), desc="perplexity", unit="window", disable=not progress):
-        window = stream[index * step : (index + 1) * step]
-        if bos_id is not None:
-            window = torch.cat([window.new_tensor([bos_id]), window])
-        window = window.unsqueeze(0).to(device)
-        logits = model(input_ids=window, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="mean").item()
-        if not math.isfinite(nll):
-            raise LowbitError(
-                f"the model's outputs contain NaN/Inf (window {index}); the checkpoint is broken or overflowed in "
-                "half precision: evaluate in float32"
-            )
-        nlls.append(nll)
+    ids = stream[: count * step].reshape(count, step)
+    if bos_id is not None:
+        ids = torch.cat([ids.new_full((count, 1), bos_id), ids], dim=1)
+    return Windows(ids, stream.numel(), bos_id is not None)
+
+
+def window_nll(logits: torch.Tensor, window: torch.Tensor, index: int) -> float:
+    """Mean next-token NLL of one window [1, L] given its logits [1, L, vocab]; NaN/Inf is a clear error."""
+    nll = F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="mean").item()
+    if not math.isfinite(nll):
+        raise LowbitError(
+            f"the model's outputs contain NaN/Inf (window {index}); the checkpoint is broken or overflowed in "
+            "half precision: evaluate in float32"
+        )
+    return nll
+
+
+def summarize(nlls: list[float], windows: Windows) -> PerplexityResult:
     mean_nll = sum(nlls) / len(nlls)
-    return PerplexityResult(math.exp(mean_nll), mean_nll, count, seqlen, stream.numel(), bos_id is not None)
+    seqlen = windows.ids.shape[1]
+    return PerplexityResult(math.exp(mean_nll), mean_nll, len(nlls), seqlen, windows.tokens_available,
+                            windows.bos_first)  # fmt: skip
+
+
+@torch.inference_mode()
+def perplexity(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    bos: bool | None = None,
+) -> PerplexityResult:
+    """Cut the token stream into non-overlapping windows (`cut_windows`), no KV cache, mean CE of the L-1
+    predictions each."""
+    windows = cut_windows(model, input_ids, seqlen=seqlen, max_windows=max_windows, bos=bos)
+    nlls = []
+    for index in tqdm(range(windows.ids.shape[0]), desc="perplexity", unit="window", disable=not progress):
+        window = windows.ids[index : index + 1].to(device)
+        logits = model(input_ids=window, use_cache=False).logits
+        nlls.append(window_nll(logits, window, index))
+    return summarize(nlls, windows)

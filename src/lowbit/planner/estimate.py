@@ -159,6 +159,7 @@ def estimate(
     available: int | None = None,
     gpu_available: int | None = None,
     eval_seqlen: int = DEFAULT_EVAL_SEQLEN,
+    eval_windows: int | None = None,
     chains_on_disk: bool | None = None,
 ) -> MemoryPlan:
     """The memory plan of `config` on a model of `shape`, resident (`stream=False`) or streamed block by block.
@@ -166,8 +167,9 @@ def estimate(
     Terms are bytes per phase on top of the runtime baseline; the resident phases follow today's engine (fp32 model,
     every block's records kept until the export), the streamed ones the design of lowbit's large-model notes
     (non-block tensors at fp32, one block read at its stored dtype and converted, records and export tensors of one
-    block, one block's export group). `chains_on_disk` (default: engine.offload == "disk" where that option
-    exists) takes the activation chains out of RAM.
+    block, one block's export group; with `evaluate`, the evaluation's own chains of `eval_windows` windows over all
+    its texts, which a streamed run carries through the block loop). `chains_on_disk` (default: engine.offload ==
+    "disk" where that option exists) takes the activation chains out of RAM.
     """
     fmt = "compressed-tensors" if export_format == "auto" else export_format
     if chains_on_disk is None:
@@ -193,9 +195,12 @@ def estimate(
             phases["capture"] = {"non_block_fp32": non_block, "chains": 0 if chains_on_disk else 2 * facts.chain}
         phases["block_loop"] = _loop_terms(facts, block_now, chains_on_disk)
         phases["export"] = {"non_block_fp32": non_block, "export_group": export_one}
-        if evaluate:
-            facts.notes.append("streamed evaluation is assumed block by block (not implemented yet)")
-            phases["evaluation"] = {"non_block_fp32": non_block, "block_fp32": block.params * F32,
+        if evaluate:  # eval/streamed.py: before and after chains, plus one block's new output
+            if eval_windows is None:
+                facts.notes.append("the evaluation's window count is unknown: its chains are not counted")
+            eval_chain = (eval_windows or 0) * eval_seqlen * shape.hidden_size * F32
+            phases["block_loop"]["eval_chains"] = 3 * eval_chain
+            phases["evaluation"] = {"non_block_fp32": non_block, "eval_chains": 2 * eval_chain,
                                     "eval_activations": _eval_bytes(shape, eval_seqlen)}  # fmt: skip
     else:
         model = shape.params * F32

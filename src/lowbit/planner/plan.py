@@ -35,6 +35,7 @@ def plan_run(
     evaluate: bool = False,
     export_format: str = "auto",
     eval_seqlen: int = DEFAULT_EVAL_SEQLEN,
+    eval_windows: int | None = None,
 ) -> MemoryPlan:
     """Plan a run before loading anything: resident or streamed (`auto`: stream when the resident run needs more than
     AUTO_STREAM_FRACTION of the available memory), whether it fits, and the fixes when it does not.
@@ -52,7 +53,7 @@ def plan_run(
         gpu_available = gpu_free(config.engine.device)
     kwargs = {"evaluate": evaluate, "export_format": export_format, "available": available,
               "gpu_available": gpu_available,
-              "eval_seqlen": eval_seqlen}  # fmt: skip
+              "eval_seqlen": eval_seqlen, "eval_windows": eval_windows}  # fmt: skip
     resident = estimate(shape, config, stream=False, **kwargs)
     if stream_option == "off":
         plan, decision = resident, "stream=off"

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lowbit.arch import ArchSpec
 from lowbit.engine import call_block, capture_block_inputs
 from lowbit.engine.context import move_to
+from lowbit.engine.head import final_head
 from lowbit.errors import LowbitError
 
 CLAMP = 100.0
@@ -61,31 +62,6 @@ class Objective:
         if self.elements and self.mse0 > 0:
             value += self.alpha * self.mse(score) / self.mse0
         return value
-
-
-def final_head(model: nn.Module, arch: ArchSpec) -> nn.Module:
-    """Everything between the last block's output and the logits: final norm (and OPT's project_out), lm_head."""
-    if arch.family == "opt":
-        decoder = model.get_submodule("model.decoder")
-        parts = [m for m in (decoder.final_layer_norm, decoder.project_out) if m is not None]
-    else:
-        parts = [model.get_submodule(arch.final_norm)]
-    parts.append(model.get_output_embeddings())
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2: logits = cap * tanh(logits / cap)
-        parts.append(SoftCap(float(cap)))
-    return nn.Sequential(*parts)
-
-
-class SoftCap(nn.Module):
-    """cap * tanh(x / cap), the logit soft-capping of Gemma 2, as the model's own head applies it."""
-
-    def __init__(self, cap: float) -> None:
-        super().__init__()
-        self.cap = cap
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.tanh(x / self.cap) * self.cap
 
 
 def ffn_output(arch: ArchSpec, block: nn.Module, x: Tensor) -> Tensor:

@@ -1,0 +1,119 @@
+"""Perplexity of a model that is never whole in memory: the evaluation windows ride along the streamed block loop.
+
+Each window's hidden states pass through every block twice: through the float block as it is read ("before") and
+through the final quantized block ("after"), each time with the kwargs the model's own forward gives that block,
+one window at a time as `perplexity()` runs them; the model's head then gives each window's NLL. So a streamed
+`--eval` reports the numbers a resident `--eval` reports, without a second read of the model (the GPTQ reference
+evaluates layer by layer the same way). The chains are saved beside the calibration chains after every block, so
+a resumed run continues them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowbit.arch import ArchSpec
+from lowbit.engine.capture import capture_block_inputs
+from lowbit.engine.context import call_block, move_to
+from lowbit.engine.head import final_head
+from lowbit.engine.streaming import BlockSource
+from lowbit.errors import LowbitError
+from lowbit.eval.perplexity import PerplexityResult, Windows, summarize, window_nll
+
+log = logging.getLogger(__name__)
+
+BEFORE, AFTER = "eval_fp", "eval_q"  # chain name prefixes, as saved beside the calibration chains
+
+
+@dataclass(frozen=True)
+class EvalText:
+    """One evaluation text: its name in the run record, its windows and the data's own description."""
+
+    name: str
+    windows: Windows
+    meta: dict[str, Any]
+
+
+class StreamedEvaluation:
+    """The before/after perplexity chains of a streamed run, advanced by the block loop (`engine.streaming.
+    BlockObserver`): `float_block` with each block as read, `final_block` with its final weights."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchSpec,
+        texts: list[EvalText],
+        *,
+        device: torch.device,
+        source: BlockSource,
+    ) -> None:
+        self.model, self.arch, self.texts, self.device, self.source = model, arch, texts, device, source
+        self.kwargs: dict[str, list[dict[str, Any]]] = {}
+        self.hidden: dict[str, torch.Tensor] = {}
+
+    def begin(self) -> None:
+        """Block 0's input and every block's kwargs for each text's windows (the blocks stay unread)."""
+        for text in self.texts:
+            captured = capture_block_inputs(self.model, self.arch, text.windows.ids, batch_size=1, device=self.device,
+                                            source=self.source)  # fmt: skip
+            self.kwargs[text.name] = captured.per_block
+            self.hidden[f"{BEFORE}:{text.name}"] = captured.hidden  # before and after start from the same input
+            self.hidden[f"{AFTER}:{text.name}"] = captured.hidden
+
+    def chain_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in self.hidden.values()}.values())
+
+    def chains(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs: every chain as the last finished block left it."""
+        return dict(self.hidden)
+
+    def restore(self, chains: dict[str, torch.Tensor]) -> None:
+        """Continue from the chains a finished block saved; a run started without --eval has none."""
+        missing = sorted(set(self.hidden) - set(chains))
+        if missing:
+            raise LowbitError(
+                "the interrupted run was started with other --eval settings, so its evaluation chains are missing: "
+                "resume with the same --eval options, or start over without --resume"
+            )
+        self.hidden = {name: chains[name] for name in self.hidden}
+
+    @torch.no_grad()
+    def float_block(self, index: int, block: nn.Module) -> None:
+        self._advance(BEFORE, index, block)
+
+    @torch.no_grad()
+    def final_block(self, index: int, block: nn.Module) -> None:
+        self._advance(AFTER, index, block)
+
+    def _advance(self, prefix: str, index: int, block: nn.Module) -> None:
+        for text in self.texts:
+            name = f"{prefix}:{text.name}"
+            hidden = self.hidden[name]
+            kwargs = {key: move_to(value, self.device) for key, value in self.kwargs[text.name][index].items()}
+            out = torch.empty_like(hidden)
+            for row in range(hidden.shape[0]):  # one window at a time, as perplexity() runs the whole model
+                out[row : row + 1] = call_block(block, hidden[row : row + 1].to(self.device), kwargs).to("cpu")
+            self.hidden[name] = out
+
+    @torch.no_grad()
+    def results(self) -> dict[str, dict[str, dict]]:
+        """{"before": {text: result}, "after": {...}} as a resident run's `record["evaluation"]` holds them."""
+        head = final_head(self.model, self.arch)
+        report: dict[str, dict[str, dict]] = {"before": {}, "after": {}}
+        for key, prefix in (("before", BEFORE), ("after", AFTER)):
+            for text in self.texts:
+                result = self._perplexity(head, self.hidden[f"{prefix}:{text.name}"], text.windows)
+                report[key][text.name] = {**result.to_dict(), "data": text.meta}
+        return report
+
+    def _perplexity(self, head: nn.Module, hidden: torch.Tensor, windows: Windows) -> PerplexityResult:
+        nlls = []
+        for row in range(hidden.shape[0]):
+            logits = head(hidden[row : row + 1].to(self.device))
+            nlls.append(window_nll(logits, windows.ids[row : row + 1].to(self.device), row))
+        return summarize(nlls, windows)

@@ -1,0 +1,85 @@
+"""A streamed run's --eval (the windows ride along the block loop, eval/streamed.py) reports what a resident run's
+--eval reports, and a resumed streamed run continues its evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import lowbit
+from lowbit.run import EvalSettings, ExportSettings
+from test_stream_run import DATA, FAST, checkpoint
+
+EVAL = EvalSettings("builtin", seqlen=24, windows=5, progress=False)
+
+
+def evaluation(model_dir: Path, out: Path, stream: str, recipe: str, scheme: str, **kw) -> dict:
+    options = {"engine": {"stream": stream, "progress": False}, **{k: v for k, v in FAST.items() if k in recipe}}
+    result = lowbit.quantize_to(out, model=str(model_dir), recipe=recipe, scheme=scheme, options=options, seed=1,
+                                export=ExportSettings(**kw), evaluate=EVAL, **DATA)  # fmt: skip
+    assert result.streamed == (stream == "on")
+    return result.record["evaluation"]
+
+
+def ppl(report: dict) -> dict:
+    return {when: {name: r["ppl"] for name, r in texts.items()} for when, texts in report.items()}
+
+
+@pytest.mark.parametrize(
+    "family, recipe, scheme",
+    [("llama", "rtn", "w4g32"), ("llama", "gptq", "w4g32"), ("gemma3", "rtn", "w4g32"), ("opt", "awq+rtn", "w4g32"),
+     ("llama", "omniquant", "w4a8g32"), ("qwen3_moe", "rtn", "w4g32")],
+)  # fmt: skip
+def test_streamed_eval_reports_what_the_resident_eval_reports(tmp_path, tokenizer_dir, family, recipe, scheme):
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir, family=family)
+    resident = evaluation(model_dir, tmp_path / "resident", "off", recipe, scheme)
+    streamed = evaluation(model_dir, tmp_path / "streamed", "on", recipe, scheme)
+    assert streamed.keys() == resident.keys() == {"before", "after"}
+    for when in ("before", "after"):
+        for name, expected in resident[when].items():
+            got = streamed[when][name]
+            assert got["windows"] == expected["windows"] == 5 and got["seqlen"] == 24
+            assert got["ppl"] == expected["ppl"], (when, name, got["ppl"], expected["ppl"])
+    assert ppl(streamed)["after"] != ppl(streamed)["before"]  # the quantized model is evaluated, not the float one
+
+
+@pytest.mark.parametrize("recipe", ["rtn", "gptq"])
+def test_a_resumed_streamed_run_continues_its_evaluation(tmp_path, tokenizer_dir, monkeypatch, recipe):
+    from lowbit.engine.stream_checkpoint import StreamCheckpoint
+
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
+    reference = evaluation(model_dir, tmp_path / "reference", "on", recipe, "w4g32", checkpoint=False)
+    original = StreamCheckpoint.save
+
+    def save(self, index, *args, **kwargs):
+        original(self, index, *args, **kwargs)
+        if index == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamCheckpoint, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation(model_dir, tmp_path / "out", "on", recipe, "w4g32")
+    monkeypatch.undo()
+    assert evaluation(model_dir, tmp_path / "out", "on", recipe, "w4g32", resume=True) == reference
+
+
+def test_resuming_with_other_eval_settings_is_refused(tmp_path, tokenizer_dir, monkeypatch):
+    from lowbit.engine.stream_checkpoint import StreamCheckpoint
+    from lowbit.errors import LowbitError
+
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
+    original = StreamCheckpoint.save
+
+    def save(self, index, *args, **kwargs):
+        original(self, index, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamCheckpoint, "save", save)
+    options = {"engine": {"stream": "on", "progress": False}}
+    with pytest.raises(KeyboardInterrupt):  # started without --eval
+        lowbit.quantize_to(tmp_path / "out", model=str(model_dir), recipe="rtn", scheme="w4g32", options=options,
+                           seed=1, **DATA)  # fmt: skip
+    monkeypatch.undo()
+    with pytest.raises(LowbitError, match="same --eval"):
+        evaluation(model_dir, tmp_path / "out", "on", "rtn", "w4g32", resume=True)
