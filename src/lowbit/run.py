@@ -129,7 +129,8 @@ def run(
     )
     preflight(config, export, loaded.model, checkpoints=work_dir is not None)  # before any calibration or forward
     before = evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate) if evaluate else {}
-    result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan)
+    result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
+                              offload_dir=offload_dir(export))  # fmt: skip
     if evaluate:
         after = evaluate_perplexity(result.model, result.tokenizer, evaluate)
         result.record["evaluation"] = {"before": before, "after": after}
@@ -153,8 +154,8 @@ def plan_memory(
     trust_remote_code: bool = False,
 ) -> MemoryPlan | None:
     """The memory plan from config.json, before any weight is read: resident or streamed (`engine.stream`; auto
-    streams when the resident run would not fit), and a refusal naming the fix when neither fits. None for a model
-    passed in already loaded (resident by definition)."""
+    streams when the resident run would not fit), the chains in RAM or on disk (`engine.offload`), and a refusal
+    naming the fix when neither fits. None for a model passed in already loaded (resident by definition)."""
     if isinstance(model, LoadedModel):
         return None
     option = config.engine.stream
@@ -170,8 +171,9 @@ def plan_memory(
         log.info("no memory plan (%s): the model loads resident", error)
         return None
     plan = plan_run(shape, config, stream_option=option, evaluate=evaluate is not None, export_format=export.format)
-    log.info("memory plan: %s, estimated peak %.0f MiB (%s)", "stream" if plan.stream else "resident",
-             plan.estimate / 2**20, plan.decision)  # fmt: skip
+    log.info("memory plan: %s%s, estimated peak %.0f MiB (%s)", "stream" if plan.stream else "resident",
+             ", chains on disk" if plan.settings["chains_on_disk"] else "", plan.estimate / 2**20,
+             plan.decision)  # fmt: skip
     return plan.check()
 
 
@@ -221,7 +223,8 @@ def run_streamed(
         sink = StreamedExport(directory, fmt, loaded.model, max_shard_bytes=max_shard_bytes, ct_packing=ct_packing,
                               act_bits=config.scheme.act_bits, checkpoint=checkpoint)  # fmt: skip
         result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
-                                  source=CheckpointBlocks(streamed), sink=sink)  # fmt: skip
+                                  source=CheckpointBlocks(streamed), sink=sink,
+                                  offload_dir=offload_dir(export))  # fmt: skip
         result.streamed = True
         result.record["stream"] = {"source_dtype": str(streamed.source_dtype).removeprefix("torch.")}
         result.finish_streamed(sink, export.out, target=export.target, tp=export.tp, ct_packing=ct_packing)
@@ -281,6 +284,15 @@ def prepare_work_dir(config: QuantizeConfig, export: ExportSettings) -> Path | N
         shutil.rmtree(work)
     WorkDir.check(work, settings_fingerprint(config), resume=export.resume)
     return work
+
+
+def offload_dir(export: ExportSettings) -> Path | None:
+    """Where chains offloaded to disk go without a work directory: next to --out (the disk the user chose for the
+    run's files), else the system's temp directory (None)."""
+    if export.out is None:
+        return None
+    parent = Path(export.out).expanduser().parent
+    return parent if parent.is_dir() else None
 
 
 def preflight(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Module, *, checkpoints: bool) -> None:
