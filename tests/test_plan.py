@@ -170,7 +170,8 @@ def test_decision_flips_with_available_memory():
 
 
 def test_refusal_names_estimate_available_and_fixes():
-    config = build_config(recipe="gptq", nsamples=256, seqlen=2048)
+    ram = {"engine": {"offload": "ram"}}  # engine.offload=auto would put the chains on disk and fit
+    config = build_config(recipe="gptq", nsamples=256, seqlen=2048, options=ram)
     shape = ModelShape.from_config(_llama(16, hidden=2048))
     streamed = estimate(shape, config, stream=True)
     available = int(streamed.required * 0.7)
@@ -184,8 +185,8 @@ def test_refusal_names_estimate_available_and_fixes():
         plan.check()
     # the suggested sample count really fits
     suggested = int(message.split("--nsamples ")[1].split(";")[0].split()[0])
-    fixed = plan_run(shape, build_config(recipe="gptq", nsamples=suggested, seqlen=2048), stream_option="on",
-                     available=available)  # fmt: skip
+    fixed = plan_run(shape, build_config(recipe="gptq", nsamples=suggested, seqlen=2048, options=ram),
+                     stream_option="on", available=available)  # fmt: skip
     assert fixed.fits
 
 

@@ -14,8 +14,9 @@ from test_stream_run import DATA, FAST, checkpoint
 EVAL = EvalSettings("builtin", seqlen=24, windows=5, progress=False)
 
 
-def evaluation(model_dir: Path, out: Path, stream: str, recipe: str, scheme: str, **kw) -> dict:
-    options = {"engine": {"stream": stream, "progress": False}, **{k: v for k, v in FAST.items() if k in recipe}}
+def evaluation(model_dir: Path, out: Path, stream: str, recipe: str, scheme: str, offload="ram", **kw) -> dict:
+    engine = {"stream": stream, "progress": False, "offload": offload}
+    options = {"engine": engine, **{k: v for k, v in FAST.items() if k in recipe}}
     result = lowbit.quantize_to(out, model=str(model_dir), recipe=recipe, scheme=scheme, options=options, seed=1,
                                 export=ExportSettings(**kw), evaluate=EVAL, **DATA)  # fmt: skip
     assert result.streamed == (stream == "on")
@@ -44,8 +45,8 @@ def test_streamed_eval_reports_what_the_resident_eval_reports(tmp_path, tokenize
     assert ppl(streamed)["after"] != ppl(streamed)["before"]  # the quantized model is evaluated, not the float one
 
 
-@pytest.mark.parametrize("recipe", ["rtn", "gptq"])
-def test_a_resumed_streamed_run_continues_its_evaluation(tmp_path, tokenizer_dir, monkeypatch, recipe):
+@pytest.mark.parametrize("recipe, offload", [("rtn", "ram"), ("gptq", "ram"), ("gptq", "disk")])
+def test_a_resumed_streamed_run_continues_its_evaluation(tmp_path, tokenizer_dir, monkeypatch, recipe, offload):
     from lowbit.engine.stream_checkpoint import StreamCheckpoint
 
     model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
@@ -59,9 +60,9 @@ def test_a_resumed_streamed_run_continues_its_evaluation(tmp_path, tokenizer_dir
 
     monkeypatch.setattr(StreamCheckpoint, "save", save)
     with pytest.raises(KeyboardInterrupt):
-        evaluation(model_dir, tmp_path / "out", "on", recipe, "w4g32")
+        evaluation(model_dir, tmp_path / "out", "on", recipe, "w4g32", offload)
     monkeypatch.undo()
-    assert evaluation(model_dir, tmp_path / "out", "on", recipe, "w4g32", resume=True) == reference
+    assert evaluation(model_dir, tmp_path / "out", "on", recipe, "w4g32", offload, resume=True) == reference
 
 
 def test_resuming_with_other_eval_settings_is_refused(tmp_path, tokenizer_dir, monkeypatch):

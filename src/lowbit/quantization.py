@@ -18,6 +18,7 @@ from lowbit.arch import arch_for, window_bos_id
 from lowbit.config import QuantizeConfig
 from lowbit.data import load_calibration
 from lowbit.engine.memory import peak_rss_phases
+from lowbit.engine.offload import ChainStore, Offload, remove_stale_chains
 from lowbit.engine.pipeline import run_stages
 from lowbit.engine.precision import resolve_compile
 from lowbit.engine.streaming import BlockObserver, BlockSink, BlockSource
@@ -46,7 +47,16 @@ def settings_fingerprint(config: QuantizeConfig) -> dict[str, Any]:
     settings = config.to_dict()
     settings["options"]["engine"].pop("progress", None)  # display only
     settings["options"]["engine"].pop("stream", None)  # a streamed run writes the same bytes as a resident one
+    settings["options"]["engine"].pop("offload", None)  # chains on disk hold the same bits as in RAM
     return settings
+
+
+def resolve_offload(option: str, plan: MemoryPlan | None) -> Offload:
+    """Where this run keeps its activation chains: the option, or with `auto` what the memory plan chose (RAM
+    without a plan: a model passed in already loaded)."""
+    if option in ("ram", "disk"):
+        return option
+    return "disk" if plan is not None and plan.settings.get("chains_on_disk") else "ram"
 
 
 def run_fingerprint(loaded: LoadedModel, config: QuantizeConfig, calibration: torch.Tensor | None) -> dict[str, Any]:
@@ -70,9 +80,12 @@ def run_quantization(
     sink: BlockSink | None = None,
     plan: MemoryPlan | None = None,
     observer: BlockObserver | None = None,
+    offload_dir: str | Path | None = None,
 ) -> QuantizedModel:
     """Run a validated config on a loaded model (in place) and assemble the result with its run record; a
-    streamed run passes the block `source` and the export `sink` (engine/streaming.py)."""
+    streamed run passes the block `source` and the export `sink` (engine/streaming.py). Chains offloaded to disk
+    (`engine.offload`) go to a private directory in the work directory, else in `offload_dir`, else in the system's
+    temp directory, removed when the stages end (also on error)."""
     started = time.perf_counter()
     arch = arch_for(loaded.model)
     check_run(config, loaded.model)
@@ -98,11 +111,15 @@ def run_quantization(
     work = None
     if work_dir is not None:
         work = WorkDir.open(work_dir, run_fingerprint(loaded, config, calibration), resume=resume)
+    offload = resolve_offload(config.engine.offload, plan) if config.needs_data else "ram"
+    if work is not None:
+        remove_stale_chains(work.path)
     tuned = time.perf_counter()
     try:
         groups = work if source is None else None  # a streamed run checkpoints through its sink
-        found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed,
-                           groups, source=source, sink=sink, observer=observer)  # fmt: skip
+        with ChainStore(offload, work.path if work is not None else offload_dir) as chains:
+            found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed,
+                               groups, source=source, sink=sink, chains=chains, observer=observer)  # fmt: skip
     except BaseException:
         if work is not None and not work.holds_progress():
             work.remove()  # nothing to resume: leave no trace
@@ -134,6 +151,8 @@ def run_quantization(
         "activation": activation_record(config.scheme.act_bits),
         "determinism": determinism_record(),
     }
+    if config.needs_data:
+        record["chains"] = {"offload": offload, "option": config.engine.offload}
     if plan is not None:  # the planner's estimate next to what this process measured (quantization done)
         record["memory"] = {"plan": plan.to_dict(), "measured_mib": peak_rss_phases()}
     if work is not None:

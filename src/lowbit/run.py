@@ -132,7 +132,8 @@ def run(
     )
     preflight(config, export, loaded.model, checkpoints=work_dir is not None)  # before any calibration or forward
     before = evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate) if evaluate else {}
-    result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan)
+    result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
+                              offload_dir=offload_dir(export))  # fmt: skip
     if evaluate:
         after = evaluate_perplexity(result.model, result.tokenizer, evaluate)
         result.record["evaluation"] = {"before": before, "after": after}
@@ -156,8 +157,8 @@ def plan_memory(
     trust_remote_code: bool = False,
 ) -> MemoryPlan | None:
     """The memory plan from config.json, before any weight is read: resident or streamed (`engine.stream`; auto
-    streams when the resident run would not fit), and a refusal naming the fix when neither fits. None for a model
-    passed in already loaded (resident by definition)."""
+    streams when the resident run would not fit), the chains in RAM or on disk (`engine.offload`), and a refusal
+    naming the fix when neither fits. None for a model passed in already loaded (resident by definition)."""
     if isinstance(model, LoadedModel):
         return None
     option = config.engine.stream
@@ -176,8 +177,9 @@ def plan_memory(
         path, evaluate, trust_remote_code=trust_remote_code)}  # fmt: skip
     plan = plan_run(shape, config, stream_option=option, evaluate=evaluate is not None, export_format=export.format,
                     **eval_plan)  # fmt: skip
-    log.info("memory plan: %s, estimated peak %.0f MiB (%s)", "stream" if plan.stream else "resident",
-             plan.estimate / 2**20, plan.decision)  # fmt: skip
+    log.info("memory plan: %s%s, estimated peak %.0f MiB (%s)", "stream" if plan.stream else "resident",
+             ", chains on disk" if plan.settings["chains_on_disk"] else "", plan.estimate / 2**20,
+             plan.decision)  # fmt: skip
     return plan.check()
 
 
@@ -229,7 +231,8 @@ def run_streamed(
         source = CheckpointBlocks(streamed)
         evaluation = streamed_evaluation(loaded, config, evaluate, source) if evaluate else None
         result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
-                                  source=source, sink=sink, observer=evaluation)  # fmt: skip
+                                  source=source, sink=sink, observer=evaluation,
+                                  offload_dir=offload_dir(export))  # fmt: skip
         if evaluation is not None:
             result.record["evaluation"] = evaluation.results()
         result.streamed = True
@@ -291,6 +294,15 @@ def prepare_work_dir(config: QuantizeConfig, export: ExportSettings) -> Path | N
         shutil.rmtree(work)
     WorkDir.check(work, settings_fingerprint(config), resume=export.resume)
     return work
+
+
+def offload_dir(export: ExportSettings) -> Path | None:
+    """Where chains offloaded to disk go without a work directory: next to --out (the disk the user chose for the
+    run's files), else the system's temp directory (None)."""
+    if export.out is None:
+        return None
+    parent = Path(export.out).expanduser().parent
+    return parent if parent.is_dir() else None
 
 
 def preflight(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Module, *, checkpoints: bool) -> None:

@@ -17,6 +17,7 @@ from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.causal_attention import block_attention, resolve_attention
 from lowbit.engine.context import BlockContext
 from lowbit.engine.moe import routing_metrics
+from lowbit.engine.offload import ChainStore
 from lowbit.engine.precision import replay_autocast as resolve_replay
 from lowbit.engine.precision import resolve_compile
 from lowbit.engine.stage import BlockStage
@@ -60,6 +61,14 @@ class EngineOptions:
             "help": "read each block from the checkpoint when the loop reaches it and write it to the export as it "
             "finishes, so memory does not grow with depth (needs --out; block-scope stages only); auto = on when "
             "the memory planner says the model does not fit in memory"
+        },
+    )
+    offload: Literal["auto", "ram", "disk"] = field(
+        default="auto",
+        metadata={
+            "help": "where the activation chains (float input, quantized input, float targets) live: ram, or disk "
+            "(raw fp32 files in the work directory, read and written a batch at a time, so memory does not grow "
+            "with nsamples x seqlen); auto = disk when the memory planner says the chains do not fit in memory"
         },
     )
     replay: Literal["auto", "fp32"] = field(
@@ -141,6 +150,7 @@ def run_block_stages(
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
     observer: BlockObserver | None = None,
+    chains: ChainStore | None = None,
 ) -> GroupResult:
     """Run block-scope stages over every decoder block, in place on `model`.
 
@@ -152,8 +162,13 @@ def run_block_stages(
     Returns the quantized records (full module name -> record; empty when no stage is a quantizer) and the
     per-block metrics for the run record. With `quantized_input`, block i+1 sees the quantized block i's output
     on its own (quantized-chain) input; otherwise it sees the float chain. With a `checkpoint`, every finished
-    block is saved and an interrupted run continues after its last finished block.
+    block is saved and an interrupted run continues after its last finished block. The chains are made by `chains`
+    (default: in RAM, or in a temp directory removed at the end with `engine.offload=disk`).
     """
+    if chains is None:
+        with ChainStore("disk" if options.offload == "disk" else "ram") as owned:
+            return run_block_stages(model, arch, stages, scheme, calibration, options, seed, checkpoint, source, sink,
+                                    owned)  # fmt: skip
     device = torch.device(options.device)
     quantized_input = _chain_choice(stages, options.quantized_input)
     has_quantizer = any(stage.kind == "quantizer" for stage in stages)
@@ -169,30 +184,33 @@ def run_block_stages(
     first = len(checkpoint.finished_blocks()) if checkpoint else sink.done if sink else 0
     fp_in = q_in = None
     per_block: list[dict[str, Any]] = [{} for _ in blocks]
+    resumed_stream = sink is not None and first > 0 and (needs_data or observer is not None)
+    saved = sink.chains(first - 1, chains) if resumed_stream else {}  # the chains the last finished block left
     if needs_data and first < len(blocks):
         if calibration is None:
             raise LowbitError(
                 "this recipe needs calibration data; pass --dataset (or 'builtin' for the offline default)"
             )
         captured = capture_block_inputs(
-            model, arch, calibration, batch_size=options.batch_size, device=device, source=source
+            model, arch, calibration, batch_size=options.batch_size, device=device, source=source, chains=chains
         )
         fp_in = q_in = captured.hidden
         per_block = captured.per_block  # each block replays with its own layer's kwargs (sliding/global, rotary)
-        if sink is not None and first:  # a resumed streamed run: the chains as the last finished block left them
-            chains = sink.chains(first - 1)
-            q_in = chains["q"]
-            fp_in = chains.get("fp", q_in)
+        del captured  # the chain is released as soon as the loop moves past it
+        if saved:  # a resumed streamed run
+            q_in = saved["q"]
+            fp_in = saved.get("fp", q_in)
     if observer is not None:
         observer.begin()
+        if resumed_stream:
+            observer.restore(saved)
+    del saved
     if first and checkpoint:
         log.info(
             "resuming: blocks 0-%d are reloaded from %s (their input chain is replayed)", first - 1, checkpoint.path
         )
     elif first:
         log.info("resuming a streamed run after block %d (its export and chains are kept)", first - 1)
-        if observer is not None:
-            observer.restore(sink.chains(first - 1))
     bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not options.progress)
     for index in bar:
         start = time.perf_counter()
@@ -215,6 +233,7 @@ def run_block_stages(
             fp_inputs=fp_in if float_chain else None,
             autocast=replay_autocast,
             compile=compiled,
+            chains=chains,
         )
         if first == len(blocks):  # everything finished before: no forward needed
             _restore_block(checkpoint, ctx, result)
@@ -266,12 +285,13 @@ def run_block_stages(
         result.metrics.append({"block": index, **ctx.metrics})
         if sink is not None:
             fresh = {k: t for k, t in _all_artifacts(stages).items() if k not in known}
-            chains = {"q": q_in} if q_in is not None else {}
+            next_inputs = {"q": q_in} if q_in is not None else {}
             if float_chain and fp_in is not None and fp_in is not q_in:
-                chains["fp"] = fp_in
+                next_inputs["fp"] = fp_in
             if observer is not None:
-                chains.update(observer.chains())
-            sink.block_done(index, chains, fresh, result.metrics[-1])
+                next_inputs.update(observer.chains())
+            sink.block_done(index, next_inputs, fresh, result.metrics[-1])
+            del next_inputs
         if checkpoint:
             fresh = {k: t for k, t in _all_artifacts(stages).items() if k not in known}
             relative = {key.removeprefix(f"{ctx.name}."): record for key, record in block_records.items()}

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lowbit.engine.offload import Chain
 from lowbit.engine.precision import Forward, autocast
 from lowbit.errors import LowbitError
 
@@ -148,9 +149,9 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 def train_epochs(
     trainable: Trainable,
     forward: Forward,
-    inputs: Tensor,
-    targets: Tensor,
-    aug_targets: Tensor | None,
+    inputs: Chain,
+    targets: Chain,
+    aug_targets: Chain | None,
     settings: EpochSettings,
     *,
     device: torch.device,

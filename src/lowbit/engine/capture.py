@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.arch import ArchSpec
+from lowbit.engine.offload import Chain, ChainStore
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
@@ -29,13 +30,14 @@ class _StopForward(Exception):
 
 @dataclass
 class BlockInputs:
-    """Inputs of block 0: hidden states [n, L, h] on CPU, and the kwargs each block is called with.
+    """Inputs of block 0: hidden states [n, L, h] on CPU (a chain: engine/offload.py), and the kwargs each block is
+    called with.
 
     The kwargs are captured from a batch of one sample and broadcast over any batch size, so replay can batch
     freely. `per_block[i]` is block i's kwargs; equal values are the same objects across blocks.
     """
 
-    hidden: torch.Tensor
+    hidden: Chain
     per_block: list[dict[str, Any]]
 
     @property
@@ -99,15 +101,19 @@ def capture_block_inputs(
     batch_size: int,
     device: torch.device,
     source: BlockSource | None = None,
+    chains: ChainStore | None = None,
 ) -> BlockInputs:
     """Run the model up to block 0 for every sample and record block 0's inputs and every block's kwargs.
 
     Calibration windows are full length without padding, so one kwargs set per block serves every sample. With a
     `source` (a streamed model, blocks on meta), the kwargs pass runs each block on zero placeholders, one at a
     time: what a block is called with does not depend on the blocks before it, and nothing is read from disk.
+    The hidden states go batch by batch into one chain of `chains` (default: in RAM).
     """
+    chains = ChainStore() if chains is None else chains
     blocks = arch.blocks(model)
-    hidden_parts: list[torch.Tensor] = []
+    hidden: Chain | None = None
+    captured: list[torch.Tensor] = []  # the batch the hook stopped at
     per_block: list[dict[str, Any] | None] = [None] * len(blocks)
     distinct: dict[str, list[Any]] = {}
 
@@ -124,8 +130,8 @@ def capture_block_inputs(
                 if source is not None:
                     source.placeholder(index)
                 return
-            hidden = args[0] if args else kwargs["hidden_states"]
-            hidden_parts.append(hidden.detach().to("cpu", torch.float32))
+            value = args[0] if args else kwargs["hidden_states"]
+            captured.append(value.detach().to("cpu", torch.float32))
             raise _StopForward
 
         return hook
@@ -137,17 +143,23 @@ def capture_block_inputs(
     try:
         _forward_to_hook(model, input_ids[:1].to(device))
         state["kwargs_pass"] = False
-        for start in range(0, input_ids.shape[0], batch_size):
+        missing = [i for i, kwargs in enumerate(per_block) if kwargs is None]
+        if missing:
+            raise LowbitError(f"blocks {missing} were never called in the forward: the ArchSpec's blocks_path is wrong")
+        total = input_ids.shape[0]
+        for start in range(0, total, batch_size):
             _forward_to_hook(model, input_ids[start : start + batch_size].to(device))
+            rows = captured.pop()
+            if not torch.isfinite(rows).all():
+                raise LowbitError("the model's embeddings produce NaN/Inf; check the checkpoint or load it in float32")
+            if hidden is None:
+                hidden = chains.new((total, *rows.shape[1:]))
+            hidden[start : start + rows.shape[0]] = rows
     finally:
         for handle in handles:
             handle.remove()
-    missing = [i for i, kwargs in enumerate(per_block) if kwargs is None]
-    if missing:
-        raise LowbitError(f"blocks {missing} were never called in the forward: the ArchSpec's blocks_path is wrong")
-    hidden = torch.cat(hidden_parts)
-    if not torch.isfinite(hidden).all():
-        raise LowbitError("the model's embeddings produce NaN/Inf; check the checkpoint or load it in float32")
+    if hidden is None:
+        raise LowbitError("no calibration samples to capture")
     return BlockInputs(hidden=hidden, per_block=per_block)
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from lowbit.actquant import activation_quant
 from lowbit.arch import ArchSpec
+from lowbit.engine.offload import Chain, ChainStore
 from lowbit.engine.precision import autocast
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
@@ -38,12 +39,13 @@ class BlockContext:
     """One decoder block during the block loop.
 
     `inputs` is what the student block sees (the quantized chain by default), `fp_inputs` the float chain and
-    `targets` the float block's outputs on `fp_inputs`, cached once. All three live on CPU in fp32; a stage moves
-    one batch at a time with `batch()`. `autocast` is the precision of `run` (the engine's replays): "off" (fp32)
-    unless the tuning stage asked for its own reduced precision (`BlockStage.replay_autocast`).
-    A quantizer stage fills `quantized` (relative linear name -> record);
+    `targets` the float block's outputs on `fp_inputs`, cached once. All three are fp32 chains on CPU, tensors or
+    (engine.offload=disk) `DiskChain`s that read what is indexed: a stage moves one batch at a time with `batch()` and
+    makes new chains with `chains.new` (or `run`), never assuming the whole chain is in memory. `autocast` is the
+    precision of `run` (the engine's replays): "off" (fp32) unless the tuning stage asked for its own reduced
+    precision (`BlockStage.replay_autocast`). A quantizer stage fills `quantized` (relative linear name -> record);
     the engine then writes the dequantized weights into the block. `outputs`: the block's outputs on `inputs`
-    with its final weights (fp32, CPU), set by the last stage when it computed them on the way (GPTQ's residual
+    with its final weights (an fp32 chain), set by the last stage when it computed them on the way (GPTQ's residual
     chain); the engine then takes them as the quantized chain instead of replaying the block.
     """
 
@@ -56,12 +58,13 @@ class BlockContext:
     device: torch.device
     batch_size: int
     seed: int
-    inputs: torch.Tensor | None = None
-    fp_inputs: torch.Tensor | None = None
-    targets: torch.Tensor | None = None
+    inputs: Chain | None = None
+    fp_inputs: Chain | None = None
+    targets: Chain | None = None
     autocast: str = "off"
     compile: bool = False  # whether tuning stages compile their block forward (engine.compile)
-    outputs: torch.Tensor | None = None
+    outputs: Chain | None = None
+    chains: ChainStore = field(default_factory=ChainStore)  # where new chains go (engine.offload)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -93,25 +96,28 @@ class BlockContext:
         for start in range(0, total, self.batch_size):
             yield slice(start, min(start + self.batch_size, total))
 
-    def batch(self, tensor: torch.Tensor, index: slice | torch.Tensor) -> torch.Tensor:
-        """One batch of a CPU-cached tensor, on the compute device."""
+    def batch(self, tensor: Chain, index: slice | torch.Tensor | list[int]) -> torch.Tensor:
+        """One batch of a CPU-cached chain, on the compute device."""
         return tensor[index].to(self.device, non_blocking=True)
 
     @torch.no_grad()
-    def run(self, hidden: torch.Tensor, block: nn.Module | None = None) -> torch.Tensor:
+    def run(self, hidden: Chain, block: nn.Module | None = None) -> Chain:
         """Run `block` (default: this block in its current state) over all samples of `hidden`, batch by batch, under
-        `self.autocast`; the outputs are fp32 on CPU."""
+        `self.autocast`; the outputs are an fp32 chain from `self.chains`, filled batch by batch (never a list of
+        batches concatenated: the new chain would exist twice)."""
         module = self.block if block is None else block
         kwargs = self.device_kwargs()
+        out = None
         with autocast(self.autocast, self.device):
-            outputs = [
-                call_block(module, self.batch(hidden, part), kwargs).to("cpu", torch.float32)
-                for part in self.batches(hidden.shape[0])
-            ]
-        return self.checked(torch.cat(outputs))
+            for part in self.batches(hidden.shape[0]):
+                rows = self.checked(call_block(module, self.batch(hidden, part), kwargs).to("cpu", torch.float32))
+                if out is None:
+                    out = self.chains.new((hidden.shape[0], *rows.shape[1:]))
+                out[part] = rows
+        return self.chains.new(tuple(hidden.shape)) if out is None else out
 
     def checked(self, out: torch.Tensor) -> torch.Tensor:
-        """`out` if every value is finite, else a clear error naming this block."""
+        """`out` (a batch of a chain) if every value is finite, else a clear error naming this block."""
         if not torch.isfinite(out).all():
             raise LowbitError(
                 f"block {self.index} produced NaN/Inf; the checkpoint may be broken, or a fp16 model overflowed: "

@@ -11,6 +11,7 @@ from torch import nn
 
 from lowbit.arch import ArchSpec
 from lowbit.engine.block_loop import EngineOptions, run_block_stages
+from lowbit.engine.offload import ChainStore
 from lowbit.engine.stage import BlockStage, ModelContext, ModelStage, Stage
 from lowbit.engine.streaming import BlockObserver, BlockSink, BlockSource
 from lowbit.engine.workdir import WorkDir
@@ -59,10 +60,12 @@ def run_stages(
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
     observer: BlockObserver | None = None,
+    chains: ChainStore | None = None,
 ) -> PipelineResult:
     """Apply every stage to `model` in place. With `work`, finished groups and blocks are checkpointed and an
     interrupted run resumes after them. A streamed run (`source`, `sink`: engine/streaming.py) is one group of
-    block-scope stages: a later group would need the blocks an earlier one released."""
+    block-scope stages: a later group would need the blocks an earlier one released. `chains` makes the block loops'
+    activation chains (default: per `options.offload`, see `run_block_stages`)."""
     groups = stage_groups(stages)
     if source is not None and (len(groups) > 1 or groups[0][0].scope != "block"):
         raise LowbitError(
@@ -81,19 +84,8 @@ def run_stages(
         name = "+".join(stage.name for stage in group)
         stage = group[0]
         if stage.scope == "block":
-            found = run_block_stages(
-                model,
-                arch,
-                group,
-                scheme,
-                calibration,
-                options,
-                seed,
-                checkpoint,
-                source=source,
-                sink=sink,
-                observer=observer,
-            )
+            found = run_block_stages(model, arch, group, scheme, calibration, options, seed, checkpoint,
+                                     source=source, sink=sink, chains=chains, observer=observer)  # fmt: skip
             records.update(found.records)
             result.checkpoint_seconds += found.checkpoint_seconds
             artifacts.update(found.artifacts)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lowbit.engine.offload import Chain, ChainStore, load_chains, save_chains
 from lowbit.engine.workdir import atomic_save, load_tensors, split_prefix
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
@@ -63,13 +64,14 @@ class StreamCheckpoint:
         records: dict[str, QuantizedWeight],
         artifacts: dict[str, Tensor],
         metrics: dict[str, Any],
-        chains: dict[str, Tensor],
+        chains: dict[str, Chain],
         writer_state: dict[str, Any],
     ) -> None:
-        """Block `index` is finished (its group already in the export): its chain, then its block file."""
+        """Block `index` is finished (its group already in the export): its chain (written chunk by chunk, also from a
+        chain on disk), then its block file."""
         self.path.mkdir(parents=True, exist_ok=True)
         if chains:
-            atomic_save(chains, self._chain(index))
+            save_chains(chains, self._chain(index))
         tensors: dict[str, Tensor] = {f"art.{key}": value for key, value in artifacts.items()}
         shapes, schemes = {}, {}
         for name, record in records.items():
@@ -98,10 +100,11 @@ class StreamCheckpoint:
         writer = json.loads(meta["writer"])
         return StreamedBlock(records, split_prefix(tensors, "art."), json.loads(meta["metrics"]), writer)
 
-    def chains(self, index: int) -> dict[str, Tensor]:
-        """The block inputs saved after block `index` ({} for a recipe without calibration data)."""
+    def chains(self, index: int, store: ChainStore | None = None) -> dict[str, Chain]:
+        """The block inputs saved after block `index`, read into `store` (default: RAM); {} for a recipe without
+        calibration data."""
         path = self._chain(index)
-        return load_tensors(path)[0] if path.is_file() else {}
+        return load_chains(path, store or ChainStore()) if path.is_file() else {}
 
     def _block(self, index: int) -> Path:
         return self.path / f"block-{index:04d}.safetensors"

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from lowbit.engine.offload import Chain, ChainStore
 from lowbit.engine.skeleton import StreamedModel, persistent_tensors, set_tensor
 from lowbit.quantizer import QuantizedWeight
 
@@ -44,15 +45,16 @@ class BlockSink(Protocol):
         """`records` are keyed by full module name."""
 
     def block_done(
-        self, index: int, chains: dict[str, torch.Tensor], artifacts: dict[str, torch.Tensor], metrics: dict
+        self, index: int, chains: dict[str, Chain], artifacts: dict[str, torch.Tensor], metrics: dict
     ) -> None:
         """Block `index` is final, and `chains` are the inputs of the next block."""
 
     def restore(self, index: int) -> Any:
         """A block finished by an interrupted run: `.records` (codes on meta), `.artifacts`, `.metrics`."""
 
-    def chains(self, index: int) -> dict[str, torch.Tensor]:
-        """The chains saved after finished block `index`: "q" (quantized), "fp" (float) when used."""
+    def chains(self, index: int, store: ChainStore) -> dict[str, Chain]:
+        """The chains saved after finished block `index`, read into `store`: "q" (quantized), "fp" (float) when
+        used."""
 
 
 class BlockObserver(Protocol):

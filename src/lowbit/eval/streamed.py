@@ -39,6 +39,11 @@ class EvalText:
     meta: dict[str, Any]
 
 
+def in_memory(chain: Any) -> torch.Tensor:
+    """A restored chain as a tensor in RAM (with engine.offload=disk the loop's store reads it into a file)."""
+    return chain if isinstance(chain, torch.Tensor) else chain[0 : chain.shape[0]]
+
+
 class StreamedEvaluation:
     """The before/after perplexity chains of a streamed run, advanced by the block loop (`engine.streaming.
     BlockObserver`): `float_block` with each block as read, `final_block` with its final weights."""
@@ -80,7 +85,7 @@ class StreamedEvaluation:
                 "the interrupted run was started with other --eval settings, so its evaluation chains are missing: "
                 "resume with the same --eval options, or start over without --resume"
             )
-        self.hidden = {name: chains[name] for name in self.hidden}
+        self.hidden = {name: in_memory(chains[name]) for name in self.hidden}
 
     @torch.no_grad()
     def float_block(self, index: int, block: nn.Module) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lowbit.engine.offload import Chain, ChainStore
 from lowbit.engine.stream_checkpoint import StreamCheckpoint, StreamedBlock
 from lowbit.export.blocks import ExportContext
 from lowbit.export.blocks import block_export_tensors as export_tensors
@@ -62,7 +63,7 @@ class StreamedExport:
         log.debug("block %d written to the %s export", index, self.fmt)
 
     def block_done(
-        self, index: int, chains: dict[str, Tensor], artifacts: dict[str, Tensor], metrics: dict[str, Any]
+        self, index: int, chains: dict[str, Chain], artifacts: dict[str, Tensor], metrics: dict[str, Any]
     ) -> None:
         """Block `index` and the chain after it are final: checkpoint them (a resumable run) and forget them."""
         if self.checkpoint is not None:
@@ -78,7 +79,7 @@ class StreamedExport:
         assert self.checkpoint is not None
         return self.checkpoint.load(index)
 
-    def chains(self, index: int) -> dict[str, Tensor]:
-        """The block inputs saved after finished block `index`."""
+    def chains(self, index: int, store: ChainStore) -> dict[str, Chain]:
+        """The block inputs saved after finished block `index`, read into `store`."""
         assert self.checkpoint is not None
-        return self.checkpoint.chains(index)
+        return self.checkpoint.chains(index, store)

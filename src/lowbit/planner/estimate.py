@@ -61,13 +61,14 @@ StreamOption = Literal["auto", "on", "off"]
 # --- the estimate ----------------------------------------------------------------------------------------------
 
 
-def _facts(shape: ModelShape, config: QuantizeConfig, available: int | None) -> RunFacts:
+def _facts(shape: ModelShape, config: QuantizeConfig, available: int | None, chains_on_disk: bool) -> RunFacts:
     from lowbit.engine.pipeline import stage_groups
 
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
     return RunFacts(
         shape, config.scheme, config.nsamples, config.seqlen, config.engine.batch_size,
         torch.device(config.engine.device), stage_groups(stages), config.engine.quantized_input, available,
+        chains_on_disk=chains_on_disk,
     )  # fmt: skip
 
 
@@ -111,14 +112,14 @@ def _eval_bytes(shape: ModelShape, seqlen: int) -> int:
     return 2 * seqlen * shape.vocab_size * F32 + seqlen * (4 * shape.hidden_size + 3 * inter) * F32
 
 
-def _loop_terms(facts: RunFacts, resident: dict[str, int], chains_on_disk: bool) -> dict[str, int]:
+def _loop_terms(facts: RunFacts, resident: dict[str, int]) -> dict[str, int]:
     """The block loop at its worst block: the larger of the engine's replay peak and a stage's peak."""
     worst: dict[str, int] = {}
     for group in facts.groups:
         if group[0].scope != "block":
             continue
         chains = chain_plan(facts, group)
-        peak, during = (0, 0) if chains_on_disk else (chains.peak, chains.during_stages)
+        peak, during = chains.peak, chains.during_stages
         on_host = chains.count_peak and facts.device.type != "cuda"  # on CUDA a batch's activations are on the device
         replay = {"chains": peak, "replay_activations": replay_activations(facts) if on_host else 0}
         best_stage: dict[str, int] = {}
@@ -169,12 +170,13 @@ def estimate(
     (non-block tensors at fp32, one block read at its stored dtype and converted, records and export tensors of one
     block, one block's export group; with `evaluate`, the evaluation's own chains of `eval_windows` windows over all
     its texts, which a streamed run carries through the block loop). `chains_on_disk` (default: engine.offload ==
-    "disk" where that option exists) takes the activation chains out of RAM.
+    "disk") counts the activation chains as files, of which RAM holds a batch at a time.
     """
     fmt = "compressed-tensors" if export_format == "auto" else export_format
     if chains_on_disk is None:
-        chains_on_disk = getattr(config.engine, "offload", "memory") == "disk"
-    facts = _facts(shape, config, available)
+        chains_on_disk = config.engine.offload == "disk"
+    facts = _facts(shape, config, available, chains_on_disk)
+    captured = facts.chain_batch if chains_on_disk else facts.chain  # engine/capture.py fills one chain per batch
     block = facts.block
     quantizes = any(stage.kind == "quantizer" for group in facts.groups for stage in group)
     record = (lambda linear: _record_bytes(linear, config)) if quantizes else (lambda linear: 0)
@@ -192,8 +194,8 @@ def estimate(
         largest = max(shape.vocab_size * shape.hidden_size, block.params)
         phases["open"] = {"non_block_fp32": non_block, "tensor_read": largest * shape.dtype_bytes}
         if config.needs_data:
-            phases["capture"] = {"non_block_fp32": non_block, "chains": 0 if chains_on_disk else 2 * facts.chain}
-        phases["block_loop"] = _loop_terms(facts, block_now, chains_on_disk)
+            phases["capture"] = {"non_block_fp32": non_block, "chains": captured}
+        phases["block_loop"] = _loop_terms(facts, block_now)
         phases["export"] = {"non_block_fp32": non_block, "export_group": export_one}
         if evaluate:  # eval/streamed.py: before and after chains, plus one block's new output
             if eval_windows is None:
@@ -207,9 +209,9 @@ def estimate(
         records = sum(_block_bytes(b, record) for b in shape.blocks)
         new_export = 0 if fmt == "fake" else export_one
         phases["load"] = {"model_fp32": model, "checkpoint_pages": shape.checkpoint_bytes}
-        if config.needs_data:  # engine/capture.py: block 0's inputs as a list of batches, then concatenated
-            phases["capture"] = {"model_fp32": model, "chains": 0 if chains_on_disk else 2 * facts.chain}
-        phases["block_loop"] = _loop_terms(facts, {"model_fp32": model, "records": records}, chains_on_disk)
+        if config.needs_data:
+            phases["capture"] = {"model_fp32": model, "chains": captured}
+        phases["block_loop"] = _loop_terms(facts, {"model_fp32": model, "records": records})
         for group in facts.groups:
             if group[0].scope == "model":
                 phases[f"{group[0].name}_stage"] = {"model_fp32": model, **model_stage_state(facts, group[0])}

@@ -38,7 +38,8 @@ def plan_run(
     eval_windows: int | None = None,
 ) -> MemoryPlan:
     """Plan a run before loading anything: resident or streamed (`auto`: stream when the resident run needs more than
-    AUTO_STREAM_FRACTION of the available memory), whether it fits, and the fixes when it does not.
+    AUTO_STREAM_FRACTION of the available memory), the activation chains in RAM or on disk (engine.offload=auto: on
+    disk when the chosen mode still needs more than that), whether it fits, and the fixes when it does not.
 
     `model_dir_or_config`: a model directory, its config.json, a config dict or `PretrainedConfig`, or a ModelShape.
     `available` / `gpu_available` (bytes) default to what this machine has now (`available_memory`, CUDA's free
@@ -74,10 +75,28 @@ def plan_run(
                 f"{gib(available)}; streaming needs {gib(streamed.required)}"
             )
     plan.decision = decision
+    if config.engine.offload == "auto" and config.needs_data:
+        plan = _offload_choice(shape, config, plan, kwargs)
     if not plan.fits:
-        plan.fixes, plan.gpu_fixes = _fixes(shape, config, plan, kwargs)
+        chosen = _with(config, engine_offload="disk") if plan.settings["chains_on_disk"] else config
+        plan.fixes, plan.gpu_fixes = _fixes(shape, chosen, plan, kwargs)
     log.debug("memory plan: %s", plan.to_dict())
     return plan
+
+
+def _offload_choice(shape: ModelShape, config: QuantizeConfig, plan: MemoryPlan, kwargs: dict[str, Any]) -> MemoryPlan:
+    """engine.offload=auto: the chains go to disk when the chosen mode needs more than AUTO_STREAM_FRACTION of the
+    available memory with them in RAM, and less with them on disk (files cost I/O, so not when they fit)."""
+    if plan.required <= AUTO_STREAM_FRACTION * kwargs["available"]:
+        return plan
+    on_disk = estimate(shape, config, stream=plan.stream, chains_on_disk=True, **kwargs)
+    if on_disk.required >= plan.required:
+        return plan
+    on_disk.decision = (
+        f"{plan.decision}; chains on disk (offload auto: {gib(plan.required)} with them in RAM, "
+        f"{gib(on_disk.required)} on disk)"
+    )
+    return on_disk
 
 
 def _host_fits(plan: MemoryPlan) -> bool:
@@ -119,8 +138,7 @@ def _host_options(shape: ModelShape, config: QuantizeConfig, stream: bool, kwarg
         length = _largest_fitting(8, config.seqlen - 1, lambda v: fits(seqlen=v))
         if length is not None:
             found.append(f"--seqlen {length}")
-        offload = getattr(config.engine, "offload", None)  # the chains' store, where the engine has one
-        if offload not in (None, "disk") and fits(engine_offload="disk"):
+        if config.engine.offload != "disk" and fits(engine_offload="disk"):
             found.append("engine.offload=disk (the activation chains in files)")
         if config.engine.batch_size > 1 and fits(engine_batch_size=1):
             found.append("engine.batch_size=1")
@@ -131,7 +149,7 @@ def _fixes(
     shape: ModelShape, config: QuantizeConfig, plan: MemoryPlan, kwargs: dict[str, Any]
 ) -> tuple[list[str], list[str]]:
     """Options that make the run fit, each on its own, cheapest first: streaming (or, where a stage cannot stream,
-    resident), fewer samples, a shorter seqlen, the chains on disk (where engine.offload exists), a smaller batch; for
+    resident), fewer samples, a shorter seqlen, the chains on disk, a smaller batch; for
     the accelerator, smaller batches, fewer samples or the CPU."""
     host: list[str] = []
     gpu: list[str] = []

@@ -79,8 +79,8 @@ class MemoryPlan:
             top = ", ".join(f"{k} {gib(v)}" for k, v in sorted(terms.items(), key=lambda kv: -kv[1])[:3])
             why = next((note for note in self.notes if note.startswith("streaming cannot help")), None)
             fixes = f"it fits with: {'; or '.join(self.fixes)}" if self.fixes else (
-                "no single option makes it fit (streaming, fewer samples, a shorter seqlen, a smaller batch "
-                f"size){' - ' + why if why else ''}: it needs a machine with more memory"
+                "no single option makes it fit (streaming, fewer samples, a shorter seqlen, the chains on disk, a "
+                f"smaller batch size){' - ' + why if why else ''}: it needs a machine with more memory"
             )  # fmt: skip
             parts.append(
                 f"this {mode} run needs about {gib(self.required)} of RAM at its peak ({self.required_phase}: {top}) "
@@ -135,7 +135,7 @@ class MemoryPlan:
             f"model: {shape.model_type}, {shape.params / 1e9:.2f} B params ({shape.num_layers} blocks, largest "
             f"{shape.largest_block.params / 1e6:.1f} M), stored {shape.dtype}",
             f"run: {s['recipe']} {s['scheme']}, {s['nsamples']} x {s['seqlen']} tokens, batch {s['batch_size']}, "
-            f"device {s['device']}, export {s['export_format']}",
+            f"device {s['device']}, export {s['export_format']}{', chains on disk' if s.get('chains_on_disk') else ''}",
             f"mode: {'stream' if self.stream else 'resident'} ({self.decision})" if self.decision else "",
             "",
             f"{'phase':<14}{'peak RSS':>12}",

@@ -44,6 +44,7 @@ class RunFacts:
     quantized_input: bool
     available: int | None = None  # host memory the run may use (GPTQ's recorded calls depend on it)
     notes: list[str] = field(default_factory=list)
+    chains_on_disk: bool = False  # engine.offload=disk: the chains are files, RAM holds a batch of them at a time
 
     @property
     def block(self) -> BlockShape:
@@ -53,6 +54,17 @@ class RunFacts:
     def chain(self) -> int:
         """One activation chain: [nsamples, seqlen, hidden] fp32 on CPU (engine/block_loop.py)."""
         return self.nsamples * self.seqlen * self.shape.hidden_size * F32
+
+    @property
+    def chain_batch(self) -> int:
+        """One batch of a chain (engine.batch_size samples): what a chain on disk costs in RAM while it is read or
+        written (engine/offload.py)."""
+        return min(self.batch_size, self.nsamples) * self.seqlen * self.shape.hidden_size * F32
+
+    @property
+    def chain_in_ram(self) -> int:
+        """What a new chain a stage makes (`ctx.run`, `ctx.chains.new`) holds in RAM: all of it, or on disk 0."""
+        return 0 if self.chains_on_disk else self.chain
 
     def tokens_bytes(self, samples: int, per_token: tuple[int, int], itemsize: int = F32) -> int:
         hidden_coeff, inter_coeff = per_token
@@ -78,19 +90,22 @@ class ChainPlan:
 
 def chain_plan(facts: RunFacts, group: list[Any]) -> ChainPlan:
     """engine/block_loop.py: q_in always (with data); fp_in and targets when a stage reads the float chain. Every
-    replay (`ctx.run`) builds a list of batch outputs and then concatenates it: the new chain exists twice, while
-    the old q_in and (through the previous BlockContext) the old fp_in are still referenced."""
+    replay (`ctx.run`) fills a new chain batch by batch while the old q_in and (through the BlockContext) the old
+    fp_in are still referenced. Chains on disk hold one batch each in RAM while they are read or written: the
+    replay's input batch and output batch, a stage's batch."""
     if not any(stage.needs_data for stage in group):
         return ChainPlan(0, 0, 0)
     has_quantizer = any(stage.kind == "quantizer" for stage in group)
     quantized = _chain_choice(group, facts.quantized_input)
     float_chain = not (quantized and has_quantizer) or any(stage.uses_float_chain for stage in group)
     if float_chain and quantized and has_quantizer:
-        peak, during = 5, 3  # old q_in, old fp_in, targets, new q_in list + concatenation
+        peak, during = 4, 3  # old q_in, old fp_in, targets, new q_in
     elif float_chain:
-        peak, during = 3, 2  # fp_in (= q_in), targets list + concatenation
+        peak, during = 2, 2  # fp_in (= q_in), targets
     else:
-        peak, during = 3, 1  # q_in, new q_in list + concatenation
+        peak, during = 2, 1  # q_in, new q_in
+    if facts.chains_on_disk:
+        return ChainPlan(2 * facts.chain_batch, facts.chain_batch, peak)
     return ChainPlan(peak * facts.chain, during * facts.chain, peak)
 
 
@@ -139,9 +154,9 @@ def gptq_solve(facts: RunFacts, subset: list[LinearShape]) -> tuple[int, int]:
 
 def _gptq(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, int]]:
     """methods/gptq/stage.py + passes.py. Pre-norm families with an `mlp` module record, for the passes that start
-    there, the MLP's input and the residual (one chain each) and, where it fits in a quarter of the free memory, the
-    last linear's input (a chain at intermediate width); the quantized chain is then rebuilt from those records
-    (list + concatenation) while they are alive."""
+    there, the MLP's input and the residual (one chain each, in RAM also with the chains on disk) and, where it fits
+    in a quarter of the free memory, the last linear's input (a chain at intermediate width); the quantized chain
+    is then rebuilt from those records (a new chain, filled per batch) while they are alive."""
     host: dict[str, int] = {}
     solve, device_hessians = max(gptq_solve(facts, subset) for subset in facts.block.subsets())
     records = 0
@@ -157,7 +172,7 @@ def _gptq(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, int]]:
             else:
                 facts.notes.append("GPTQ will replay the MLP instead of recording its last linear's inputs")
         host["gptq_recorded_calls"] = records
-    rebuild = 2 * facts.chain if records else 0  # the quantized chain rebuilt from the records: list + concatenation
+    rebuild = facts.chain_in_ram if records else 0  # the quantized chain rebuilt from the records, filled per batch
     if rebuild > solve:
         host["gptq_chain_rebuild"] = rebuild
     else:
@@ -183,7 +198,7 @@ def _signround(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, i
     train = _training(facts, settings.micro_batch_size, autocast)
     host = {"signround_state": state, "signround_activations": train}
     if stage.options.target_from == "student_input":
-        host["signround_student_targets"] = facts.chain
+        host["signround_student_targets"] = facts.chain_in_ram
     if facts.device.type != "cuda":
         return host, {}
     device = {**host, "signround_chains_on_device": 2 * facts.chain}
@@ -202,7 +217,7 @@ def _omniquant(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, i
     terms = {f"{stage.name}_state": state, f"{stage.name}_activations": _training(facts, stage.options.batch_size,
                                                                                    resolved.autocast)}  # fmt: skip
     if resolved.aug_loss:
-        terms[f"{stage.name}_aug_targets"] = facts.chain
+        terms[f"{stage.name}_aug_targets"] = facts.chain_in_ram
     if stage.name == "desv":
         terms["desv_svd"] = sum(
             linear.count * (min(linear.out_features, linear.in_features) * (linear.out_features + linear.in_features)

@@ -23,6 +23,7 @@ from torch import nn
 from lowbit.arch.base import ArchSpec
 from lowbit.engine import BlockContext, call_block
 from lowbit.engine.context import move_to
+from lowbit.engine.offload import Chain
 from lowbit.engine.precision import autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.gptq.solve import HessianAccumulator, input_gram
@@ -153,12 +154,13 @@ def residual_norm(arch: ArchSpec, mlp: str) -> str | None:
 
 
 @torch.no_grad()
-def residual_chain(ctx: BlockContext, mlp: ModuleCalls, residual: ModuleCalls) -> torch.Tensor | None:
+def residual_chain(ctx: BlockContext, mlp: ModuleCalls, residual: ModuleCalls) -> Chain | None:
     """The block's outputs on `ctx.inputs` with its current weights, as residual + mlp(recorded input), when the
     first batch shows that is exactly (bit for bit) what the block computes; None otherwise. `mlp` is the MLP
-    module or its last linear; both records come from passes after which only linears inside it changed."""
+    module or its last linear; both records come from passes after which only linears inside it changed. The
+    outputs fill a chain of `ctx.chains` batch by batch."""
     module = ctx.block.get_submodule(mlp.path)
-    outputs = []
+    outputs = None
     with autocast(ctx.autocast, ctx.device):
         for index, part in enumerate(ctx.batches()):
             args, kwargs = mlp.calls[index]
@@ -170,5 +172,8 @@ def residual_chain(ctx: BlockContext, mlp: ModuleCalls, residual: ModuleCalls) -
                 out, call_block(ctx.block, ctx.batch(ctx.inputs, part), ctx.device_kwargs())
             ):
                 return None
-            outputs.append(out.to("cpu", torch.float32))
-    return ctx.checked(torch.cat(outputs))
+            rows = ctx.checked(out.to("cpu", torch.float32))
+            if outputs is None:
+                outputs = ctx.chains.new((ctx.nsamples, *rows.shape[1:]))
+            outputs[part] = rows
+    return outputs

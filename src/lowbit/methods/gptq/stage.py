@@ -9,6 +9,7 @@ block are already quantized at that point. The passes live in `methods/gptq/pass
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -105,7 +106,8 @@ class GPTQ(BlockStage):
         memory (with the records kept beside it): else the passes run the whole block, as without records."""
         subset = subsets[index]
         following = subsets[index + 1] if index + 1 < len(subsets) else ()
-        hidden_bytes = ctx.inputs.numel() * ctx.inputs.element_size()  # one record of a hidden-size activation
+        token_bytes = math.prod(ctx.inputs.shape[:-1]) * ctx.inputs.element_size()  # a chain that is in RAM or not
+        hidden_bytes = token_bytes * ctx.inputs.shape[-1]  # one record of a hidden-size activation
         path = entry_module(following, subset) if following and fits_in_memory(hidden_bytes) else None
         records = {"entry": ModuleCalls(path)} if path is not None else {}
         norm = residual_norm(ctx.arch, path) if path is not None and index + 2 == len(subsets) else None
@@ -113,7 +115,7 @@ class GPTQ(BlockStage):
             records["residual"] = ModuleCalls(norm)
         if chain and not following and len(subset) == 1:
             linear = ctx.linears()[subset[0]]
-            if fits_in_memory(ctx.inputs[..., 0].numel() * linear.in_features * ctx.inputs.element_size()):
+            if fits_in_memory(token_bytes * linear.in_features):
                 records["last_input"] = ModuleCalls(subset[0])
         return records
 

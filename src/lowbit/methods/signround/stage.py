@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.block_train import block_forward
+from lowbit.engine.offload import to_device
 from lowbit.engine.precision import TuneAutocast, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.common.frozen import frozen
@@ -164,7 +165,7 @@ class SignRound(BlockStage):
         block = ctx.block
         prefix = {layer.name: f"{layer.name}.weight" for layer in layers}
         forward = block_forward(block, prefix, ctx.device_kwargs(), compile=ctx.compile)
-        inputs, targets = ctx.inputs.to(ctx.device), targets.to(ctx.device)
+        inputs, targets = to_device(ctx.inputs, ctx.device), to_device(targets, ctx.device)  # chains on disk stay
         all_indices = torch.arange(ctx.nsamples)
         holdout = None
         if settings.best_select == "holdout":

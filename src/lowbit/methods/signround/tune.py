@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.engine.block_train import IndexSampler, block_mse, restore, snapshot
+from lowbit.engine.offload import Chain
 from lowbit.engine.precision import Forward, autocast_dtype, autocast_forward
 from lowbit.errors import LowbitError
 from lowbit.methods.signround.qdq import GroupedWeight, supports_fast_qdq
@@ -131,8 +132,8 @@ def _restore(layers: Sequence[TunedLinear], saved: list[list[Tensor]]) -> None:
 def tune_block(
     layers: Sequence[TunedLinear],
     forward: Forward,
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Chain,
+    targets: Chain,
     train_indices: Tensor,
     holdout_indices: Tensor | None,
     settings: TuneSettings,
@@ -161,7 +162,7 @@ def tune_block(
         if holdout_indices is not None and t % settings.holdout_every == 0:
             _check_holdout(result, t, _holdout_mse(forward, leaves, inputs, targets, holdout_indices, settings))
         idx = sampler.next()
-        elements = len(idx) * targets[0].numel()
+        elements = len(idx) * math.prod(targets.shape[1:])
         loss_t = 0.0
         for start in range(0, len(idx), settings.micro_batch_size):
             part = idx[start : start + settings.micro_batch_size]
@@ -220,13 +221,13 @@ def _check_holdout(result: TuneResult, t: int, loss: float) -> bool:
 def _holdout_mse(
     forward: Forward,
     weights: dict[str, Tensor],
-    inputs: Tensor,
-    targets: Tensor,
+    inputs: Chain,
+    targets: Chain,
     indices: Tensor,
     settings: TuneSettings,
 ) -> float:
     """Block MSE on the fixed held-out samples, in the same units as the minibatch loss."""
-    elements = len(indices) * targets[0].numel()
+    elements = len(indices) * math.prod(targets.shape[1:])
     total = 0.0
     detached = {name: w.detach() for name, w in weights.items()}
     for start in range(0, len(indices), settings.micro_batch_size):
