@@ -9,8 +9,8 @@ def _add_eval_flags(parser: argparse.ArgumentParser, dataset_flag: str) -> None:
     parser.add_argument(
         dataset_flag,
         default="auto",
-        help="evaluation text: auto (wikitext2 when the hub is reachable, else builtin), builtin, wikitext2, c4, "
-        "ptb, or a local .txt/.jsonl/.json; comma-separate several",
+        help="evaluation text: auto (wikitext2 when the hub is reachable, else builtin), builtin, licenses, "
+        "wikitext2, c4, ptb, or a local .txt/.jsonl/.json; comma-separate several (builtin,licenses: two domains)",
     )
     parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--recipe", default=None, help="stages joined by '+', e.g. rtn (default rtn)")
     quant.add_argument("--scheme", default=None, help="e.g. w4g128, w3g128, w2g128, w4g-1, w4g128-sym (default w4g128)")
     quant.add_argument(
-        "--dataset", default=None, help="calibration text: auto, builtin, pile-10k, c4, wikitext2 or a file"
+        "--dataset", default=None, help="calibration text: auto, builtin, licenses, pile-10k, c4, wikitext2 or a file"
     )
     quant.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     quant.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 512)")
