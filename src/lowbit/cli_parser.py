@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from lowbit.errors import LowbitError
+from lowbit.eval.lmeval import BATCH_SIZE_FORMS, parse_batch_size
+
+
+def _batch_size(value: str) -> int | str:
+    """--batch-size as lm-eval takes it; a bad value is argparse's error (exit 2) before anything loads."""
+    try:
+        return parse_batch_size(value)
+    except LowbitError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not {BATCH_SIZE_FORMS}") from None
+
 
 def _add_eval_flags(parser: argparse.ArgumentParser, dataset_flag: str) -> None:
     parser.add_argument(
@@ -48,7 +59,13 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task")
     parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: shots (default: each task's own)")
-    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default="auto",
+        help="lm-eval batch size: auto (lm-eval's own detection: the largest that runs, from 64 down), auto:N "
+        "(detected again N times as the requests get shorter) or an integer (default auto)",
+    )
     parser.add_argument("--task-dir", default=None, help="also register the lm-eval task YAMLs in this directory")
 
 
