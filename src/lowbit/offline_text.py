@@ -97,7 +97,11 @@ def license_texts(directory: Path | None = None) -> tuple[list[LicenseText], dic
     for path in entries:
         if not path.is_file():  # subdirectories, dangling links
             continue
-        content = path.read_bytes()
+        try:
+            content = path.read_bytes()
+        except OSError as error:  # unreadable: the meta lists only what was read
+            logger.warning("licenses: skipping %s (%s)", path, error)
+            continue
         digest = hashlib.sha256(content).hexdigest()
         if digest in seen:
             duplicates[path.name] = seen[digest]
