@@ -33,7 +33,8 @@ def test_compare_two_exports_and_the_float_model(tiny_llama_dir, text_file, tmp_
     assert run_cli("quantize", tiny_llama_dir, *args) == 0
     capsys.readouterr()
     table = tmp_path / "rows.json"
-    flags = ["--ppl", text_file, "--eval-seqlen", "64", "--eval-windows", "2", "--tasks", "lowbit_yesno", "--limit", 6]
+    flags = ["--ppl", text_file, "--eval-seqlen", "64", "--eval-windows", "2", "--tasks", "lowbit_yesno", "--limit", 6,
+             "--batch-size", 2]  # fmt: skip
     assert run_cli("compare", w4, w3, "--float", tiny_llama_dir, *flags, "--markdown", "--json", table, "-q") == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[0].startswith("| output | method | scheme | format | weights MiB | ppl local | lowbit_yesno |")
@@ -45,7 +46,7 @@ def test_compare_two_exports_and_the_float_model(tiny_llama_dir, text_file, tmp_
     ]  # fmt: skip
     for row, directory in zip(rows, [tiny_llama_dir, w4, w3], strict=True):
         assert row["ppl"]["local"] == round(_ppl(directory, text_file), 4)  # the same windows as `lowbit eval`
-        assert 0 <= row["tasks"]["lowbit_yesno"] <= 1
+        assert 0 <= row["tasks"]["lowbit_yesno"] <= 1 and row["lm_eval_batch_sizes"] == [2]
     record = json.loads((w4 / RECORD_FILE).read_text())
     assert rows[1]["quantize_seconds"] == record["timings"]["quantize_seconds"]
     assert rows[0]["quantize_seconds"] is None

@@ -14,8 +14,12 @@ pytest.importorskip("lm_eval")
 import lm_eval  # noqa: E402
 
 import lowbit  # noqa: E402
+from conftest import make_llama  # noqa: E402
 from lowbit.cli import main  # noqa: E402
-from lowbit.eval.lmeval import evaluate_tasks, task_manager, wrap_model  # noqa: E402
+from lowbit.cli_parser import build_parser  # noqa: E402
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.eval import lmeval  # noqa: E402
+from lowbit.eval.lmeval import batch_sizes_used, evaluate_tasks, task_manager, wrap_model  # noqa: E402
 from lowbit.eval.tasks import generate  # noqa: E402
 from lowbit.formats.files import RECORD_FILE  # noqa: E402
 from lowbit.models import load_model  # noqa: E402
@@ -24,10 +28,10 @@ TASKS = ["lowbit_mc", "lowbit_yesno"]
 LIMIT = 24
 
 
-def _loglikelihoods(model, tokenizer, tasks=TASKS, limit=LIMIT) -> dict:
+def _loglikelihoods(model, tokenizer, tasks=TASKS, limit=LIMIT, batch_size=1) -> dict:
     """Per-document, per-choice loglikelihoods lm-eval computes for `model` through the adapter's HFLM."""
     raw = lm_eval.simple_evaluate(
-        model=wrap_model(model, tokenizer),
+        model=wrap_model(model, tokenizer, batch_size=batch_size),
         tasks=tasks,
         limit=limit,
         task_manager=task_manager(tasks=tasks),
@@ -72,8 +76,8 @@ def test_shipped_task_data_is_what_the_generator_writes():
 def test_adapter_scores_equal_lm_eval_hf_model_on_a_fake_export(exports):
     fake = exports["fake"]
     loaded = lowbit.load(fake)
-    ours = evaluate_tasks(loaded.model, loaded.tokenizer, TASKS, limit=LIMIT, progress=False)
-    raw = lm_eval.simple_evaluate(
+    ours = evaluate_tasks(loaded.model, loaded.tokenizer, TASKS, limit=LIMIT, batch_size=1, progress=False)
+    raw = lm_eval.simple_evaluate(  # lm-eval's hf model at its default batch size, 1
         model="hf",
         model_args=f"pretrained={fake},device=cpu",
         tasks=TASKS,
@@ -121,6 +125,7 @@ def test_cli_eval_tasks_json_and_record(exports, tmp_path, capsys):
     assert "Running loglikelihood" not in printed.err  # --quiet
     saved = json.loads(report.read_text())["lm_eval"]
     assert saved["batch_size"] == 4 and saved["num_fewshot"] == 2 and saved["packed_runtime"] == "compressed-tensors"
+    assert saved["batch_sizes_used"] == [4]
     assert saved["tasks"]["lowbit_mc"]["n_shot"] == 2
     record = json.loads((out / RECORD_FILE).read_text())
     (entry,) = record["lm_eval"].values()
@@ -129,7 +134,7 @@ def test_cli_eval_tasks_json_and_record(exports, tmp_path, capsys):
 
 
 def test_cli_eval_plain_model_dir_and_unknown_task(tiny_llama_dir, text_file, capsys):
-    args = ["eval", tiny_llama_dir, "--tasks", "lowbit_yesno", "--limit", "4", "--ppl", text_file]
+    args = ["eval", tiny_llama_dir, "--tasks", "lowbit_yesno", "--limit", "4", "--ppl", text_file, "--batch-size", "1"]
     assert main([*map(str, args), "--eval-seqlen", "64", "--eval-windows", "1"]) == 0
     printed = capsys.readouterr().out
     assert "perplexity local" in printed and "lowbit_yesno (0-shot, 4 docs)" in printed
@@ -153,3 +158,66 @@ def test_hub_task_without_hub_fails_at_once_with_the_offline_fix(tiny_llama_dir,
     assert time.perf_counter() - started < 30  # no network retries (they took ~40 s)
     assert "hub is not reachable" in err and "--tasks lowbit_offline" in err and "Traceback" not in err
     assert before == (datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)  # restored
+
+
+# --- batch size --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("auto", "auto"), ("AUTO:4", "auto:4"), ("8", 8)])
+def test_batch_size_argument_parses(value, parsed):
+    for command in (["eval"], ["compare", "out"]):
+        assert build_parser().parse_args([*command, "--batch-size", value]).batch_size == parsed
+    assert build_parser().parse_args(["eval"]).batch_size == "auto"  # the default
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "2.5", "big", "auto:", "auto:0", "auto:x"])
+def test_bad_batch_size_exits_2_with_one_message(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--batch-size", value])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "--batch-size" in errors[0] and "auto:N" in errors[0] and f"'{value}'" in errors[0]
+    with pytest.raises(LowbitError, match="auto:N"):
+        lmeval.parse_batch_size(value)
+
+
+def test_wrap_model_passes_the_batch_size_to_hflm(tokenizer, monkeypatch):
+    model = make_llama()
+    assert wrap_model(model, tokenizer, batch_size=8).batch_size == 8
+    assert wrap_model(model, tokenizer).batch_size == "auto"  # the default
+    scheduled = wrap_model(model, tokenizer, batch_size="auto:4")
+    assert scheduled.batch_size == "auto" and scheduled.batch_schedule == 4
+    monkeypatch.setattr(lmeval, "MAX_BATCH_SIZE", 2)
+    auto = wrap_model(model, tokenizer, batch_size="auto")
+    auto._max_length = 16  # a cheap detection: 2 x 16 tokens
+    assert auto.max_batch_size == 2 and auto._detect_batch_size() == 2
+    assert batch_sizes_used(auto) == [2] and batch_sizes_used(scheduled) == []  # nothing detected yet
+    assert batch_sizes_used(wrap_model(model, tokenizer, batch_size=8)) == [8]
+    with pytest.raises(LowbitError, match="batch size 'eight'"):
+        wrap_model(model, tokenizer, batch_size="eight")
+
+
+def test_auto_batch_size_scores_equal_lm_eval_hf_model_with_auto(exports, monkeypatch):
+    """At the same automatic batch size, every loglikelihood is lm-eval's own (the cap is small to keep it quick)."""
+    monkeypatch.setattr(lmeval, "MAX_BATCH_SIZE", 4)
+    fake, tasks = exports["fake"], ["lowbit_yesno"]
+    loaded = lowbit.load(fake)
+    lm = wrap_model(loaded.model, loaded.tokenizer, batch_size="auto")
+    settings = {"tasks": tasks, "limit": 4, "task_manager": task_manager(tasks=tasks), "log_samples": True}
+    ours = lm_eval.simple_evaluate(model=lm, **settings)
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={fake},device=cpu,max_batch_size=4", batch_size="auto", **settings
+    )
+    assert batch_sizes_used(lm) == [4]
+    assert _responses(ours) == _responses(theirs)
+
+
+def test_cli_eval_records_the_automatic_batch_size(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lmeval, "MAX_BATCH_SIZE", 4)
+    report = tmp_path / "scores.json"
+    args = ["eval", str(tiny_llama_dir), "--tasks", "lowbit_yesno", "--limit", "4", "--json", str(report), "-q"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "lm-eval batch size auto: ran with 4" in printed and "Determined" not in printed  # lm-eval's prints logged
+    saved = json.loads(report.read_text())["lm_eval"]
+    assert saved["batch_size"] == "auto" and saved["batch_sizes_used"] == [4]

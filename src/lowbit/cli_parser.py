@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import argparse
 
+from lowbit.errors import LowbitError
+from lowbit.eval.lmeval import BATCH_SIZE_FORMS, parse_batch_size
+
+
+def _batch_size(value: str) -> int | str:
+    """--batch-size as lm-eval takes it; a bad value is argparse's error (exit 2) before anything loads."""
+    try:
+        return parse_batch_size(value)
+    except LowbitError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not {BATCH_SIZE_FORMS}") from None
+
 
 def _add_eval_flags(parser: argparse.ArgumentParser, dataset_flag: str) -> None:
     parser.add_argument(
         dataset_flag,
         default="auto",
-        help="evaluation text: auto (wikitext2 when the hub is reachable, else builtin), builtin, wikitext2, c4, "
-        "ptb, or a local .txt/.jsonl/.json; comma-separate several",
+        help="evaluation text: auto (wikitext2 when the hub is reachable, else builtin), builtin, licenses, "
+        "wikitext2, c4, ptb, or a local .txt/.jsonl/.json; comma-separate several (builtin,licenses: two domains)",
     )
     parser.add_argument("--eval-seqlen", type=int, default=2048, help="perplexity window length (default 2048)")
     parser.add_argument("--eval-windows", type=int, default=None, help="evaluate only the first N windows")
@@ -48,7 +59,13 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task")
     parser.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: shots (default: each task's own)")
-    parser.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default="auto",
+        help="lm-eval batch size: auto (lm-eval's own detection: the largest that runs, from 64 down), auto:N "
+        "(detected again N times as the requests get shorter) or an integer (default auto)",
+    )
     parser.add_argument("--task-dir", default=None, help="also register the lm-eval task YAMLs in this directory")
 
 
@@ -67,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--recipe", default=None, help="stages joined by '+', e.g. rtn (default rtn)")
     quant.add_argument("--scheme", default=None, help="e.g. w4g128, w3g128, w2g128, w4g-1, w4g128-sym (default w4g128)")
     quant.add_argument(
-        "--dataset", default=None, help="calibration text: auto, builtin, pile-10k, c4, wikitext2 or a file"
+        "--dataset", default=None, help="calibration text: auto, builtin, licenses, pile-10k, c4, wikitext2 or a file"
     )
     quant.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 128)")
     quant.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 512)")

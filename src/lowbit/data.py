@@ -1,8 +1,9 @@
 """Calibration and evaluation text, tokenized.
 
 Sources: hub datasets through the optional `datasets` package (pile-10k, wikitext2, c4, ptb), a local
-text file, or "builtin": the documentation topics that ship with CPython (`pydoc_data`), which works on
-any machine with no network and needs no prose committed to this repository. Every source is split so
+text file, or text the machine already has (`lowbit.offline_text`): "builtin", the documentation topics that
+ship with CPython, and "licenses", the license texts Debian installs; both work with no network and need no
+prose committed to this repository. Every source is split so
 that calibration and evaluation text never overlap, and every result carries a meta dict (source, split,
 sizes, SHA-256 of the token ids) for the run record.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import platform
 import re
 import socket
 import threading
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError, first_line
+from lowbit.offline_text import builtin_meta, builtin_split, licenses_documents
 from lowbit.windows import (
     C4_EVAL_SEED,
     C4_EVAL_WINDOWS,
@@ -43,7 +44,8 @@ from lowbit.windows import (
 logger = logging.getLogger(__name__)
 
 HUB_DATASETS = ("pile-10k", "wikitext2", "c4", "ptb")
-NAMES = ("auto", "builtin", *HUB_DATASETS)
+OFFLINE_DATASETS = ("builtin", "licenses")
+NAMES = ("auto", *OFFLINE_DATASETS, *HUB_DATASETS)
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json")
 LOCAL_CALIBRATION_FRACTION = 0.9
 HUB_CHECK_TIMEOUT_S = 2.0
@@ -143,7 +145,9 @@ def calibration_documents(name: str | None) -> tuple[Sequence[str], dict]:
     resolved = resolve_name(name, role="calibration")
     if resolved == "builtin":
         calibration, _ = builtin_split()
-        return calibration, _builtin_meta("calibration", len(calibration))
+        return calibration, builtin_meta("calibration", len(calibration))
+    if resolved == "licenses":
+        return licenses_documents("calibration")
     if resolved in HUB_DATASETS:
         return _hub_documents(resolved, role="calibration")
     documents, meta = _local_split(Path(resolved).expanduser())
@@ -155,8 +159,10 @@ def eval_text(name: str | None) -> tuple[str, dict]:
     resolved = resolve_name(name, role="eval")
     if resolved == "builtin":
         _, evaluation = builtin_split()
-        meta = _builtin_meta("eval", len(evaluation))
+        meta = builtin_meta("eval", len(evaluation))
         documents: Sequence[str] = evaluation
+    elif resolved == "licenses":
+        documents, meta = licenses_documents("eval")
     elif resolved == "c4":
         raise ValueError("c4 evaluation is assembled from token windows, not one text; use load_eval")
     elif resolved in HUB_DATASETS:
@@ -224,39 +230,6 @@ def _auto_name(role: str) -> str:
         logger.info("%s data: the hub is not reachable, using 'builtin' instead of %s", role, wanted)
         return "builtin"
     return wanted
-
-
-# --- builtin: CPython's pydoc topics ----------------------------------------------------------------
-
-
-def builtin_split() -> tuple[list[str], list[str]]:
-    """(calibration, evaluation) topics: every 4th topic in sorted-key order is evaluation."""
-    topics = _pydoc_topics()
-    keys = sorted(topics)
-    calibration = [topics[k] for i, k in enumerate(keys) if i % 4 != 0]
-    evaluation = [topics[k] for i, k in enumerate(keys) if i % 4 == 0]
-    return calibration, evaluation
-
-
-def _pydoc_topics() -> dict[str, str]:
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:
-        raise LowbitError(
-            "the builtin dataset needs CPython's pydoc_data module, which this Python lacks; "
-            "pass a local .txt/.jsonl/.json file or install lowbit[hub] for hub datasets"
-        ) from e
-    return dict(topics)
-
-
-def _builtin_meta(role: str, n_documents: int) -> dict:
-    return {
-        "name": "builtin",
-        "source": f"pydoc_data.topics (CPython {platform.python_version()})",
-        "split": "evaluation = every 4th topic in sorted-key order (index % 4 == 0), calibration = the rest",
-        "role": role,
-        "n_documents": n_documents,
-    }
 
 
 # --- local files ------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class CompareRow:
     quantize_seconds: float | None
     ppl: dict[str, float] = field(default_factory=dict)
     tasks: dict[str, float] = field(default_factory=dict)  # task -> acc (or its first metric)
+    lm_eval_batch_sizes: list[int] = field(default_factory=list)  # what lm-eval ran with (auto: what it detected)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +139,7 @@ def evaluate_output(
 
         entry = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, progress=progress, **lm_eval_settings)
         row.tasks = {name: _task_score(task) for name, task in entry["tasks"].items()}
+        row.lm_eval_batch_sizes = entry["batch_sizes_used"]
         if entry.get("average_acc") is not None and len(entry["tasks"]) > 1:
             row.tasks["avg acc"] = entry["average_acc"]
     del loaded

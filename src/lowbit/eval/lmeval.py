@@ -29,6 +29,9 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 OFFLINE_TASKS = ("lowbit_mc", "lowbit_yesno", "lowbit_cloze")
 OFFLINE_GROUP = "lowbit_offline"
 _METRICS = ("acc", "acc_norm", "word_perplexity", "perplexity", "exact_match", "f1", "mcc")
+AUTO_BATCH = "auto"
+MAX_BATCH_SIZE = 64  # where "auto" starts its search, halving on out-of-memory (HFLM's own default)
+BATCH_SIZE_FORMS = "auto, auto:N (re-detected N times as the requests get shorter) or a positive integer"
 
 
 def lm_eval_version() -> str:
@@ -37,6 +40,22 @@ def lm_eval_version() -> str:
         return metadata.version("lm-eval")
     except metadata.PackageNotFoundError:
         raise LowbitError("lm-eval tasks need the eval extra: pip install 'lowbit[eval]'") from None
+
+
+def parse_batch_size(value: int | str) -> int | str:
+    """lm-eval's batch size: "auto" / "auto:N" (its own detection, kept as lm-eval spells it) or an int >= 1.
+
+    Checked here so a typo fails before a model loads rather than inside lm-eval after it."""
+    text = str(value).strip().lower()
+    if text == AUTO_BATCH:
+        return AUTO_BATCH
+    if text.startswith(f"{AUTO_BATCH}:"):
+        schedule = text.partition(":")[2]
+        if schedule.isdigit() and int(schedule) >= 1:
+            return f"{AUTO_BATCH}:{int(schedule)}"
+    elif text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise LowbitError(f"batch size '{value}' is not {BATCH_SIZE_FORMS}; e.g. --batch-size auto or --batch-size 8")
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -104,8 +123,11 @@ def _quiet(progress: bool) -> Iterator[None]:
         task_logger.removeFilter(_not_custom_dataset_hint)
 
 
-def wrap_model(model: nn.Module, tokenizer: Any, *, batch_size: int = 1) -> Any:
-    """lm-eval's HFLM around an already loaded model and its tokenizer (no reload, no device move)."""
+def wrap_model(model: nn.Module, tokenizer: Any, *, batch_size: int | str = AUTO_BATCH) -> Any:
+    """lm-eval's HFLM around an already loaded model and its tokenizer (no reload, no device move).
+
+    `batch_size` goes to HFLM as lm-eval's own (so "auto" detects exactly as `lm_eval --batch_size auto`); every
+    size its detection picks is appended to the returned model's `detected_batch_sizes`, for the record."""
     lm_eval_version()
     from lm_eval.models.huggingface import HFLM
 
@@ -113,9 +135,40 @@ def wrap_model(model: nn.Module, tokenizer: Any, *, batch_size: int = 1) -> Any:
     level = hf_logger.level
     hf_logger.setLevel(logging.ERROR)  # its "pretrained is not a str" warning is exactly what we mean to do
     try:
-        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=parse_batch_size(batch_size),
+                  max_batch_size=MAX_BATCH_SIZE)  # fmt: skip
     finally:
         hf_logger.setLevel(level)
+    lm.detected_batch_sizes = []
+    detect = lm._detect_batch_size
+
+    def recorded(*args: Any, **kwargs: Any) -> int:
+        size = detect(*args, **kwargs)
+        lm.detected_batch_sizes.append(int(size))
+        return size
+
+    lm._detect_batch_size = recorded
+    return lm
+
+
+def batch_sizes_used(lm: Any) -> list[int]:
+    """The batch sizes lm-eval ran with: the fixed size, or what "auto" detected (sorted, distinct)."""
+    if isinstance(lm.batch_size, int):
+        return [lm.batch_size]
+    return sorted(set(lm.detected_batch_sizes))
+
+
+@contextlib.contextmanager
+def _stdout_to_log() -> Iterator[None]:
+    """lm-eval prints its batch size detection to stdout; lowbit's stdout is its results, so log those lines."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                log.info("lm-eval: %s", line.strip())
 
 
 def evaluate_tasks(
@@ -125,7 +178,7 @@ def evaluate_tasks(
     *,
     num_fewshot: int | None = None,
     limit: int | float | None = None,
-    batch_size: int = 1,
+    batch_size: int | str = AUTO_BATCH,
     seed: int = 1234,
     include_path: str | Path | None = None,
     progress: bool = True,
@@ -133,12 +186,14 @@ def evaluate_tasks(
 ) -> dict[str, Any]:
     """Run lm-eval tasks on `model`; returns the record entry (scores per task, average acc, settings, versions).
 
-    `limit` caps the documents per task (lm-eval's meaning: < 1 is a fraction); `seed` seeds lm-eval's samplers;
+    `limit` caps the documents per task (lm-eval's meaning: < 1 is a fraction); `batch_size` is lm-eval's ("auto",
+    "auto:N" or an int; the sizes it ran with are recorded as `batch_sizes_used`); `seed` seeds lm-eval's samplers;
     `manager` is a `task_manager()` to reuse (built here when None).
     """
     import lm_eval
 
     names = parse_tasks(tasks)
+    batch_size = parse_batch_size(batch_size)
     manager = manager if manager is not None else task_manager(include_path, names)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
@@ -147,7 +202,7 @@ def evaluate_tasks(
             f"{', '.join((*OFFLINE_TASKS, OFFLINE_GROUP))} (hub tasks such as arc_easy need the hub)"
         )
     started = time.perf_counter()
-    with _quiet(progress), _offline_when_hub_unreachable(names):
+    with _quiet(progress), _offline_when_hub_unreachable(names), _stdout_to_log():
         lm = wrap_model(model, tokenizer, batch_size=batch_size)
         try:
             raw = lm_eval.simple_evaluate(
@@ -175,6 +230,7 @@ def evaluate_tasks(
             "num_fewshot": num_fewshot,
             "limit": limit,
             "batch_size": batch_size,
+            "batch_sizes_used": batch_sizes_used(lm),
             "seed": seed,
             "seconds": round(time.perf_counter() - started, 2),
         }
@@ -218,7 +274,7 @@ def summarize(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_scores(entry: dict[str, Any]) -> list[str]:
-    """One line per task (acc and acc_norm when present) and the average, for printing."""
+    """One line per task (acc and acc_norm when present), the average and what "auto" batched with, for printing."""
     lines = []
     for name, task in entry["tasks"].items():
         parts = [f"{metric} {task[metric]:.4f}" for metric in ("acc", "acc_norm") if metric in task]
@@ -227,4 +283,7 @@ def format_scores(entry: dict[str, Any]) -> list[str]:
         lines.append(f"{name} ({task['n_shot']}-shot, {task['samples']} docs): " + ", ".join(parts))
     if entry.get("average_acc") is not None and len(entry["tasks"]) > 1:
         lines.append(f"average acc over {len(entry['tasks'])} tasks: {entry['average_acc']:.4f}")
+    used = entry.get("batch_sizes_used")
+    if used and not isinstance(entry.get("batch_size"), int):
+        lines.append(f"lm-eval batch size {entry['batch_size']}: ran with {', '.join(map(str, used))}")
     return lines
