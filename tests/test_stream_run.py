@@ -224,7 +224,10 @@ def test_auto_streams_when_the_resident_run_would_not_fit(tmp_path, tokenizer_di
     monkeypatch.setattr("lowbit.planner.plan.available_memory", lambda: int((resident + streamed) / 2 / 0.85))
     result = lowbit.quantize_to(tmp_path / "out", model=str(model_dir), recipe="rtn", scheme="w4g32")
     assert result.streamed and result.record["memory"]["plan"]["mode"] == "stream"
-    assert result.record["memory"]["measured_mib"]["peak_rss_mib"] > 0
+    measured = result.record["memory"]["measured_mib"]
+    assert measured["peak_rss_mib"] > 0
+    phases = [measured["phases"][name]["peak_rss_mib"] for name in ("loaded", "stages")]  # high-water marks
+    assert 0 < phases[0] <= phases[1] <= measured["peak_rss_mib"]
 
 
 def test_lowbit_plan_prints_the_plan_without_loading(tmp_path, tokenizer_dir, monkeypatch, capsys):

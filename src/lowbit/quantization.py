@@ -17,7 +17,7 @@ from lowbit.actquant import activation_record, install_activation_quant, install
 from lowbit.arch import arch_for, window_bos_id
 from lowbit.config import QuantizeConfig
 from lowbit.data import load_calibration
-from lowbit.engine.memory import peak_rss_phases
+from lowbit.engine.memory import MemoryPhases, peak_rss_phases
 from lowbit.engine.offload import ChainStore, Offload, remove_stale_chains
 from lowbit.engine.pipeline import run_stages
 from lowbit.engine.precision import resolve_compile
@@ -87,6 +87,8 @@ def run_quantization(
     (`engine.offload`) go to a private directory in the work directory, else in `offload_dir`, else in the system's
     temp directory, removed when the stages end (also on error)."""
     started = time.perf_counter()
+    phases = MemoryPhases()
+    phases.mark("loaded")  # the high-water mark as each phase ends: the phase where it rises holds the peak
     arch = arch_for(loaded.model)
     check_run(config, loaded.model)
     if installed_act_bits(loaded.model, arch) != 16:
@@ -126,6 +128,7 @@ def run_quantization(
         raise
     records, metrics = found.records, found.metrics
     quantize_seconds = time.perf_counter() - tuned
+    phases.mark("stages")  # capture and the block loop (a streamed run's export writes happen in here)
     log.info("quantized %d linears with %s in %.1fs", len(records), config.recipe, quantize_seconds)
     # A W-A result *is* a W-A model: its activation quantizers stay installed for every later forward (perplexity,
     # generate, lm-eval), so it is never evaluated weight-only by accident.
@@ -154,7 +157,7 @@ def run_quantization(
     if config.needs_data:
         record["chains"] = {"offload": offload, "option": config.engine.offload}
     if plan is not None:  # the planner's estimate next to what this process measured (quantization done)
-        record["memory"] = {"plan": plan.to_dict(), "measured_mib": peak_rss_phases()}
+        record["memory"] = {"plan": plan.to_dict(), "measured_mib": {**peak_rss_phases(), "phases": phases.to_dict()}}
     if work is not None:
         record["checkpoints"] = {"work_dir": str(work.path), "resumed": resume}
     artifacts = found.artifacts

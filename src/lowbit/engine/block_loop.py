@@ -147,6 +147,7 @@ def run_block_stages(
     options: EngineOptions,
     seed: int,
     checkpoint: GroupCheckpoint | None = None,
+    *,
     source: BlockSource | None = None,
     sink: BlockSink | None = None,
     observer: BlockObserver | None = None,
@@ -167,8 +168,8 @@ def run_block_stages(
     """
     if chains is None:
         with ChainStore("disk" if options.offload == "disk" else "ram") as owned:
-            return run_block_stages(model, arch, stages, scheme, calibration, options, seed, checkpoint, source, sink,
-                                    owned)  # fmt: skip
+            return run_block_stages(model, arch, stages, scheme, calibration, options, seed, checkpoint,
+                                    source=source, sink=sink, chains=owned, observer=observer)  # fmt: skip
     device = torch.device(options.device)
     quantized_input = _chain_choice(stages, options.quantized_input)
     has_quantizer = any(stage.kind == "quantizer" for stage in stages)
