@@ -6,13 +6,13 @@ MODEL_DIR is a fake export or a float model directory (anything `lm_eval --model
 (default 1, 8 and auto) it times, each in a fresh process and alone (under /tmp/lowbit-bench.lock):
 
     python -m lowbit eval MODEL_DIR --tasks T --batch-size B --no-record --json ...
-    python -m lm_eval --model hf --model_args pretrained=MODEL_DIR,device=cpu --tasks T --batch_size B
+    python -m lm_eval --model hf --model_args pretrained=MODEL_DIR --device cpu --tasks T --batch_size B
         --include_path src/lowbit/eval/tasks --seed 1234,1234,1234,1234 --output_path ...
 
 and writes the wall seconds (the whole process: imports, model load, tasks), each tool's own evaluation seconds
 (lowbit: the tasks after the model is loaded; lm-eval: its tracker's total), the scores, the batch sizes each ran
 with, and the ratio lowbit / lm-eval per batch size. The default task, `lowbit_offline`, ships with lowbit and
-needs no network; lowbit evaluates on the CPU, so lm-eval is given `device=cpu` too (`--device` sets lm-eval's
+needs no network; lowbit evaluates on the CPU, so lm-eval is given `--device cpu` too (`--device` sets lm-eval's
 only). Issue 31 asks for a wall ratio within 1.10 at every batch size.
 """
 
@@ -78,7 +78,7 @@ def _rounded(value: float | None) -> float | None:
 def run_lm_eval(args: argparse.Namespace, batch: str, scratch: Path) -> dict[str, Any]:
     out = scratch / f"lm_eval-{batch.replace(':', '_')}"
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-           f"pretrained={args.model},device={args.device}", "--tasks", args.tasks, "--batch_size", batch,
+           f"pretrained={args.model}", "--device", args.device, "--tasks", args.tasks, "--batch_size", batch,
            "--include_path", str(TASKS_DIR), "--seed", "1234,1234,1234,1234", "--output_path", str(out),
            *common_flags(args, "lm_eval")]  # fmt: skip
     wall = timed(cmd)
