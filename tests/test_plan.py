@@ -203,8 +203,9 @@ def test_model_scope_stage_cannot_stream():
 
 
 def test_streaming_combined_with_fewer_samples():
-    """Where neither streaming nor fewer samples fits alone, the fix is both."""
-    config = build_config(recipe="gptq", nsamples=256, seqlen=2048)
+    """Where neither streaming nor fewer samples fits alone, the fix is both (chains kept in RAM: on disk,
+    streaming alone would fit)."""
+    config = build_config(recipe="gptq", nsamples=256, seqlen=2048, options={"engine": {"offload": "ram"}})
     shape = ModelShape.from_config(_llama(96, hidden=2048))
     few = build_config(recipe="gptq", nsamples=16, seqlen=2048)
     available = int(estimate(shape, few, stream=True).required * 1.05)

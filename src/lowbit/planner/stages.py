@@ -154,13 +154,13 @@ def gptq_solve(facts: RunFacts, subset: list[LinearShape]) -> tuple[int, int]:
 
 def _gptq(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, int]]:
     """methods/gptq/stage.py + passes.py. Pre-norm families with an `mlp` module record, for the passes that start
-    there, the MLP's input and the residual (one chain each, in RAM also with the chains on disk) and, where it fits
+    there, the MLP's input and the residual (one chain each; nothing with the chains on disk) and, where it fits
     in a quarter of the free memory, the last linear's input (a chain at intermediate width); the quantized chain
     is then rebuilt from those records (a new chain, filled per batch) while they are alive."""
     host: dict[str, int] = {}
     solve, device_hessians = max(gptq_solve(facts, subset) for subset in facts.block.subsets())
     records = 0
-    if facts.shape.model_type != "opt":
+    if facts.shape.model_type != "opt" and not facts.chains_on_disk:  # on disk: the passes replay, nothing kept
         records = facts.chain
         if facts.scheme.act_bits >= ACT_BITS_OFF:
             records += facts.chain

@@ -103,19 +103,25 @@ class GPTQ(BlockStage):
         """What pass `index` records: the calls of the module the next pass starts at ("entry"); before the last
         pass, the residual entering the MLP's norm ("residual"); in the last pass, with a residual + MLP chain in
         view, the inputs of a single last linear ("last_input"). Each only where it fits in a quarter of the free
-        memory (with the records kept beside it): else the passes run the whole block, as without records."""
+        memory (with the records kept beside it) and the chains are in RAM (each record is a chain-sized tensor in
+        RAM, which engine.offload=disk is there to avoid): else the passes run the whole block, as without records."""
+        on_disk = ctx.chains.on_disk
+
+        def keep(nbytes: int) -> bool:
+            return not on_disk and fits_in_memory(nbytes)
+
         subset = subsets[index]
         following = subsets[index + 1] if index + 1 < len(subsets) else ()
         token_bytes = math.prod(ctx.inputs.shape[:-1]) * ctx.inputs.element_size()  # a chain that is in RAM or not
         hidden_bytes = token_bytes * ctx.inputs.shape[-1]  # one record of a hidden-size activation
-        path = entry_module(following, subset) if following and fits_in_memory(hidden_bytes) else None
+        path = entry_module(following, subset) if following and keep(hidden_bytes) else None
         records = {"entry": ModuleCalls(path)} if path is not None else {}
         norm = residual_norm(ctx.arch, path) if path is not None and index + 2 == len(subsets) else None
-        if norm is not None and self.scheme.act_bits >= ACT_BITS_OFF and fits_in_memory(2 * hidden_bytes):
+        if norm is not None and self.scheme.act_bits >= ACT_BITS_OFF and keep(2 * hidden_bytes):
             records["residual"] = ModuleCalls(norm)
         if chain and not following and len(subset) == 1:
             linear = ctx.linears()[subset[0]]
-            if fits_in_memory(token_bytes * linear.in_features):
+            if keep(token_bytes * linear.in_features):
                 records["last_input"] = ModuleCalls(subset[0])
         return records
 
