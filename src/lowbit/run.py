@@ -69,6 +69,10 @@ class EvalSettings:
     windows: int | None = None
     progress: bool = True
 
+    def names(self) -> list[str]:
+        """The dataset names, in the order given."""
+        return [part.strip() for part in self.datasets.split(",") if part.strip()]
+
 
 def quantize_to(
     out: str | Path | None,
@@ -324,7 +328,7 @@ def preflight(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Mo
 def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings) -> dict[str, dict]:
     """Perplexity on each of `settings.datasets`, keyed by the dataset's own name."""
     results = {}
-    for name in [part.strip() for part in settings.datasets.split(",") if part.strip()]:
+    for name in settings.names():
         data = load_eval(tokenizer, name)
         result = perplexity(model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
                             progress=settings.progress)  # fmt: skip
@@ -337,7 +341,7 @@ def streamed_evaluation(
 ) -> StreamedEvaluation:
     """The evaluation of a streamed run: each of `settings.datasets` cut into windows as `perplexity()` cuts them."""
     texts = []
-    for name in [part.strip() for part in settings.datasets.split(",") if part.strip()]:
+    for name in settings.names():
         data = load_eval(loaded.tokenizer, name)
         windows = cut_windows(loaded.model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
                               bos=None)  # fmt: skip
@@ -354,7 +358,7 @@ def count_eval_windows(path: Path, settings: EvalSettings, *, trust_remote_code:
     try:
         tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
         counts = []
-        for name in [part.strip() for part in settings.datasets.split(",") if part.strip()]:
+        for name in settings.names():
             tokens = load_eval(tokenizer, name).input_ids.numel()
             counts.append(window_count(tokens, settings.seqlen - 1, settings.windows))  # BOS-first windows: L - 1
     except LowbitError as error:
