@@ -15,11 +15,12 @@ import lowbit
 from lowbit.config import build_config
 from lowbit.engine import BlockContext, capture_block_inputs
 from lowbit.engine.offload import ChainStore, DiskChain, load_chains, save_chains, to_device
+from lowbit.engine.stream_checkpoint import StreamCheckpoint
 from lowbit.errors import LowbitError
 from lowbit.planner.plan import ModelShape, estimate, plan_run
 from lowbit.quantization import resolve_offload, settings_fingerprint
 from lowbit.run import ExportSettings
-from test_stream_run import checkpoint, digests
+from test_stream_run import checkpoint, digests, interrupt_after_block
 
 # every chain call site: SignRound's random sample indices, held-out samples and student targets, OmniQuant's
 # augmented targets and LET statistics, TEQ's row lists, AWQ's recorded forward, GPTQ's residual chain
@@ -244,21 +245,13 @@ def test_offload_is_no_part_of_the_fingerprint():
 
 def test_a_resumed_streamed_run_may_switch_to_disk_chains(tmp_path, model_dir, monkeypatch, disk_chains):
     """Interrupted with its chains in RAM, resumed with them on disk: the saved chain is read into a DiskChain."""
-    from lowbit.engine.stream_checkpoint import StreamCheckpoint
 
     reference, out = tmp_path / "reference" / "out", tmp_path / "resumed" / "out"
     quantize(model_dir, reference, "gptq", "ram", "on", checkpoint=False)
-    original = StreamCheckpoint.save
-
-    def save(self, index, *args, **kwargs):
-        original(self, index, *args, **kwargs)
-        if index == 0:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StreamCheckpoint, "save", save)
+    original = interrupt_after_block(monkeypatch, 0)
     with pytest.raises(KeyboardInterrupt):
         quantize(model_dir, out, "gptq", "ram", "on")
-    monkeypatch.setattr(StreamCheckpoint, "save", original)
+    monkeypatch.setattr(StreamCheckpoint, "save", original)  # undo() would also drop the disk_chains fixture's patch
     assert not disk_chains
     record = quantize(model_dir, out, "gptq", "disk", "on", resume=True)
     assert record["chains"]["offload"] == "disk" and disk_chains

@@ -9,7 +9,7 @@ import pytest
 
 import lowbit
 from lowbit.run import EvalSettings, ExportSettings
-from test_stream_run import DATA, FAST, checkpoint
+from test_stream_run import DATA, FAST, checkpoint, interrupt_after_block
 
 EVAL = EvalSettings("builtin", seqlen=24, windows=5, progress=False)
 
@@ -47,18 +47,10 @@ def test_streamed_eval_reports_what_the_resident_eval_reports(tmp_path, tokenize
 
 @pytest.mark.parametrize("recipe, offload", [("rtn", "ram"), ("gptq", "ram"), ("gptq", "disk")])
 def test_a_resumed_streamed_run_continues_its_evaluation(tmp_path, tokenizer_dir, monkeypatch, recipe, offload):
-    from lowbit.engine.stream_checkpoint import StreamCheckpoint
 
     model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
     reference = evaluation(model_dir, tmp_path / "reference", "on", recipe, "w4g32", checkpoint=False)
-    original = StreamCheckpoint.save
-
-    def save(self, index, *args, **kwargs):
-        original(self, index, *args, **kwargs)
-        if index == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StreamCheckpoint, "save", save)
+    interrupt_after_block(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         evaluation(model_dir, tmp_path / "out", "on", recipe, "w4g32", offload)
     monkeypatch.undo()
@@ -66,17 +58,10 @@ def test_a_resumed_streamed_run_continues_its_evaluation(tmp_path, tokenizer_dir
 
 
 def test_resuming_with_other_eval_settings_is_refused(tmp_path, tokenizer_dir, monkeypatch):
-    from lowbit.engine.stream_checkpoint import StreamCheckpoint
     from lowbit.errors import LowbitError
 
     model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
-    original = StreamCheckpoint.save
-
-    def save(self, index, *args, **kwargs):
-        original(self, index, *args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(StreamCheckpoint, "save", save)
+    interrupt_after_block(monkeypatch)
     options = {"engine": {"stream": "on", "progress": False}}
     with pytest.raises(KeyboardInterrupt):  # started without --eval
         lowbit.quantize_to(tmp_path / "out", model=str(model_dir), recipe="rtn", scheme="w4g32", options=options,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -137,10 +138,25 @@ def export_files(directory: Path) -> dict[str, str]:
     return {name: digest for name, digest in digests(directory).items() if name != "README.md"}
 
 
+def interrupt_after_block(monkeypatch, after: int | None = None) -> Callable:
+    """Make a streamed run stop (KeyboardInterrupt) right after block `after` is checkpointed (None: the first);
+    returns the original `StreamCheckpoint.save`."""
+    from lowbit.engine.stream_checkpoint import StreamCheckpoint
+
+    original = StreamCheckpoint.save
+
+    def save(self, index, *args, **kwargs):
+        original(self, index, *args, **kwargs)
+        if after is None or index == after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamCheckpoint, "save", save)
+    return original
+
+
 @pytest.mark.parametrize("recipe, after", [("gptq", 0), ("signround", 1), ("rtn", 1)])
 def test_interrupted_streamed_run_resumes_to_the_same_bytes(tmp_path, tokenizer_dir, monkeypatch, recipe, after):
     from lowbit.cli import main
-    from lowbit.engine.stream_checkpoint import StreamCheckpoint
     from lowbit.engine.workdir import work_dir_for
 
     model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir, max_shard_bytes=20_000)
@@ -148,14 +164,7 @@ def test_interrupted_streamed_run_resumes_to_the_same_bytes(tmp_path, tokenizer_
     extra = ("--opt", "signround.iters=4") if recipe == "signround" else ()
     assert main(cli(model_dir, reference, recipe, "--no-checkpoint", *extra)) == 0
 
-    original = StreamCheckpoint.save
-
-    def save(self, index, *args, **kwargs):
-        original(self, index, *args, **kwargs)
-        if index == after:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(StreamCheckpoint, "save", save)
+    interrupt_after_block(monkeypatch, after)
     assert main(cli(model_dir, out, recipe, *extra)) == 130
     monkeypatch.undo()
     work = work_dir_for(out)
