@@ -37,7 +37,8 @@ def test_compare_two_exports_and_the_float_model(tiny_llama_dir, text_file, tmp_
              "--batch-size", 2]  # fmt: skip
     assert run_cli("compare", w4, w3, "--float", tiny_llama_dir, *flags, "--markdown", "--json", table, "-q") == 0
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[0].startswith("| output | method | scheme | format | weights MiB | ppl local | lowbit_yesno |")
+    header = f"| output | method | scheme | format | weights MiB | ppl {text_file} | lowbit_yesno |"
+    assert printed[0].startswith(header)
     assert printed[0].endswith("quantize s |")
     assert [line.split(" | ")[0] for line in printed[2:]] == ["| float", "| rtn-w4", "| rtn-w3-ct"]
     rows = json.loads(table.read_text())
@@ -45,18 +46,18 @@ def test_compare_two_exports_and_the_float_model(tiny_llama_dir, text_file, tmp_
         ("float", "-", "hf"), ("rtn", "w4g32", "fake"), ("rtn", "w3g32", "compressed-tensors")
     ]  # fmt: skip
     for row, directory in zip(rows, [tiny_llama_dir, w4, w3], strict=True):
-        assert row["ppl"]["local"] == round(_ppl(directory, text_file), 4)  # the same windows as `lowbit eval`
+        assert row["ppl"][str(text_file)] == round(_ppl(directory, text_file), 4)  # the same windows as `lowbit eval`
         assert 0 <= row["tasks"]["lowbit_yesno"] <= 1 and row["lm_eval_batch_sizes"] == [2]
     record = json.loads((w4 / RECORD_FILE).read_text())
     assert rows[1]["quantize_seconds"] == record["timings"]["quantize_seconds"]
     assert rows[0]["quantize_seconds"] is None
     assert rows[2]["size_mb"] < rows[1]["size_mb"] == rows[0]["size_mb"]  # packed 3-bit < fake fp32 = float
-    assert f"{rows[2]['ppl']['local']:.3f}" in printed[-1]
+    assert f"{rows[2]['ppl'][str(text_file)]:.3f}" in printed[-1]
 
     assert run_cli("compare", w4, "--ppl", text_file, "--eval-seqlen", "64", "--eval-windows", "1", "-q") == 0
     plain = capsys.readouterr().out.splitlines()
-    assert plain[0].split() == ["output", "method", "scheme", "format", "weights", "MiB", "ppl", "local", "quantize",
-                                "s"]  # fmt: skip
+    assert plain[0].split() == ["output", "method", "scheme", "format", "weights", "MiB", "ppl", str(text_file),
+                                "quantize", "s"]  # fmt: skip
     assert plain[1].split()[:4] == ["rtn-w4", "rtn", "w4g32", "fake"]
 
 

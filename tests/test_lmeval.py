@@ -197,6 +197,25 @@ def test_wrap_model_passes_the_batch_size_to_hflm(tokenizer, monkeypatch):
         wrap_model(model, tokenizer, batch_size="eight")
 
 
+def test_cpu_batch_cap_halves_until_the_detection_logits_fit():
+    gib = 2**30
+    assert lmeval.cpu_batch_cap(512, 49_152, 64 * gib) == 64  # 64 x 512 x 49k x 12 B = 19 GB < 32 GiB
+    assert lmeval.cpu_batch_cap(2048, 49_152, 16 * gib) == 4  # 1.2 GB per row: 8 would need 9.7 GB of 8 GiB
+    assert lmeval.cpu_batch_cap(2048, 49_152, 16 * gib) * 3 * 2048 * 49_152 * 4 <= 8 * gib
+    assert lmeval.cpu_batch_cap(8192, 262_144, 4 * gib) == 1  # never below 1
+    assert lmeval.cpu_batch_cap(16, 100, gib, start=4) == 4  # never above the start
+
+
+def test_auto_detection_on_cpu_starts_where_the_logits_fit(tokenizer, monkeypatch):
+    """With little memory left, "auto" does not try a batch whose logits cannot fit (it would be killed)."""
+    monkeypatch.setattr(lmeval, "MAX_BATCH_SIZE", 8)
+    lm = wrap_model(make_llama(), tokenizer, batch_size="auto")
+    lm._max_length = 16
+    vocab = lm.model.config.vocab_size
+    monkeypatch.setattr(lmeval, "available_memory", lambda: 2 * 3 * 2 * 16 * vocab * 4)  # room for batch 2
+    assert lm._detect_batch_size() == 2 and batch_sizes_used(lm) == [2]
+
+
 def test_auto_batch_size_scores_equal_lm_eval_hf_model_with_auto(exports, monkeypatch):
     """At the same automatic batch size, every loglikelihood is lm-eval's own (the cap is small to keep it quick)."""
     monkeypatch.setattr(lmeval, "MAX_BATCH_SIZE", 4)

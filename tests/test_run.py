@@ -45,3 +45,18 @@ def test_quantize_to_writes_the_export_with_its_evaluation(tiny_llama_dir, tmp_p
     evaluation = result.record["evaluation"]
     assert set(evaluation["before"]) == set(evaluation["after"]) and evaluation["after"]
     assert not (tmp_path / ".out.lowbit-work").exists()  # checkpoints removed once the export is written
+
+
+def test_two_local_files_are_reported_apart(tiny_llama_dir, text_file, tmp_path):
+    """Each local file's perplexity is keyed by its path as given: two files do not overwrite one 'local' entry."""
+    from lowbit.models import load_model
+    from lowbit.run import evaluate_perplexity
+
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"Another paragraph number {i} about nothing much." for i in range(300)))
+    loaded = load_model(str(tiny_llama_dir))
+    names = f"{text_file},{other}"
+    results = evaluate_perplexity(loaded.model, loaded.tokenizer, EvalSettings(names, seqlen=32, windows=2,
+                                                                             progress=False))  # fmt: skip
+    assert list(results) == [str(text_file), str(other)]
+    assert results[str(text_file)]["ppl"] != results[str(other)]["ppl"]

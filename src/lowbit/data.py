@@ -107,6 +107,13 @@ def load_calibration(
     return CalibrationData(input_ids=ids, meta=meta)
 
 
+def eval_label(dataset: str, meta: dict) -> str:
+    """The key a perplexity result is reported under: the dataset's own name ("builtin", "wikitext2"), or for a
+    local file the path as the user gave it, so that two local files in one evaluation stay apart."""
+    name = meta.get("name", dataset)
+    return dataset if name == "local" else name
+
+
 def load_eval(tokenizer: Any, dataset: str | None) -> EvalData:
     """The evaluation token stream [1, N] of `dataset`, assembled as the reference protocol says."""
     name = resolve_name(dataset, role="eval")

@@ -20,7 +20,7 @@ import torch
 
 from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
-from lowbit.data import load_eval
+from lowbit.data import eval_label, load_eval
 from lowbit.engine.streaming import BlockSource
 from lowbit.engine.workdir import WorkDir, estimate_checkpoint_bytes, work_dir_for
 from lowbit.errors import LowbitError
@@ -332,7 +332,7 @@ def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, settings: EvalSe
         data = load_eval(tokenizer, name)
         result = perplexity(model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
                             progress=settings.progress)  # fmt: skip
-        results[data.meta.get("name", name)] = {**result.to_dict(), "data": data.meta}
+        results[eval_label(name, data.meta)] = {**result.to_dict(), "data": data.meta}
     return results
 
 
@@ -345,7 +345,7 @@ def streamed_evaluation(
         data = load_eval(loaded.tokenizer, name)
         windows = cut_windows(loaded.model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
                               bos=None)  # fmt: skip
-        texts.append(EvalText(data.meta.get("name", name), windows, data.meta))
+        texts.append(EvalText(eval_label(name, data.meta), windows, data.meta))
     return StreamedEvaluation(loaded.model, arch_for(loaded.model), texts, device=torch.device(config.engine.device),
                               source=source)  # fmt: skip
 

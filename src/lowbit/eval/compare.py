@@ -120,7 +120,7 @@ def evaluate_output(
 
     `kernel` is the packed runtime's matmul for packed exports (lowbit.load).
     """
-    from lowbit.data import load_eval
+    from lowbit.data import eval_label, load_eval
     from lowbit.eval.perplexity import perplexity
     from lowbit.models import load_model
     from lowbit.runtime.load import load
@@ -133,7 +133,7 @@ def evaluate_output(
     for name in ppl:
         data = load_eval(loaded.tokenizer, name)
         result = perplexity(loaded.model, data.input_ids, seqlen=seqlen, max_windows=windows, progress=progress)
-        row.ppl[data.meta.get("name", name)] = round(result.ppl, 4)
+        row.ppl[eval_label(name, data.meta)] = round(result.ppl, 4)
     if tasks:
         from lowbit.eval.lmeval import evaluate_tasks
 

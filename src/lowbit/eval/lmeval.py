@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from lowbit.data import hub_reachable
+from lowbit.engine.memory import available_memory
 from lowbit.errors import LowbitError, first_line
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ OFFLINE_GROUP = "lowbit_offline"
 _METRICS = ("acc", "acc_norm", "word_perplexity", "perplexity", "exact_match", "f1", "mcc")
 AUTO_BATCH = "auto"
 MAX_BATCH_SIZE = 64  # where "auto" starts its search, halving on out-of-memory (HFLM's own default)
+LOGIT_COPIES = 3  # logits, their log_softmax and a temporary: what one detection forward holds per token x vocab
 BATCH_SIZE_FORMS = "auto, auto:N (re-detected N times as the requests get shorter) or a positive integer"
 
 
@@ -140,15 +142,30 @@ def wrap_model(model: nn.Module, tokenizer: Any, *, batch_size: int | str = AUTO
     finally:
         hf_logger.setLevel(level)
     lm.detected_batch_sizes = []
-    detect = lm._detect_batch_size
+    detect, start = lm._detect_batch_size, lm.max_batch_size
 
-    def recorded(*args: Any, **kwargs: Any) -> int:
-        size = detect(*args, **kwargs)
+    def recorded(requests: Sequence | None = None, pos: int = 0) -> int:
+        if lm.device.type == "cpu":  # on CPU an oversized try is not an OOM error lm-eval can catch, but a kill
+            tokens = lm.max_length if not requests else min(lm.max_length, len(requests[pos][1] + requests[pos][2]))
+            lm.max_batch_size = cpu_batch_cap(tokens, lm.model.config.vocab_size, available_memory(), start)
+        size = detect(requests, pos)
         lm.detected_batch_sizes.append(int(size))
         return size
 
     lm._detect_batch_size = recorded
     return lm
+
+
+def cpu_batch_cap(tokens: int, vocab: int, available: int, start: int = MAX_BATCH_SIZE) -> int:
+    """The batch size "auto" may start from on CPU: `start` halved until a detection forward's logits
+    (LOGIT_COPIES x batch x tokens x vocab fp32) fit in half of the `available` bytes; at least 1.
+
+    lm-eval's detection halves on an out-of-memory error, which CUDA raises; on Linux an oversized CPU allocation
+    is granted and the process is killed when it touches the pages, so the start must already fit."""
+    batch = start
+    while batch > 1 and LOGIT_COPIES * batch * tokens * vocab * 4 > available // 2:
+        batch //= 2
+    return batch
 
 
 def batch_sizes_used(lm: Any) -> list[int]:
