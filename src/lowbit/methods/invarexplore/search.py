@@ -224,7 +224,8 @@ class InvarSearch:
         return layer, False
 
     def run(self, start: int = 0) -> str:
-        """Steps from `start` until max_steps, max_seconds or patience; returns why it stopped."""
+        """Steps from `start` until max_steps, max_seconds, patience or holdout_patience; returns why it stopped.
+        The held-out watchers measure between steps; at the end the best-on-holdout state (if any) is restored."""
         options, counters = self.options, self.counters
         counters.steps = start
         started = time.perf_counter()
@@ -268,12 +269,12 @@ class InvarSearch:
                     break
         finally:
             bar.close()
-        self.seconds = time.perf_counter() - started
         if counters.window_steps:
-            self._log_row(self.seconds, counters.steps - start)
+            self._log_row(time.perf_counter() - started, counters.steps - start)
         if options.checkpoint:
             self.save_record(options.checkpoint)  # the state reached, so a resume continues the straight run
         self.watch.finish(self)  # may put the best-on-holdout state back
+        self.seconds = time.perf_counter() - started  # with the last held-out measurements (in the breakdown)
         return reason if start < options.max_steps else "record already at max_steps"
 
     def _log_row(self, elapsed: float, done: int) -> None:
