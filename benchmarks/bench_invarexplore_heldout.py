@@ -1,7 +1,9 @@
 """InvarExplore, train vs test (issue 31): does the search help text it never saw, and which option keeps it from
 hurting? SmolLM2-135M (the embedded default), calibration `builtin` 32 x 512 per seed, AWQ teacher per seed.
 
-Usage (one scheme, 3 seeds, default budget; about 40 minutes on the 2-core CPU with no other job, see ESTIMATE):
+Usage (one scheme, 3 seeds, the default 12 steps: estimated 47 minutes on the 2-core CPU with no other job, of which
+~39 are fixed (AWQ teachers ~15, process starts and test-curve points ~24) and ~1 per step of the 5 search rows x 3
+seeds; the script logs its estimate for the given arguments, see ESTIMATE):
     flock /tmp/lowbit-bench.lock python benchmarks/bench_invarexplore_heldout.py --schemes w2g128 \
         --out benchmarks/results/invarexplore_heldout_w2.json
     python benchmarks/bench_invarexplore_heldout.py --table benchmarks/results/invarexplore_heldout_w2.json
@@ -209,11 +211,11 @@ def main() -> None:
     print(table(rows) + "\n\n" + curves(rows))
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], fmt: str = ",.2f") -> str:
     """'mean (min-max)' over seeds, the value alone for one."""
     if len(values) == 1:
-        return f"{values[0]:,.2f}"
-    return f"{statistics.mean(values):,.2f} ({min(values):,.2f}-{max(values):,.2f})"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ({min(values):{fmt}} to {max(values):{fmt}})"
 
 
 def _grouped(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
@@ -224,23 +226,31 @@ def _grouped(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
 
 
 def table(rows: list[dict]) -> str:
-    """Held-out perplexity per domain and the train objective at the end: mean (min-max) over seeds, markdown."""
+    """Held-out perplexity per domain, its change against AWQ+RTN of the same seed (paired: the seed also draws the
+    calibration windows) and the train objective at the end: mean (min to max) over seeds, markdown."""
+    base = {(r["scheme"], r["seed"]): r for r in rows if r["label"] == "AWQ+RTN"}
     lines = [
-        "| scheme | row | seeds | objective end | ppl builtin (in-domain) | ppl licenses (cross-domain) | "
-        "steps (selected) | search s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scheme | row | seeds | objective end | ppl builtin (in-domain) | vs AWQ+RTN | ppl licenses (cross-domain) | "
+        "vs AWQ+RTN | steps (selected) | search s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (scheme, label), members in _grouped(rows).items():
         ie = [m.get("invarexplore") for m in members]
-        objective = _spread([x["final_objective"] for x in ie]) if all(ie) else "-"
+        objective = _spread([x["final_objective"] for x in ie], ".4f") if all(ie) else "-"
         steps = "-"
         if all(ie):
             selected = [x.get("holdout", {}).get("best_step") for x in ie]
             steps = str(ie[0]["steps"]) + (f" ({','.join(map(str, selected))})" if selected[0] is not None else "")
         seconds = f"{statistics.mean(x['seconds'] for x in ie):.0f}" if all(ie) else "-"
-        cells = [_spread([m[f"ppl_{d}"] for m in members]) for d in DOMAINS]
+        cells = []
+        for d in DOMAINS:
+            cells.append(_spread([m[f"ppl_{d}"] for m in members]))
+            paired = [
+                m[f"ppl_{d}"] / base[scheme, m["seed"]][f"ppl_{d}"] - 1 for m in members if (scheme, m["seed"]) in base
+            ]
+            cells.append(_spread([100 * x for x in paired], "+.1f") + " %" if paired else "-")
         seeds = ",".join(str(m["seed"]) for m in members)
-        lines.append(f"| {scheme} | {label} | {seeds} | {objective} | {cells[0]} | {cells[1]} | {steps} | {seconds} |")
+        lines.append(f"| {scheme} | {label} | {seeds} | {objective} | {' | '.join(cells)} | {steps} | {seconds} |")
     return "\n".join(lines)
 
 
