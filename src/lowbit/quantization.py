@@ -121,7 +121,8 @@ def run_quantization(
         groups = work if source is None else None  # a streamed run checkpoints through its sink
         with ChainStore(offload, work.path if work is not None else offload_dir) as chains:
             found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed,
-                               groups, source=source, sink=sink, chains=chains, observer=observer)  # fmt: skip
+                               groups, source=source, sink=sink, chains=chains, observer=observer,
+                               tokenizer=loaded.tokenizer)  # fmt: skip
     except BaseException:
         if work is not None and not work.holds_progress():
             work.remove()  # nothing to resume: leave no trace

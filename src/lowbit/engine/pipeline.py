@@ -61,11 +61,13 @@ def run_stages(
     sink: BlockSink | None = None,
     observer: BlockObserver | None = None,
     chains: ChainStore | None = None,
+    tokenizer: Any = None,
 ) -> PipelineResult:
     """Apply every stage to `model` in place. With `work`, finished groups and blocks are checkpointed and an
     interrupted run resumes after them. A streamed run (`source`, `sink`: engine/streaming.py) is one group of
     block-scope stages: a later group would need the blocks an earlier one released. `chains` makes the block loops'
-    activation chains (default: per `options.offload`, see `run_block_stages`)."""
+    activation chains (default: per `options.offload`, see `run_block_stages`); `tokenizer` reaches model-scope
+    stages that read evaluation text."""
     groups = stage_groups(stages)
     if source is not None and (len(groups) > 1 or groups[0][0].scope != "block"):
         raise LowbitError(
@@ -96,7 +98,7 @@ def run_stages(
         else:
             stage_dir = checkpoint.stage_dir() if checkpoint else None
             device = torch.device(options.device)
-            ctx = ModelContext(model, arch, scheme, calibration, device, seed, work_dir=stage_dir)
+            ctx = ModelContext(model, arch, scheme, calibration, device, seed, work_dir=stage_dir, tokenizer=tokenizer)
             stage.process_model(ctx)
             metrics[name] = ctx.metrics
             if checkpoint:

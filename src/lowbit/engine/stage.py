@@ -112,6 +112,8 @@ class ModelContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     # where the stage may keep mid-stage checkpoints (a rerun with --resume finds them there); None: no checkpoints
     work_dir: Path | None = None
+    # the model's tokenizer, for stages that read evaluation text (InvarExplore's test curve); None when not known
+    tokenizer: Any = None
 
 
 class ModelStage(Stage):

@@ -51,6 +51,13 @@ class Objective:
     predictions: int
     elements: int  # monitored layers x tokens x hidden size
 
+    @classmethod
+    def starting_at(cls, base: Score, evaluator: Evaluator, alpha: float) -> Objective:
+        """The objective normalised by `base`, the starting student's score on `evaluator`'s windows (L = 1 + α)."""
+        ce0 = base.ce_sum / evaluator.predictions
+        mse0 = sum(base.sse.values()) / evaluator.elements if evaluator.elements else 0.0
+        return cls(ce0, mse0, alpha, evaluator.predictions, evaluator.elements)
+
     def ce(self, score: Score) -> float:
         return score.ce_sum / self.predictions
 
@@ -93,6 +100,7 @@ class Evaluator:
     ce_chunk: int
     device: torch.device
     head_bf16: bool = False  # lm_head matmul in bf16 (autocast): faster on CPUs with bf16 units, not exact
+    streams: bool = True  # keep h_mid per layer for `incremental` (off: `full` only, no [n, L, d] x depth buffers)
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def __post_init__(self) -> None:
@@ -109,8 +117,9 @@ class Evaluator:
         self.kwargs = [{key: on_device(value) for key, value in kw.items()} for kw in captured.per_block]
         self.targets: dict[int, Tensor] = {}
         n, length, hidden = self.inputs.shape
-        self.mid = [torch.empty(n, length, hidden) for _ in range(self.depth)]
-        self.spare = [torch.empty(n, length, hidden) for _ in range(self.depth)]
+        kept = self.depth if self.streams else 0
+        self.mid = [torch.empty(n, length, hidden) for _ in range(kept)]
+        self.spare = [torch.empty(n, length, hidden) for _ in range(kept)]
         self.current: Score | None = None
         self.fresh = False  # whether `mid` belongs to the student in the model
 
@@ -178,7 +187,7 @@ class Evaluator:
         sse = dict.fromkeys(self.monitored, 0.0)
         ce_sum = 0.0
         where: list[slice] = [slice(0)]
-        handles = self._capture_mid(self.mid, range(self.depth), where)
+        handles = self._capture_mid(self.mid, range(len(self.mid)), where)
         try:
             for part in self.batches():
                 where[0] = part
@@ -192,7 +201,7 @@ class Evaluator:
             for handle in handles:
                 handle.remove()
         self._check(ce_sum, "cross-entropy")
-        self.current, self.fresh = Score(ce_sum, sse), True
+        self.current, self.fresh = Score(ce_sum, sse), self.streams
         return self.current
 
     @torch.no_grad()

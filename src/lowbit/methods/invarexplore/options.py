@@ -43,6 +43,19 @@ class InvarExploreOptions:
     proxy: Literal["rtn"] = field(
         default="rtn", metadata={"help": "in-loop quantizer: RTN of the scheme (exact before rtn, a proxy otherwise)"}
     )
+    heldout_eval: str = field(
+        default="", metadata={"help": "test curve: held-out perplexity datasets, comma-separated (builtin,licenses)"}
+    )
+    heldout_every: int = field(default=100, metadata={"help": "steps between test-curve points (and step 0, the end)"})
+    heldout_windows: int = field(default=8, metadata={"help": "test curve: windows per dataset (the first K)"})
+    heldout_seqlen: int = field(default=512, metadata={"help": "test curve: tokens per window"})
+    holdout: int = field(
+        default=0, metadata={"help": "calibration windows after the search batch scored for selection (0 = off)"}
+    )
+    holdout_every: int = field(default=50, metadata={"help": "steps between holdout checks (best state is kept)"})
+    holdout_patience: int | None = field(
+        default=None, metadata={"help": "also stop after this many holdout checks without improvement"}
+    )
     log_every: int = field(default=100, metadata={"help": "steps between log rows in the run record"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     resume: str | None = field(default=None, metadata={"help": "start from a saved record (file or export dir)"})
@@ -50,6 +63,11 @@ class InvarExploreOptions:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    @property
+    def heldout_datasets(self) -> list[str]:
+        """The test-curve datasets, in order (empty: no test curve)."""
+        return [name.strip() for name in self.heldout_eval.split(",") if name.strip()]
 
 
 def _validate(o: InvarExploreOptions) -> None:
@@ -65,7 +83,7 @@ def _validate(o: InvarExploreOptions) -> None:
         value = getattr(o, name)
         if value is not None and value < 1:
             raise LowbitError(f"invarexplore.{name} must be at least 1 (or none), got {value}")
-    for name in ("samples", "batch_size", "ce_chunk", "log_every"):
+    for name in ("samples", "batch_size", "ce_chunk", "log_every", "heldout_every", "heldout_windows", "holdout_every"):
         if getattr(o, name) < 1:
             raise LowbitError(f"invarexplore.{name} must be at least 1, got {getattr(o, name)}")
     if o.monitored_layers < 0:
@@ -76,3 +94,30 @@ def _validate(o: InvarExploreOptions) -> None:
         raise LowbitError("invarexplore.sigma_scale, sigma_rot, alpha and min_scale must not be negative")
     if not (o.permute or o.scale or o.rotate):
         raise LowbitError("invarexplore has nothing to search: enable at least one of permute, scale, rotate")
+    _validate_heldout(o)
+
+
+def _validate_heldout(o: InvarExploreOptions) -> None:
+    """The test curve's datasets and the holdout selection's sizes."""
+    names = o.heldout_datasets
+    if len(set(names)) != len(names) or (o.heldout_eval.strip() and not names):
+        raise LowbitError(
+            f"invarexplore.heldout_eval='{o.heldout_eval}': give distinct dataset names separated by commas, "
+            "e.g. heldout_eval=builtin,licenses (empty = no test curve)"
+        )
+    if names:
+        from lowbit.data import resolve_name  # deferred: the data module is not needed to build options otherwise
+
+        for name in names:
+            resolve_name(name, role="eval")
+    if o.heldout_seqlen < 2:
+        raise LowbitError(f"invarexplore.heldout_seqlen must be at least 2 tokens, got {o.heldout_seqlen}")
+    if o.holdout < 0:
+        raise LowbitError(f"invarexplore.holdout must be 0 (off) or a number of windows, got {o.holdout}")
+    if o.holdout_patience is not None and o.holdout_patience < 1:
+        raise LowbitError(f"invarexplore.holdout_patience must be at least 1 (or none), got {o.holdout_patience}")
+    if o.holdout_patience is not None and o.holdout == 0:
+        raise LowbitError(
+            "invarexplore.holdout_patience needs holdout windows to watch: set invarexplore.holdout=K (e.g. 8) "
+            "or drop holdout_patience"
+        )

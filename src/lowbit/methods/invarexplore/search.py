@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
 from lowbit.formats.files import ARTIFACTS_FILE
+from lowbit.methods.invarexplore.heldout import HeldoutWatch
 from lowbit.methods.invarexplore.invariances import (
     LayerState,
     ProposalConfig,
@@ -89,7 +90,11 @@ class InvarSearch:
         options: InvarExploreOptions,
         seed: int,
         device: str | torch.device,
+        heldout: dict[str, Tensor] | None = None,
+        holdout: Tensor | None = None,
     ) -> None:
+        """`heldout`: evaluation windows per dataset for the test curve; `holdout`: calibration windows kept out of
+        `ids` for best-on-holdout selection (heldout.py). Neither changes a decision."""
         check_model(model, arch, options.scale)
         self.model, self.arch, self.scheme, self.options, self.seed = model, arch, scheme, options, seed
         self.blocks = arch.blocks(model)
@@ -120,6 +125,7 @@ class InvarSearch:
         self.initial = math.inf
         self.seconds = 0.0
         self.timings = self.evaluator.timings
+        self.watch = HeldoutWatch.build(self, heldout, holdout)
 
     # -- the student in the model ------------------------------------------------------------------------
 
@@ -144,6 +150,7 @@ class InvarSearch:
         """Teacher targets, the RTN student, CE₀ and MSE₀ on it; then the resumed states, if any."""
         evaluator = self.evaluator
         evaluator.record_teacher()
+        self.watch.record_teacher()
         for layer in range(self.depth):
             linears = self._linears(layer)
             self.teacher.append({name: linear.weight.detach().clone() for name, linear in linears.items()})
@@ -153,20 +160,23 @@ class InvarSearch:
             for linear in linears.values():
                 linear.weight.data = self.quantize(linear.weight.detach()).to(self.dtype)
         base = self._full_score()
-        ce0 = base.ce_sum / evaluator.predictions
-        mse0 = sum(base.sse.values()) / evaluator.elements if evaluator.elements else 0.0
-        self.objective = Objective(ce0, mse0, self.options.alpha, evaluator.predictions, evaluator.elements)
+        self.objective = Objective.starting_at(base, evaluator, self.options.alpha)
+        self.watch.prepare()
         self.initial = self.best = self.objective(base)
         if resume:
-            for layer, state in resume.items():
-                self.states[layer] = state
-                self._install(layer, *self._candidate(layer, state, None))
-            self.best = self.objective(self._full_score())
+            self.restore(resume)
         self.timings.clear()  # the breakdown covers the search loop only
         log.info(
             "InvarExplore start: CE0 %.4f, MSE0 %.4g, objective %.6f (%d monitored layers)",
-            ce0, mse0, self.best, len(self.monitored),
+            self.objective.ce0, self.objective.mse0, self.best, len(self.monitored),
         )  # fmt: skip
+
+    def restore(self, states: dict[int, LayerState]) -> None:
+        """Put these layers' states (rebuilt from the teacher) into the student and rescore it in full."""
+        for layer, state in states.items():
+            self.states[layer] = state.clone()
+            self._install(layer, *self._candidate(layer, state, None))
+        self.best = self.objective(self._full_score())
 
     def _full_score(self) -> Score:
         """Score the whole current student (and refresh the incremental caches), by the configured path."""
@@ -214,7 +224,8 @@ class InvarSearch:
         return layer, False
 
     def run(self, start: int = 0) -> str:
-        """Steps from `start` until max_steps, max_seconds or patience; returns why it stopped."""
+        """Steps from `start` until max_steps, max_seconds, patience or holdout_patience; returns why it stopped.
+        The held-out watchers measure between steps; at the end the best-on-holdout state (if any) is restored."""
         options, counters = self.options, self.counters
         counters.steps = start
         started = time.perf_counter()
@@ -222,6 +233,7 @@ class InvarSearch:
         bar = tqdm(
             total=options.max_steps, initial=start, desc="invarexplore", unit="step", disable=not options.progress
         )
+        self.watch.begin(self, start)
         try:
             for step in range(start, options.max_steps):
                 layer, accepted = self.step(step)
@@ -243,6 +255,7 @@ class InvarSearch:
                 done = counters.steps - start
                 if counters.steps % options.log_every == 0:
                     self._log_row(elapsed, done)
+                stop = self.watch.after_step(self, counters.steps)  # before the checkpoint: it saves the selection
                 if options.checkpoint and counters.steps % options.log_every == 0:
                     self.save_record(options.checkpoint)
                 if options.max_seconds is not None and elapsed >= options.max_seconds:
@@ -251,14 +264,18 @@ class InvarSearch:
                 if options.patience is not None and counters.rejects_in_row >= options.patience:
                     reason = "patience"
                     break
+                if stop is not None:
+                    reason = stop
+                    break
         finally:
             bar.close()
-        self.seconds = time.perf_counter() - started
         if counters.window_steps:
-            self._log_row(self.seconds, counters.steps - start)
+            self._log_row(time.perf_counter() - started, counters.steps - start)
         if options.checkpoint:
-            self.save_record(options.checkpoint)
-        return reason
+            self.save_record(options.checkpoint)  # the state reached, so a resume continues the straight run
+        self.watch.finish(self)  # may put the best-on-holdout state back
+        self.seconds = time.perf_counter() - started  # with the last held-out measurements (in the breakdown)
+        return reason if start < options.max_steps else "record already at max_steps"
 
     def _log_row(self, elapsed: float, done: int) -> None:
         counters, evaluator = self.counters, self.evaluator
@@ -302,9 +319,12 @@ class InvarSearch:
 
     def record(self) -> dict[str, Tensor]:
         """The invariance record (fp32 scales and angles, int64 permutations per block, and the step count)."""
+        names = [self.arch.block_name(layer) for layer in range(self.depth)]
+        steps, accepts, extra = self.watch.record(names, self.counters.steps, self.counters.accepts)
         out: dict[str, Tensor] = {
-            f"{PREFIX}.steps": torch.tensor([self.counters.steps]),
-            f"{PREFIX}.accepts": torch.tensor([self.counters.accepts]),
+            f"{PREFIX}.steps": torch.tensor([steps]),
+            f"{PREFIX}.accepts": torch.tensor([accepts]),
+            **extra,
         }
         for layer, state in enumerate(self.states):
             name = self.arch.block_name(layer)
@@ -331,15 +351,22 @@ class InvarSearch:
         tensors = load_file(str(path))
         if f"{PREFIX}.steps" not in tensors:
             raise LowbitError(f"'{path}' holds no InvarExplore record: pass the export of an invarexplore run")
-        states = {}
+        read = partial(self._read_states, path=path)
+        states = {layer: state for layer, state in enumerate(read(tensors, PREFIX)) if not state.is_identity()}
+        self.counters.accepts_per_layer = [0] * self.depth
+        if self.watch.selector is not None:
+            self.watch.selector.load(tensors, read, str(path))
+        return states, int(tensors[f"{PREFIX}.steps"][0]), int(tensors[f"{PREFIX}.accepts"][0])
+
+    def _read_states(self, tensors: dict[str, Tensor], prefix: str, path: Path) -> list[LayerState]:
+        """One checked state per block under `prefix` (the search's, or the holdout's best)."""
+        states = []
         for layer in range(self.depth):
             name = self.arch.block_name(layer)
-            keys = [f"{PREFIX}.{kind}.{name}" for kind in ("perm", "scale", "angle")]
+            keys = [f"{prefix}.{kind}.{name}" for kind in ("perm", "scale", "angle")]
             if any(key not in tensors for key in keys):
                 raise LowbitError(f"the record at '{path}' has no state for {name}: resume from a record of this model")
             state = LayerState(tensors[keys[0]].long(), tensors[keys[1]].float(), tensors[keys[2]].float())
             state.check(self.width, name)
-            if not state.is_identity():
-                states[layer] = state
-            self.counters.accepts_per_layer[layer] = 0
-        return states, int(tensors[f"{PREFIX}.steps"][0]), int(tensors[f"{PREFIX}.accepts"][0])
+            states.append(state)
+        return states

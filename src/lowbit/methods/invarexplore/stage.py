@@ -34,8 +34,10 @@ from typing import Any, ClassVar
 import torch
 
 from lowbit.arch import ArchSpec
+from lowbit.data import load_eval
 from lowbit.engine import ModelContext, ModelStage
 from lowbit.errors import LowbitError
+from lowbit.eval.perplexity import cut_windows
 from lowbit.methods.invarexplore.invariances import monitored_layers, neuron_roles
 from lowbit.methods.invarexplore.options import InvarExploreOptions
 from lowbit.methods.invarexplore.search import InvarSearch
@@ -94,10 +96,12 @@ class InvarExplore(ModelStage):
     @classmethod
     def check_run(cls, options: InvarExploreOptions, *, nsamples: int, seqlen: int, depth: int) -> None:
         monitored_layers(depth, options.monitored_layers)
-        if options.samples > nsamples:
+        if options.samples + options.holdout > nsamples:
+            need = f"{options.samples} + holdout {options.holdout}" if options.holdout else str(options.samples)
             raise LowbitError(
-                f"invarexplore.samples={options.samples} but the run has {nsamples} calibration windows: "
-                f"raise --nsamples to {options.samples} or lower invarexplore.samples"
+                f"invarexplore.samples={need} but the run has {nsamples} calibration windows: "
+                f"raise --nsamples to {options.samples + options.holdout} or lower invarexplore.samples"
+                + (" or invarexplore.holdout" if options.holdout else "")
             )
         if options.seqlen is not None and options.seqlen > seqlen:
             raise LowbitError(
@@ -109,22 +113,39 @@ class InvarExplore(ModelStage):
         """The invariance record (`invarexplore.{perm,scale,angle}.<block>`, steps, accepts)."""
         return self.record
 
-    def _windows(self, ctx: ModelContext) -> torch.Tensor:
+    def _windows(self, ctx: ModelContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The search batch (the first `samples` windows) and the holdout (the next `holdout`, maybe none)."""
         o, calibration = self.options, ctx.calibration
         if calibration is None:
             raise LowbitError("InvarExplore needs calibration data; pass --dataset (or 'builtin')")
         n, length = calibration.shape
         self.check_run(o, nsamples=n, seqlen=length, depth=len(ctx.arch.blocks(ctx.model)))
-        return calibration[: o.samples, : o.seqlen]
+        return calibration[: o.samples, : o.seqlen], calibration[o.samples : o.samples + o.holdout, : o.seqlen]
+
+    def _heldout(self, ctx: ModelContext) -> dict[str, torch.Tensor]:
+        """The test curve's windows: the first `heldout_windows` of each evaluation dataset, as `lowbit eval` cuts
+        them (BOS-first where the family needs it), at `heldout_seqlen` tokens."""
+        o = self.options
+        if not o.heldout_datasets:
+            return {}
+        if ctx.tokenizer is None:
+            raise LowbitError("invarexplore.heldout_eval needs the model's tokenizer: run through lowbit quantize")
+        return {
+            name: cut_windows(ctx.model, load_eval(ctx.tokenizer, name).input_ids, seqlen=o.heldout_seqlen,
+                              max_windows=o.heldout_windows, bos=None).ids
+            for name in o.heldout_datasets
+        }  # fmt: skip
 
     def process_model(self, ctx: ModelContext) -> None:
         o = self._with_work_dir(ctx)
-        windows = self._windows(ctx)
-        search = InvarSearch(ctx.model, ctx.arch, self.scheme, windows, o, ctx.seed, ctx.device)
+        windows, holdout = self._windows(ctx)
+        search = InvarSearch(
+            ctx.model, ctx.arch, self.scheme, windows, o, ctx.seed, ctx.device, self._heldout(ctx), holdout
+        )
         resume, start, accepts = ({}, 0, 0) if o.resume is None else search.load_record(o.resume)
         search.prepare(resume)
         search.counters.steps, search.counters.accepts = start, accepts
-        reason = search.run(start) if start < o.max_steps else "record already at max_steps"
+        reason = search.run(start)
         ctx.metrics.update(self._metrics(search, start, reason))
         self.record = search.record()
         mismatches = search.fold()
@@ -173,4 +194,5 @@ class InvarExplore(ModelStage):
             "deterministic": self.options.max_seconds is None,
             "time_breakdown_s": timings,
             "log": counters.log,
+            **search.watch.metrics(),
         }
