@@ -23,6 +23,7 @@ from lowbit.methods.gptq.passes import (
     collect_hessians,
     entry_module,
     fits_in_memory,
+    reduce_hessians,
     residual_chain,
     residual_norm,
 )
@@ -85,6 +86,7 @@ class GPTQ(BlockStage):
     supports_experts: ClassVar[bool] = True  # per-expert linears like any other (arch/moe.py)
     summary: ClassVar[str] = "GPTQ: Hessian-based error compensation, true-sequential, act-order option"
     uses_float_chain: bool = False
+    data_parallel: ClassVar[bool] = True  # each rank's Hessians reduced in rank order (passes.reduce_hessians)
     Options: ClassVar[type] = GPTQOptions
 
     # what autocast=auto means where bf16 is native; "off" until measured (benchmarks/results/speed-log.md)
@@ -136,6 +138,7 @@ class GPTQ(BlockStage):
             hessians = collect_hessians(
                 ctx, subset, self.precision(ctx.device), start=start, record=tuple(records.values())
             )
+            hessians = reduce_hessians(hessians, ctx.group)  # every rank solves the same H: the same codes
             start = records["entry"] if "entry" in records and records["entry"].calls else None
             if "residual" in records and start is not None and records["residual"].calls:
                 chain = (start, records["residual"])  # the last pass starts at the MLP: chain = residual + MLP?

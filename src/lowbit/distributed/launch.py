@@ -1,0 +1,70 @@
+"""Starting ranks: join the group torchrun describes, or start N ranks of this command through torch's launcher.
+
+torchrun passes each worker its place as RANK / WORLD_SIZE / LOCAL_RANK (with MASTER_ADDR / MASTER_PORT): that is
+the launcher's protocol, read here and nowhere else; nothing of lowbit's own is configured through the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from lowbit.distributed.group import Group
+from lowbit.errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+
+def launched_world_size() -> int:
+    """How many ranks the launcher started this process among (1: not started by torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_group(timeout_s: float, *, device: str = "auto") -> Group:
+    """This process's `Group`: the single process outside torchrun, else a joined process group (NCCL when this
+    rank computes on CUDA, gloo otherwise) whose collectives time out after `timeout_s`."""
+    world = launched_world_size()
+    if world <= 1:
+        return Group(timeout_s=timeout_s)
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(local_rank)  # engine.device=cuda then means this rank's GPU
+    group = Group(rank=rank, world_size=world, local_rank=local_rank, backend=backend, timeout_s=timeout_s)
+    dist.init_process_group(backend, timeout=group.timeout)
+    return group
+
+
+def relaunch(argv: Sequence[str], nproc: int) -> int:
+    """Run `python -m lowbit ARGV` as `nproc` ranks on this machine through torch.distributed.run (torchrun's own
+    code: standalone rendezvous on a free port, one thread per rank unless OMP_NUM_THREADS says otherwise, no
+    restarts). Each rank reports its own errors (rank 0 on the console); returns the exit status for the shell."""
+    if nproc < 1:
+        raise LowbitError(f"--nproc must be at least 1, got {nproc}")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "-m", "lowbit"])
+    args.training_script_args = list(argv)  # never parsed as the launcher's own (abbreviated) options
+    quiet = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.run")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # the ranks report; the launcher's own banners and failure tables would repeat them
+        logger.setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as error:
+        codes = {rank: failure.exitcode for rank, failure in error.failures.items()}
+        log.debug("ranks failed: %s", codes)
+        first = min(codes)
+        return codes[0] if codes.get(0, 0) > 0 else codes[first] if codes[first] > 0 else 1
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+    return 0

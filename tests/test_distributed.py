@@ -1,0 +1,128 @@
+"""Data-parallel runs (lowbit/distributed): 2 ranks as processes on this machine (gloo, 1 thread each) write the
+export one process writes, two 2-rank runs write the same bytes, and a failing rank ends the run with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowbit.cli import main
+from lowbit.distributed import Group, shard_bounds
+from lowbit.engine.workdir import work_dir_for
+from lowbit.errors import LowbitError
+from lowbit.run import ExportSettings, quantize_to
+
+TESTS = Path(__file__).parent
+GPTQ_ARGS = ("--recipe", "gptq", "--scheme", "w4g32", "--nsamples", "6", "--seqlen", "32", "--format", "fake")
+EVAL_ARGS = ("--eval", "--eval-seqlen", "32", "--eval-windows", "5")  # 3 + 2 windows on 2 ranks
+
+
+def _env() -> dict[str, str]:
+    src = str(TESTS.parent / "src")
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{src}{os.pathsep}{TESTS}{os.pathsep}{path}"}
+
+
+def _lowbit(*args: object, launcher: tuple[str, ...] = ("-m", "lowbit")) -> subprocess.CompletedProcess:
+    command = [sys.executable, *launcher, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120, check=False)
+
+
+def _torchrun(*args: object, script: tuple[str, ...] = ("-m", "lowbit")) -> subprocess.CompletedProcess:
+    return _lowbit(*args, launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *script))
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def two_rank_gptq(tiny_llama_dir, text_file, tmp_path_factory) -> Path:
+    """A GPTQ export written by `lowbit quantize --nproc 2`."""
+    out = tmp_path_factory.mktemp("dist") / "two"
+    done = _lowbit("quantize", tiny_llama_dir, "--dataset", text_file, *GPTQ_ARGS, "--out", out, "--nproc", 2, "-q",
+                   *EVAL_ARGS, "--eval-dataset", text_file)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_shards_are_contiguous_slices_in_order_that_cover_every_sample():
+    for total in range(0, 12):
+        for world in (1, 2, 3, 5):
+            bounds = [shard_bounds(total, rank, world) for rank in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == total
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+            sizes = [stop - start for start, stop in bounds]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_the_single_process_group_reduces_nothing():
+    group = Group()
+    x = torch.randn(3, 3)
+    assert group.is_main and not group.distributed
+    assert group.sum(x) is x and group.gather(x)[0] is x and group.gather_objects(7) == [7]
+    assert group.shard(5) == slice(0, 5)
+
+
+def test_two_ranks_write_the_export_of_one_process(two_rank_gptq, tiny_llama_dir, text_file, tmp_path, capsys):
+    one = tmp_path / "one"
+    assert main(["quantize", str(tiny_llama_dir), "--dataset", str(text_file), *GPTQ_ARGS, "--out", str(one),
+                 *EVAL_ARGS, "--eval-dataset", str(text_file)]) == 0  # fmt: skip
+    a, b = _weights(one), _weights(two_rank_gptq)
+    assert a.keys() == b.keys()
+    linears = [key for key in a if key.endswith("proj.weight")]
+    same = sum(int((a[key] == b[key]).sum()) for key in linears)
+    assert same >= 0.999 * sum(a[key].numel() for key in linears)
+    assert all(torch.equal(a[key], b[key]) for key in a if key not in linears)
+    assert not work_dir_for(two_rank_gptq).exists()  # checkpoints and rank logs gone after a success
+    evaluation = [json.loads((out / "lowbit_record.json").read_text())["evaluation"] for out in (one, two_rank_gptq)]
+    assert evaluation[0]["before"] == evaluation[1]["before"]  # the float model: each window's NLL, bit for bit
+    ppl = [next(iter(record["after"].values()))["ppl"] for record in evaluation]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-3)
+
+
+def test_two_two_rank_runs_are_byte_identical_through_torchrun(two_rank_gptq, tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "again"
+    done = _torchrun("quantize", tiny_llama_dir, "--dataset", text_file, *GPTQ_ARGS, "--out", out, "-q")
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors").read_bytes() == (two_rank_gptq / "model.safetensors").read_bytes()
+    record = json.loads((out / "lowbit_record.json").read_text())
+    assert record["distributed"] == {"world_size": 2, "backend": "gloo", "samples_per_rank": [3, 3]}
+
+
+def test_a_stage_not_yet_data_parallel_is_refused_before_anything_loads(tiny_llama_dir, tmp_path):
+    two = Group(rank=0, world_size=2, backend="gloo")  # refused before any collective or load
+    with pytest.raises(LowbitError, match="signround does not run data-parallel yet"):
+        quantize_to(tmp_path / "out", model=str(tiny_llama_dir), recipe="signround", group=two)
+    with pytest.raises(LowbitError, match="pass --out"):
+        quantize_to(None, model=str(tiny_llama_dir), recipe="gptq", group=two)
+    with pytest.raises(LowbitError, match="streamed run"):
+        quantize_to(tmp_path / "out", model=str(tiny_llama_dir), recipe="gptq", group=two,
+                    options={"engine": {"stream": "on"}}, export=ExportSettings())  # fmt: skip
+
+
+def test_a_failing_rank_ends_every_rank_with_one_error_line_and_the_run_resumes_to_the_same_bytes(
+    two_rank_gptq, tiny_llama_dir, text_file, tmp_path
+):
+    out = tmp_path / "out"
+    done = _torchrun("quantize", tiny_llama_dir, "--dataset", text_file, *GPTQ_ARGS, "--out", out, "-q",
+                     script=(str(TESTS / "dist_rank_fails.py"),))  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    log = work_dir_for(out) / "logs" / "rank-1.log"
+    assert errors == [f"error: rank 1 failed: RuntimeError: injected failure on rank 1 (its log: {log})"], done.stderr
+    assert "injected failure on rank 1" in log.read_text() and not out.exists()
+    assert (work_dir_for(out) / "g00" / "block-0000.safetensors").is_file()  # rank 0 finished block 0
+
+    done = _lowbit("quantize", tiny_llama_dir, "--dataset", text_file, *GPTQ_ARGS, "--out", out, "-q", "--resume",
+                   "--nproc", 2)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors").read_bytes() == (two_rank_gptq / "model.safetensors").read_bytes()
+    assert not work_dir_for(out).exists()
