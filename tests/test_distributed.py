@@ -108,12 +108,23 @@ def test_a_stage_not_yet_data_parallel_is_refused_before_anything_loads(tiny_lla
                     options={"engine": {"stream": "on"}}, export=ExportSettings())  # fmt: skip
 
 
+def test_nproc_refuses_before_starting_ranks_what_they_could_not_do(tiny_llama_dir, tmp_path, capsys):
+    assert main(["quantize", str(tiny_llama_dir), "--nproc", "2", "-q"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: a data-parallel run (2 ranks) keeps each rank's log next to the export: pass --out"
+    )
+    if torch.cuda.device_count() < 3:
+        out = str(tmp_path / "out")
+        assert main(["quantize", str(tiny_llama_dir), "--nproc", "3", "--opt", "engine.device=cuda", "--out", out]) == 2
+        assert "3 ranks with engine.device=cuda need as many GPUs" in capsys.readouterr().err
+
+
 def test_a_failing_rank_ends_every_rank_with_one_error_line_and_the_run_resumes_to_the_same_bytes(
     two_rank_gptq, tiny_llama_dir, text_file, tmp_path
 ):
     out = tmp_path / "out"
     done = _torchrun("quantize", tiny_llama_dir, "--dataset", text_file, *GPTQ_ARGS, "--out", out, "-q",
-                     script=(str(TESTS / "dist_rank_fails.py"),))  # fmt: skip
+                     script=(str(TESTS / "dist_rank_fails.py"), "raise"))  # fmt: skip
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     log = work_dir_for(out) / "logs" / "rank-1.log"
@@ -126,3 +137,64 @@ def test_a_failing_rank_ends_every_rank_with_one_error_line_and_the_run_resumes_
     assert done.returncode == 0, done.stderr
     assert (out / "model.safetensors").read_bytes() == (two_rank_gptq / "model.safetensors").read_bytes()
     assert not work_dir_for(out).exists()
+
+
+def test_a_rank_that_stops_answering_ends_the_run_after_the_collective_timeout(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    done = _torchrun("quantize", tiny_llama_dir, "--dataset", text_file, *GPTQ_ARGS, "--out", out, "-q",
+                     "--dist-timeout", 3, script=(str(TESTS / "dist_rank_fails.py"), "hang"))  # fmt: skip
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "waited 3s (--dist-timeout) at a collective" in errors[0], done.stderr
+
+
+class _Rank:
+    """A stand-in for one rank's `Group` in a single process: its offset among the given per-rank counts."""
+
+    def __init__(self, rank: int, counts: list[int]) -> None:
+        self.rank, self.counts, self.distributed = rank, counts, True
+
+    def offset(self, count: int) -> tuple[int, int]:
+        assert count == self.counts[self.rank]
+        return sum(self.counts[: self.rank]), sum(self.counts)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_awq_sample_choices_on_every_rank_together_are_the_single_process_ones(world):
+    from lowbit.methods.awq.clip import sample_tokens
+    from lowbit.methods.awq.ranks import sampled_rows
+    from lowbit.methods.awq.search import replay_samples
+
+    n = 10
+    x = torch.arange(n * 3 * 2, dtype=torch.float32).reshape(n, 3, 2)
+    slices = [x[slice(*shard_bounds(n, rank, world))] for rank in range(world)]
+    counts = [part.shape[0] for part in slices]
+    spans = [(sum(counts[:rank]), n) for rank in range(world)]
+    single, used = replay_samples(x, n, 4, None)
+    parts = [replay_samples(part, part.shape[0], 4, None, span) for part, span in zip(slices, spans, strict=True)]
+    assert torch.equal(torch.cat([part for part, _ in parts]), single) and {u for _, u in parts} == {used}
+    flat = [replay_samples(p.reshape(-1, 2), p.shape[0], 4, None, s)[0] for p, s in zip(slices, spans, strict=True)]
+    assert torch.equal(torch.cat(flat), replay_samples(x.reshape(-1, 2), n, 4, None)[0])
+    rows = [sampled_rows(part, 7, _Rank(rank, [c * 3 for c in counts])) for rank, part in enumerate(slices)]
+    assert torch.equal(torch.cat(rows), sample_tokens(x, 7))
+
+
+def test_two_ranks_search_the_awq_scales_of_one_process(tiny_llama_dir, text_file, tmp_path):
+    args = ("quantize", tiny_llama_dir, "--dataset", text_file, "--recipe", "awq+rtn", "--scheme", "w4g32",
+            "--nsamples", 6, "--seqlen", 32, "--format", "fake", "-q", "--opt", "awq.search_samples=3",
+            "--opt", "awq.clip_tokens=50")  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*map(str, args), "--out", str(one)]) == 0
+    done = _lowbit(*args, "--out", two, "--nproc", 2)
+    assert done.returncode == 0, done.stderr
+    a, b = _weights(one), _weights(two)
+    linears = [key for key in a if key.endswith("proj.weight")]
+    same = sum(int((a[key] == b[key]).sum()) for key in linears)
+    assert same >= 0.999 * sum(a[key].numel() for key in linears)
+    assert all(torch.allclose(a[key], b[key], rtol=1e-5, atol=0) for key in a)  # norms: x̄ summed in another order
+    records = [json.loads((out / "lowbit_record.json").read_text())["stages"]["awq+rtn"] for out in (one, two)]
+    for block_one, block_two in zip(*records, strict=True):
+        for prev, found in block_one["awq_scale"].items():
+            assert block_two["awq_scale"][prev]["ratio"] == found["ratio"]
+            assert block_two["awq_scale"][prev]["search_samples"] == found["search_samples"]
+            assert block_two["awq_scale"][prev]["loss"] == pytest.approx(found["loss"], rel=1e-5)

@@ -32,21 +32,23 @@ def _eval_settings(args: argparse.Namespace, datasets: str) -> EvalSettings:
 
 def _quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """One process, or this rank of a data-parallel run (started by torchrun, or by `--nproc` through it)."""
-    from lowbit.distributed import init_group, launched_world_size, relaunch
+    from lowbit.distributed import check_devices, init_group, launched_world_size, relaunch
 
     world = launched_world_size()
-    if world == 1 and args.nproc > 1:
-        return relaunch(argv, args.nproc)
+    device = next((opt.split("=", 1)[1] for opt in reversed(args.opt) if opt.startswith("engine.device=")), "cpu")
     if world > 1 and args.nproc not in (1, world):
         raise LowbitError(f"--nproc {args.nproc}, but the launcher started {world} ranks: leave --nproc out")
+    ranks = max(world, args.nproc)
+    if ranks > 1 and args.out is None:
+        raise LowbitError(f"a data-parallel run ({ranks} ranks) keeps each rank's log next to the export: pass --out")
+    if world == 1 and args.nproc > 1:
+        check_devices(args.nproc, device)
+        return relaunch(argv, args.nproc)
     if world == 1:
         return _quantize_rank(args)
-    if args.out is None:
-        raise LowbitError(f"a data-parallel run ({world} ranks) keeps each rank's log next to the export: pass --out")
     from lowbit.distributed.ranks import LOG_DIR, run_rank
     from lowbit.engine.workdir import work_dir_for
 
-    device = next((opt.split("=", 1)[1] for opt in reversed(args.opt) if opt.startswith("engine.device=")), "cpu")
     group = init_group(args.dist_timeout, device=device)
     level = logging.getLogger().level
     return run_rank(group, work_dir_for(args.out) / LOG_DIR, level, lambda: _quantize_rank(args, group))

@@ -5,6 +5,6 @@ World size 1 never touches torch.distributed: `Group()` is the single process an
 """
 
 from lowbit.distributed.group import Group, shard_bounds
-from lowbit.distributed.launch import init_group, launched_world_size, relaunch
+from lowbit.distributed.launch import check_devices, init_group, launched_world_size, relaunch
 
-__all__ = ["Group", "init_group", "launched_world_size", "relaunch", "shard_bounds"]
+__all__ = ["Group", "check_devices", "init_group", "launched_world_size", "relaunch", "shard_bounds"]

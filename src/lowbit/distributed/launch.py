@@ -23,9 +23,22 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_group(timeout_s: float, *, device: str = "auto") -> Group:
+def check_devices(ranks_per_machine: int, device: str) -> None:
+    """One GPU per rank with engine.device=cuda: refuse more ranks on a machine than it has GPUs."""
+    if not device.startswith("cuda"):
+        return
+    count = torch.cuda.device_count()
+    if ranks_per_machine > count:
+        raise LowbitError(
+            f"{ranks_per_machine} ranks with engine.device=cuda need as many GPUs, this machine has {count}: "
+            f"start at most {count} ranks per machine (or compute on the CPU: engine.device=cpu)"
+        )
+
+
+def init_group(timeout_s: float, *, device: str = "cpu") -> Group:
     """This process's `Group`: the single process outside torchrun, else a joined process group (NCCL when this
-    rank computes on CUDA, gloo otherwise) whose collectives time out after `timeout_s`."""
+    rank computes on CUDA, `device` being engine.device; gloo otherwise) whose collectives time out after
+    `timeout_s`."""
     world = launched_world_size()
     if world <= 1:
         return Group(timeout_s=timeout_s)
@@ -33,7 +46,8 @@ def init_group(timeout_s: float, *, device: str = "auto") -> Group:
 
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    cuda = torch.cuda.is_available() and device != "cpu"
+    cuda = device.startswith("cuda")
+    check_devices(int(os.environ.get("LOCAL_WORLD_SIZE", world)), device)
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(local_rank)  # engine.device=cuda then means this rank's GPU

@@ -108,17 +108,22 @@ def _report(group: Group, log_dir: Path, error: BaseException) -> BaseException 
         return RankFailed(f"rank {rank} failed: {text} (its log: {rank_log(log_dir, rank)})")
     if user or interrupt:
         return error
+    if "timed out" in message.lower() or "timeout" in message.lower():
+        return RankFailed(
+            f"rank 0 waited {group.timeout_s:g}s (--dist-timeout) at a collective: another rank stopped answering "
+            f"(the ranks' logs: {log_dir})"
+        )
     return RankFailed(f"rank 0 failed: {message} (its log: {rank_log(log_dir, 0)})")
 
 
 def run_rank(group: Group, log_dir: Path, level: int, work: Callable[[], int]) -> int:
     """Run `work` as this rank with its own log. A failure on another rank is an exit status 1 (it reports
     nothing); rank 0 raises the one error for the CLI to print (a `LowbitError`, or KeyboardInterrupt). After a
-    success every rank waits for the others, and rank 0 removes the logs."""
+    success rank 0 removes the logs (no rank waits for another at the end: rank 0 may write the export for longer
+    than a collective's timeout, and a rank still writing its last lines writes them to a removed file)."""
     with rank_logging(group, log_dir, level):
         try:
             status = work()
-            group.barrier()
         except BaseException as error:  # noqa: BLE001 - every failure of a rank is reported the same way
             reported = _report(group, log_dir, error)
             if reported is None:
@@ -126,8 +131,7 @@ def run_rank(group: Group, log_dir: Path, level: int, work: Callable[[], int]) -
             if reported is error:
                 raise
             raise reported from None
-        finally:
-            group.close()
+        group.close()  # after a failure the process ends instead: leaving a broken group can block
     if group.is_main and status == 0:
         shutil.rmtree(log_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
