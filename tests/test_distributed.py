@@ -99,8 +99,8 @@ def test_two_two_rank_runs_are_byte_identical_through_torchrun(two_rank_gptq, ti
 
 def test_a_stage_not_yet_data_parallel_is_refused_before_anything_loads(tiny_llama_dir, tmp_path):
     two = Group(rank=0, world_size=2, backend="gloo")  # refused before any collective or load
-    with pytest.raises(LowbitError, match="signround does not run data-parallel yet"):
-        quantize_to(tmp_path / "out", model=str(tiny_llama_dir), recipe="signround", group=two)
+    with pytest.raises(LowbitError, match="omniquant does not run data-parallel yet"):
+        quantize_to(tmp_path / "out", model=str(tiny_llama_dir), recipe="omniquant", group=two)
     with pytest.raises(LowbitError, match="pass --out"):
         quantize_to(None, model=str(tiny_llama_dir), recipe="gptq", group=two)
     with pytest.raises(LowbitError, match="streamed run"):
@@ -198,3 +198,21 @@ def test_two_ranks_search_the_awq_scales_of_one_process(tiny_llama_dir, text_fil
             assert block_two["awq_scale"][prev]["ratio"] == found["ratio"]
             assert block_two["awq_scale"][prev]["search_samples"] == found["search_samples"]
             assert block_two["awq_scale"][prev]["loss"] == pytest.approx(found["loss"], rel=1e-5)
+
+
+def test_two_ranks_tune_signround_on_the_batches_of_one_process(tiny_llama_dir, text_file, tmp_path):
+    """The same global batches and the summed loss: the first step's loss is the single process's exactly. SignSGD
+    then follows the sign of a sum whose rounding order differs (as it does in one process between two micro-batch
+    sizes: on this random tiny model the codes then differ widely), so the codes are not compared."""
+    args = ("quantize", tiny_llama_dir, "--dataset", text_file, "--recipe", "signround", "--scheme", "w4g32",
+            "--nsamples", 6, "--seqlen", 32, "--format", "fake", "-q", "--opt", "signround.iters=4",
+            "--opt", "signround.batch_size=4", "--opt", "signround.micro_batch_size=2")  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*map(str, args), "--out", str(one)]) == 0
+    done = _lowbit(*args, "--out", two, "--nproc", 2)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads((out / "lowbit_record.json").read_text())["stages"]["signround"] for out in (one, two)]
+    assert records[1][0]["loss_first"] == pytest.approx(records[0][0]["loss_first"], rel=1e-6)
+    for block_one, block_two in zip(*records, strict=True):
+        assert block_two["iters_run"] == block_one["iters_run"] == 4
+        assert block_two["best_loss"] == pytest.approx(block_one["best_loss"], rel=0.2)

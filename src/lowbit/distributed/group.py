@@ -21,6 +21,12 @@ def shard_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (rank < extra)
 
 
+def local_indices(index: Tensor, start: int, count: int) -> Tensor:
+    """The global sample indices `index` that fall into the `count` samples a rank holds from `start`, as indices
+    into its own slice (in `index`'s order)."""
+    return index[(index >= start) & (index < start + count)] - start
+
+
 @dataclass(frozen=True)
 class Group:
     """One rank of a data-parallel run (default: the single process, with no torch.distributed at all).

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lowbit.distributed.group import Group
+from lowbit.distributed.group import Group, local_indices
 
 
 def mean_abs(x: Tensor, group: Group) -> Tensor:
@@ -39,10 +39,7 @@ def reduce_losses(sums: list[tuple[float, int]], group: Group) -> list[float]:
 
 def local_samples(index: Tensor, span: tuple[int, int] | None, count: int) -> Tensor:
     """The global sample indices `index` that fall into this rank's `count` samples starting at `span[0]`, local."""
-    if span is None:
-        return index
-    start = span[0]
-    return index[(index >= start) & (index < start + count)] - start
+    return index if span is None else local_indices(index, span[0], count)
 
 
 def sampled_rows(x: Tensor, n_tokens: int, group: Group) -> Tensor:
