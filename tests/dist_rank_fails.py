@@ -1,6 +1,8 @@
-"""`lowbit` with rank 1 failing in GPTQ's second block (`raise`: an exception; `hang`: it stops answering), what
-tests/test_distributed.py runs under torchrun: `dist_rank_fails.py raise|hang quantize ...`."""
+"""`lowbit` with rank 1 failing in GPTQ's second block (`raise`: an exception; `hang`: it stops answering; `kill`:
+it dies by SIGKILL), what tests/test_distributed.py runs under torchrun: `dist_rank_fails.py MODE quantize ...`."""
 
+import os
+import signal
 import sys
 import time
 
@@ -15,6 +17,8 @@ def _failing(self: GPTQ, ctx) -> None:
     if ctx.group.rank == 1 and ctx.index == 1:
         if _mode == "hang":
             time.sleep(120)
+        if _mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError("injected failure on rank 1")
     _original(self, ctx)
 

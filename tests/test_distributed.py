@@ -148,6 +148,15 @@ def test_a_rank_that_stops_answering_ends_the_run_after_the_collective_timeout(t
     assert len(errors) == 1 and "waited 3s (--dist-timeout) at a collective" in errors[0], done.stderr
 
 
+def test_a_rank_killed_without_a_word_ends_the_run_with_one_line_naming_the_logs(tiny_llama_dir, text_file, tmp_path):
+    out = tmp_path / "out"
+    done = _torchrun("quantize", tiny_llama_dir, "--dataset", text_file, *GPTQ_ARGS, "--out", out, "-q",
+                     script=(str(TESTS / "dist_rank_fails.py"), "kill"))  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(work_dir_for(out) / "logs") in errors[0], done.stderr
+
+
 class _Rank:
     """A stand-in for one rank's `Group` in a single process: its offset among the given per-rank counts."""
 

@@ -42,8 +42,11 @@ def _quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if ranks > 1 and args.out is None:
         raise LowbitError(f"a data-parallel run ({ranks} ranks) keeps each rank's log next to the export: pass --out")
     if world == 1 and args.nproc > 1:
+        from lowbit.distributed.ranks import LOG_DIR
+        from lowbit.engine.workdir import work_dir_for
+
         check_devices(args.nproc, device)
-        return relaunch(argv, args.nproc)
+        return relaunch(argv, args.nproc, work_dir_for(args.out) / LOG_DIR)
     if world == 1:
         return _quantize_rank(args)
     from lowbit.distributed.ranks import LOG_DIR, run_rank
@@ -309,10 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LowbitError as error:
         print(f"error: {error}", file=sys.stderr)
         return getattr(error, "exit_status", 2)  # a failed rank of a data-parallel run: 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         resumable = args.command == "quantize" and getattr(args, "out", None) and not args.no_checkpoint
         hint = "; finished blocks are kept: re-run the same command with --resume to continue" if resumable else ""
-        print(f"error: interrupted{hint}", file=sys.stderr)
+        why = f" ({interrupt})" if str(interrupt) else ""  # a data-parallel rank 0 says where the logs are
+        print(f"error: interrupted{why}{hint}", file=sys.stderr)
         return 130
     finally:
         if in_main:

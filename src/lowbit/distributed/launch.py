@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from lowbit.distributed.group import Group
+from lowbit.distributed.ranks import RankFailed
 from lowbit.errors import LowbitError
 
 log = logging.getLogger(__name__)
@@ -56,10 +58,11 @@ def init_group(timeout_s: float, *, device: str = "cpu") -> Group:
     return group
 
 
-def relaunch(argv: Sequence[str], nproc: int) -> int:
+def relaunch(argv: Sequence[str], nproc: int, log_dir: Path) -> int:
     """Run `python -m lowbit ARGV` as `nproc` ranks on this machine through torch.distributed.run (torchrun's own
     code: standalone rendezvous on a free port, one thread per rank unless OMP_NUM_THREADS says otherwise, no
-    restarts). Each rank reports its own errors (rank 0 on the console); returns the exit status for the shell."""
+    restarts). Rank 0 reports a failure on the console; where rank 0 itself died without a word (a signal), the
+    error raised here names the rank. Returns the exit status for the shell."""
     if nproc < 1:
         raise LowbitError(f"--nproc must be at least 1, got {nproc}")
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -76,8 +79,11 @@ def relaunch(argv: Sequence[str], nproc: int) -> int:
     except ChildFailedError as error:
         codes = {rank: failure.exitcode for rank, failure in error.failures.items()}
         log.debug("ranks failed: %s", codes)
-        first = min(codes)
-        return codes[0] if codes.get(0, 0) > 0 else codes[first] if codes[first] > 0 else 1
+        if codes.get(0, 0) > 0:
+            return codes[0]  # rank 0 printed its line
+        rank = min(codes, key=lambda r: (codes[r] >= 0, r))  # a rank ended by a signal first
+        how = f"signal {-codes[rank]}" if codes[rank] < 0 else f"exit status {codes[rank]}"
+        raise RankFailed(f"rank {rank} ended with {how} (the ranks' logs: {log_dir})") from None
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)

@@ -106,13 +106,21 @@ def _report(group: Group, log_dir: Path, error: BaseException) -> BaseException 
     if other is not None:
         rank, text = other
         return RankFailed(f"rank {rank} failed: {text} (its log: {rank_log(log_dir, rank)})")
-    if user or interrupt:
+    if user:
         return error
-    if "timed out" in message.lower() or "timeout" in message.lower():
+    if interrupt:
+        return KeyboardInterrupt(
+            f"stopped by the user or by the launcher (a rank that dies without a word, killed or out of memory, "
+            f"ends the others so; the ranks' logs: {log_dir})"
+        )
+    lowered = message.lower()
+    if "timed out" in lowered or "timeout" in lowered:
         return RankFailed(
             f"rank 0 waited {group.timeout_s:g}s (--dist-timeout) at a collective: another rank stopped answering "
             f"(the ranks' logs: {log_dir})"
         )
+    if "closed by peer" in lowered or "connection reset" in lowered:
+        return RankFailed(f"another rank died without a word (killed, or out of memory?) (the ranks' logs: {log_dir})")
     return RankFailed(f"rank 0 failed: {message} (its log: {rank_log(log_dir, 0)})")
 
 
