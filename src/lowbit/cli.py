@@ -18,6 +18,7 @@ from lowbit.cli_parser import build_parser
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
+    from lowbit.distributed import Group
     from lowbit.run import EvalSettings
 
 log = logging.getLogger("lowbit")
@@ -29,7 +30,34 @@ def _eval_settings(args: argparse.Namespace, datasets: str) -> EvalSettings:
     return EvalSettings(datasets, args.eval_seqlen, args.eval_windows, progress=not args.quiet)
 
 
-def _quantize(args: argparse.Namespace) -> int:
+def _quantize(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """One process, or this rank of a data-parallel run (started by torchrun, or by `--nproc` through it)."""
+    from lowbit.distributed import check_devices, init_group, launched_world_size, relaunch
+
+    world = launched_world_size()
+    device = next((opt.split("=", 1)[1] for opt in reversed(args.opt) if opt.startswith("engine.device=")), "cpu")
+    if world > 1 and args.nproc not in (1, world):
+        raise LowbitError(f"--nproc {args.nproc}, but the launcher started {world} ranks: leave --nproc out")
+    ranks = max(world, args.nproc)
+    if ranks > 1 and args.out is None:
+        raise LowbitError(f"a data-parallel run ({ranks} ranks) keeps each rank's log next to the export: pass --out")
+    if world == 1 and args.nproc > 1:
+        from lowbit.distributed.ranks import LOG_DIR
+        from lowbit.engine.workdir import work_dir_for
+
+        check_devices(args.nproc, device)
+        return relaunch(argv, args.nproc, work_dir_for(args.out) / LOG_DIR)
+    if world == 1:
+        return _quantize_rank(args)
+    from lowbit.distributed.ranks import LOG_DIR, run_rank
+    from lowbit.engine.workdir import work_dir_for
+
+    group = init_group(args.dist_timeout, device=device)
+    level = logging.getLogger().level
+    return run_rank(group, work_dir_for(args.out) / LOG_DIR, level, lambda: _quantize_rank(args, group))
+
+
+def _quantize_rank(args: argparse.Namespace, group: Group | None = None) -> int:
     from lowbit.config import opts_to_mapping
     from lowbit.run import ExportSettings, quantize_to
 
@@ -53,7 +81,10 @@ def _quantize(args: argparse.Namespace) -> int:
         evaluate=_eval_settings(args, args.eval_dataset) if args.eval else None,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        group=group,
     )
+    if group is not None and not group.is_main:
+        return 0  # rank 0 reports
     config, evaluation = result.config, result.record.get("evaluation")
     if evaluation is not None:
         before, after = evaluation["before"], evaluation["after"]
@@ -224,10 +255,10 @@ def _recipes() -> int:
     return 0
 
 
-def _run_command(args: argparse.Namespace, quiet: bool) -> int:
+def _run_command(args: argparse.Namespace, quiet: bool, argv: Sequence[str]) -> int:
     with _silenced(quiet):
         if args.command == "quantize":
-            return _quantize(args)
+            return _quantize(args, argv)
         if args.command == "eval":
             return _eval(args)
         if args.command == "compare":
@@ -261,6 +292,7 @@ def _raise_interrupt(_signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one line and exit with status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
@@ -270,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None  # stop as cleanly as Ctrl-C
     try:
         if args.command in ("quantize", "eval", "compare", "report", "plan"):
-            return _run_command(args, quiet)
+            return _run_command(args, quiet, argv)
         if args.command == "archs":
             from lowbit.support import matrix_markdown
 
@@ -279,11 +311,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _recipes()
     except LowbitError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+        return getattr(error, "exit_status", 2)  # a failed rank of a data-parallel run: 1
+    except KeyboardInterrupt as interrupt:
         resumable = args.command == "quantize" and getattr(args, "out", None) and not args.no_checkpoint
         hint = "; finished blocks are kept: re-run the same command with --resume to continue" if resumable else ""
-        print(f"error: interrupted{hint}", file=sys.stderr)
+        why = f" ({interrupt})" if str(interrupt) else ""  # a data-parallel rank 0 says where the logs are
+        print(f"error: interrupted{why}{hint}", file=sys.stderr)
         return 130
     finally:
         if in_main:

@@ -129,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not checkpoint finished blocks next to --out (an interrupted run then cannot resume)",
     )
+    quant.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel ranks on this machine, started through torch.distributed.run (one per GPU with "
+        "engine.device=cuda; gloo on CPU): each holds 1/N of the calibration samples, the export is the same "
+        "(several machines: torchrun --nnodes ... -m lowbit quantize ...)",
+    )
+    quant.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a data-parallel collective waits for the other ranks before the run ends (default 600)",
+    )
     quant.add_argument("--eval", action="store_true", help="report perplexity before and after quantization")
     _add_eval_flags(quant, "--eval-dataset")
     quant.add_argument(

@@ -17,6 +17,7 @@ from lowbit.actquant import activation_record, install_activation_quant, install
 from lowbit.arch import arch_for, window_bos_id
 from lowbit.config import QuantizeConfig
 from lowbit.data import load_calibration
+from lowbit.distributed.group import Group, shard_bounds
 from lowbit.engine.memory import MemoryPhases, peak_rss_phases
 from lowbit.engine.offload import ChainStore, Offload, remove_stale_chains
 from lowbit.engine.pipeline import run_stages
@@ -81,11 +82,14 @@ def run_quantization(
     plan: MemoryPlan | None = None,
     observer: BlockObserver | None = None,
     offload_dir: str | Path | None = None,
+    group: Group | None = None,
 ) -> QuantizedModel:
     """Run a validated config on a loaded model (in place) and assemble the result with its run record; a
     streamed run passes the block `source` and the export `sink` (engine/streaming.py). Chains offloaded to disk
     (`engine.offload`) go to a private directory in the work directory, else in `offload_dir`, else in the system's
-    temp directory, removed when the stages end (also on error)."""
+    temp directory, removed when the stages end (also on error). With a `group` of several ranks every rank loads
+    the same calibration windows (the fingerprint is theirs) and keeps its contiguous slice of them."""
+    group = Group() if group is None else group
     started = time.perf_counter()
     phases = MemoryPhases()
     phases.mark("loaded")  # the high-water mark as each phase ends: the phase where it rises holds the peak
@@ -111,20 +115,30 @@ def run_quantization(
 
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
     work = None
-    if work_dir is not None:
+    if work_dir is not None and group.is_main:
         work = WorkDir.open(work_dir, run_fingerprint(loaded, config, calibration), resume=resume)
+    elif work_dir is not None:  # another rank of a resumed run: reads the blocks rank 0 says are finished
+        work = WorkDir(Path(work_dir))
     offload = resolve_offload(config.engine.offload, plan) if config.needs_data else "ram"
-    if work is not None:
+    if work is not None and group.is_main:
         remove_stale_chains(work.path)
+    if calibration is not None and group.distributed:
+        if calibration.shape[0] < group.world_size:
+            raise LowbitError(
+                f"{calibration.shape[0]} calibration windows cannot be split over {group.world_size} ranks: pass "
+                f"--nsamples {group.world_size} or more, or fewer ranks"
+            )
+        calibration = calibration[group.shard(calibration.shape[0])]
     tuned = time.perf_counter()
     try:
         groups = work if source is None else None  # a streamed run checkpoints through its sink
-        with ChainStore(offload, work.path if work is not None else offload_dir) as chains:
+        chain_dir = work.path if work is not None and group.is_main else offload_dir  # rank 0 clears stale ones
+        with ChainStore(offload, chain_dir) as chains:
             found = run_stages(loaded.model, arch, stages, config.scheme, calibration, config.engine, config.seed,
                                groups, source=source, sink=sink, chains=chains, observer=observer,
-                               tokenizer=loaded.tokenizer)  # fmt: skip
+                               tokenizer=loaded.tokenizer, group=group)  # fmt: skip
     except BaseException:
-        if work is not None and not work.holds_progress():
+        if work is not None and group.is_main and not work.holds_progress():
             work.remove()  # nothing to resume: leave no trace
         raise
     records, metrics = found.records, found.metrics
@@ -155,6 +169,11 @@ def run_quantization(
         "activation": activation_record(config.scheme.act_bits),
         "determinism": determinism_record(),
     }
+    if group.distributed:
+        sizes = [stop - start for start, stop in (shard_bounds(config.nsamples, rank, group.world_size)
+                                                  for rank in range(group.world_size))]  # fmt: skip
+        record["distributed"] = {"world_size": group.world_size, "backend": group.backend,
+                                 "samples_per_rank": sizes if config.needs_data else None}  # fmt: skip
     if config.needs_data:
         record["chains"] = {"offload": offload, "option": config.engine.offload}
     if plan is not None:  # the planner's estimate next to what this process measured (quantization done)

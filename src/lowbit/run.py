@@ -9,8 +9,8 @@ is a `LowbitError` raised before the long work where it can be checked there.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,10 @@ import torch
 from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
 from lowbit.data import eval_label, load_eval
+from lowbit.distributed.group import Group
+from lowbit.engine.pipeline import check_data_parallel
 from lowbit.engine.streaming import BlockSource
-from lowbit.engine.workdir import WorkDir, estimate_checkpoint_bytes, work_dir_for
+from lowbit.engine.workdir import WorkDir, clear_work_dir, estimate_checkpoint_bytes, work_dir_for
 from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.eval.perplexity import cut_windows, window_count
@@ -90,12 +92,15 @@ def quantize_to(
     evaluate: EvalSettings | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    group: Group | None = None,
 ) -> QuantizedModel:
     """Quantize `model` and write the export to `out`, failing in seconds on what would fail later.
 
     The settings are those of `lowbit.quantize`; `export` says how the export is written (its `out` is replaced by
     `out`) and `evaluate` adds perplexity before and after to the run record (`record["evaluation"]`). The
     returned result has been saved (`result.record["format"]` is the format written) unless `out` is None.
+    `group`: this process's rank of a data-parallel run (lowbit/distributed; default: the single process); every
+    rank calls this with the same arguments and rank 0 alone writes (the other ranks return the same result unsaved).
     """
     config = build_config(
         recipe=recipe,
@@ -109,8 +114,10 @@ def quantize_to(
     )
     settings = ExportSettings() if export is None else export
     settings = ExportSettings(**{**settings.__dict__, "out": out})
-    with output_lock(out) if out is not None else contextlib.nullcontext():
-        return run(config, settings, model, evaluate, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    group = Group() if group is None else group
+    with output_lock(out) if out is not None and group.is_main else contextlib.nullcontext():
+        return run(config, settings, model, evaluate, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                   group=group)  # fmt: skip
 
 
 def run(
@@ -121,27 +128,32 @@ def run(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    group: Group | None = None,
 ) -> QuantizedModel:
     """The run itself, under the caller's output lock (see the module docstring for the order)."""
+    group = Group() if group is None else group
+    config = check_ranks(config, export, group)
     check_export_settings(config, export)
     plan = plan_memory(config, export, model, evaluate, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if plan is not None and plan.stream:
-        check_streamable(config, export, evaluate)
+        check_streamable(config, export, evaluate, group)
         return run_streamed(config, export, model, plan, evaluate)
-    work_dir = prepare_work_dir(config, export)
+    work_dir = prepare_work_dir(config, export) if group.is_main else resumed_work_dir(export)  # rank 0 writes
     loaded = (
         model
         if isinstance(model, LoadedModel)
         else load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     )
     preflight(config, export, loaded.model, checkpoints=work_dir is not None)  # before any calibration or forward
-    before = evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate) if evaluate else {}
+    group.barrier()  # every rank checked its settings before rank 0 writes anything another rank would check
+    before = evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate, group) if evaluate else {}
     result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
-                              offload_dir=offload_dir(export))  # fmt: skip
+                              offload_dir=offload_dir(export), group=group)  # fmt: skip
     if evaluate:
-        after = evaluate_perplexity(result.model, result.tokenizer, evaluate)
+        after = evaluate_perplexity(result.model, result.tokenizer, evaluate, group)
         result.record["evaluation"] = {"before": before, "after": after}
-    if export.out is not None:
+    group.barrier()  # no rank still reads a checkpoint when rank 0 writes the export and removes them
+    if export.out is not None and group.is_main:
         result.save(export.out, format=export.format, overwrite=export.overwrite, target=export.target, tp=export.tp,
                     ct_packing=export.ct_packing, max_shard_size=export.max_shard_size)  # fmt: skip
         if export.report:
@@ -187,8 +199,32 @@ def plan_memory(
     return plan.check()
 
 
-def check_streamable(config: QuantizeConfig, export: ExportSettings, evaluate: EvalSettings | None) -> None:
+def check_ranks(config: QuantizeConfig, export: ExportSettings, group: Group) -> QuantizeConfig:
+    """What a data-parallel run cannot do, refused before anything loads; the config each rank runs (progress bars
+    on rank 0 only)."""
+    if not group.distributed:
+        return config
+    if export.out is None:
+        raise LowbitError(
+            f"a data-parallel run ({group.world_size} ranks) keeps each rank's log in the work directory next to the "
+            "export: pass --out"
+        )
+    stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
+    check_data_parallel(stages, group.world_size)
+    if not group.is_main:
+        config = dataclasses.replace(config, engine=dataclasses.replace(config.engine, progress=False))
+    return config
+
+
+def check_streamable(
+    config: QuantizeConfig, export: ExportSettings, evaluate: EvalSettings | None, group: Group | None = None
+) -> None:
     """What a streamed run cannot do, refused before anything loads."""
+    if group is not None and group.distributed:
+        raise LowbitError(
+            "a streamed run (engine.stream, or a model larger than memory) does not run data-parallel yet: run it "
+            "in one process, or with --opt engine.stream=off on machines that hold the model"
+        )
     if export.out is None:
         raise LowbitError("a streamed run writes its export as the blocks finish: pass --out")
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
@@ -295,9 +331,17 @@ def prepare_work_dir(config: QuantizeConfig, export: ExportSettings) -> Path | N
     work = work_dir_for(export.out)
     if work.exists() and export.overwrite and not export.resume:
         log.warning("--overwrite: discarding the checkpoints of an earlier run in %s", work)
-        shutil.rmtree(work)
+        clear_work_dir(work)
     WorkDir.check(work, settings_fingerprint(config), resume=export.resume)
     return work
+
+
+def resumed_work_dir(export: ExportSettings) -> Path | None:
+    """Where a rank other than 0 reads the checkpoints of a resumed data-parallel run (rank 0 checks and writes
+    them); None for a fresh run, whose blocks every rank computes."""
+    if export.resume and export.out is not None and export.checkpoint:
+        return work_dir_for(export.out)
+    return None
 
 
 def offload_dir(export: ExportSettings) -> Path | None:
@@ -325,13 +369,15 @@ def preflight(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Mo
         check_free_space(export.out, needed)
 
 
-def evaluate_perplexity(model: torch.nn.Module, tokenizer: Any, settings: EvalSettings) -> dict[str, dict]:
-    """Perplexity on each of `settings.datasets`, keyed by the dataset's own name."""
+def evaluate_perplexity(
+    model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, group: Group | None = None
+) -> dict[str, dict]:
+    """Perplexity on each of `settings.datasets`, keyed by the dataset's own name (windows split over `group`)."""
     results = {}
     for name in settings.names():
         data = load_eval(tokenizer, name)
         result = perplexity(model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
-                            progress=settings.progress)  # fmt: skip
+                            progress=settings.progress, group=group)  # fmt: skip
         results[eval_label(name, data.meta)] = {**result.to_dict(), "data": data.meta}
     return results
 

@@ -13,6 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec
+from lowbit.distributed.group import Group
 from lowbit.engine.capture import capture_block_inputs
 from lowbit.engine.causal_attention import block_attention, resolve_attention
 from lowbit.engine.context import BlockContext
@@ -152,6 +153,7 @@ def run_block_stages(
     sink: BlockSink | None = None,
     observer: BlockObserver | None = None,
     chains: ChainStore | None = None,
+    group: Group | None = None,
 ) -> GroupResult:
     """Run block-scope stages over every decoder block, in place on `model`.
 
@@ -164,12 +166,15 @@ def run_block_stages(
     per-block metrics for the run record. With `quantized_input`, block i+1 sees the quantized block i's output
     on its own (quantized-chain) input; otherwise it sees the float chain. With a `checkpoint`, every finished
     block is saved and an interrupted run continues after its last finished block. The chains are made by `chains`
-    (default: in RAM, or in a temp directory removed at the end with `engine.offload=disk`).
+    (default: in RAM, or in a temp directory removed at the end with `engine.offload=disk`). In a data-parallel run
+    `calibration` is this rank's slice and `group` (passed to every stage) reduces across the ranks.
     """
     if chains is None:
         with ChainStore("disk" if options.offload == "disk" else "ram") as owned:
             return run_block_stages(model, arch, stages, scheme, calibration, options, seed, checkpoint,
-                                    source=source, sink=sink, chains=owned, observer=observer)  # fmt: skip
+                                    source=source, sink=sink, chains=owned, observer=observer,
+                                    group=group)  # fmt: skip
+    group = Group() if group is None else group
     device = torch.device(options.device)
     quantized_input = _chain_choice(stages, options.quantized_input)
     has_quantizer = any(stage.kind == "quantizer" for stage in stages)
@@ -183,6 +188,7 @@ def run_block_stages(
     blocks = arch.blocks(model)
     result = GroupResult()
     first = len(checkpoint.finished_blocks()) if checkpoint else sink.done if sink else 0
+    first = group.broadcast_object(first)  # rank 0's checkpoints decide where every rank resumes
     fp_in = q_in = None
     per_block: list[dict[str, Any]] = [{} for _ in blocks]
     resumed_stream = sink is not None and first > 0 and (needs_data or observer is not None)
@@ -212,7 +218,7 @@ def run_block_stages(
         )
     elif first:
         log.info("resuming a streamed run after block %d (its export and chains are kept)", first - 1)
-    bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not options.progress)
+    bar = tqdm(range(len(blocks)), desc="blocks", unit="block", disable=not options.progress or not group.is_main)
     for index in bar:
         start = time.perf_counter()
         if sink is not None and index < first:  # finished by the interrupted run: nothing to read or replay
@@ -235,6 +241,7 @@ def run_block_stages(
             autocast=replay_autocast,
             compile=compiled,
             chains=chains,
+            group=group,
         )
         if first == len(blocks):  # everything finished before: no forward needed
             _restore_block(checkpoint, ctx, result)
@@ -293,7 +300,7 @@ def run_block_stages(
                 next_inputs.update(observer.chains())
             sink.block_done(index, next_inputs, fresh, result.metrics[-1])
             del next_inputs
-        if checkpoint:
+        if checkpoint and group.is_main:
             fresh = {k: t for k, t in _all_artifacts(stages).items() if k not in known}
             relative = {key.removeprefix(f"{ctx.name}."): record for key, record in block_records.items()}
             saving = time.perf_counter()

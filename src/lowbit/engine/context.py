@@ -12,6 +12,7 @@ from torch import nn
 
 from lowbit.actquant import activation_quant
 from lowbit.arch import ArchSpec
+from lowbit.distributed.group import Group
 from lowbit.engine.offload import Chain, ChainStore
 from lowbit.engine.precision import autocast
 from lowbit.errors import LowbitError
@@ -67,6 +68,9 @@ class BlockContext:
     chains: ChainStore = field(default_factory=ChainStore)  # where new chains go (engine.offload)
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # the ranks of a data-parallel run: the chains hold this rank's slice of the samples, and a stage reduces what
+    # it sums over samples through it (default: the single process, where every reduction is the identity)
+    group: Group = field(default_factory=Group)
 
     @property
     def nsamples(self) -> int:

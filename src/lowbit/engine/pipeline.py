@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.arch import ArchSpec
+from lowbit.distributed.group import Group
 from lowbit.engine.block_loop import EngineOptions, run_block_stages
 from lowbit.engine.offload import ChainStore
 from lowbit.engine.stage import BlockStage, ModelContext, ModelStage, Stage
@@ -48,6 +49,19 @@ def stage_groups(stages: list[Stage]) -> list[list[Stage]]:
     return groups
 
 
+def check_data_parallel(stages: list[Stage], world_size: int) -> None:
+    """Refuse, before any work, a stage that would be silently wrong on a slice of the samples."""
+    waiting = [stage.name for stage in stages if stage.needs_data and not stage.data_parallel]
+    if waiting:
+        from lowbit.methods import STAGES
+
+        ready = ", ".join(name for name, cls in STAGES.items() if cls.data_parallel or not cls.needs_data)
+        raise LowbitError(
+            f"{', '.join(waiting)} does not run data-parallel yet ({world_size} ranks): run it in one process "
+            f"(without --nproc or torchrun); data-parallel stages: {ready}"
+        )
+
+
 def run_stages(
     model: nn.Module,
     arch: ArchSpec,
@@ -62,18 +76,22 @@ def run_stages(
     observer: BlockObserver | None = None,
     chains: ChainStore | None = None,
     tokenizer: Any = None,
+    group: Group | None = None,
 ) -> PipelineResult:
     """Apply every stage to `model` in place. With `work`, finished groups and blocks are checkpointed and an
     interrupted run resumes after them. A streamed run (`source`, `sink`: engine/streaming.py) is one group of
     block-scope stages: a later group would need the blocks an earlier one released. `chains` makes the block loops'
     activation chains (default: per `options.offload`, see `run_block_stages`); `tokenizer` reaches model-scope
-    stages that read evaluation text."""
+    stages that read evaluation text. `group`: the ranks of a data-parallel run (`calibration` is then this rank's
+    slice); only stages with `data_parallel` run there."""
     groups = stage_groups(stages)
     if source is not None and (len(groups) > 1 or groups[0][0].scope != "block"):
         raise LowbitError(
             "a streamed run takes block-scope stages only (model-scope stages such as TEQ with the cross-entropy "
             "loss or InvarExplore need the whole model): use --opt engine.stream=off on a machine that holds it"
         )
+    if group is not None and group.distributed:
+        check_data_parallel(stages, group.world_size)
     for stage in stages:
         reason = stage.refuses(arch)
         if reason:
@@ -81,13 +99,14 @@ def run_stages(
     arch.prepare(model)  # MoE: fused experts become per-expert linears before any capture or checkpoint restore
     result = PipelineResult()
     records, metrics, artifacts = result.records, result.metrics, result.artifacts
-    for index, group in enumerate(groups):
+    for index, members in enumerate(groups):
         checkpoint = work.group(index) if work else None
-        name = "+".join(stage.name for stage in group)
-        stage = group[0]
+        name = "+".join(stage.name for stage in members)
+        stage = members[0]
         if stage.scope == "block":
-            found = run_block_stages(model, arch, group, scheme, calibration, options, seed, checkpoint,
-                                     source=source, sink=sink, chains=chains, observer=observer)  # fmt: skip
+            found = run_block_stages(model, arch, members, scheme, calibration, options, seed, checkpoint,
+                                     source=source, sink=sink, chains=chains, observer=observer,
+                                     group=group)  # fmt: skip
             records.update(found.records)
             result.checkpoint_seconds += found.checkpoint_seconds
             artifacts.update(found.artifacts)
@@ -105,6 +124,6 @@ def run_stages(
                 saving = time.perf_counter()
                 checkpoint.save_model(model, stage.artifacts(), ctx.metrics)
                 result.checkpoint_seconds += time.perf_counter() - saving
-        for stage in group:
+        for stage in members:
             artifacts.update(stage.artifacts())
     return result

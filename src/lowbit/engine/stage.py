@@ -43,6 +43,10 @@ class Stage:
     # stage that leaves it False is refused on such families by `refuses`, with `experts_reason` as the why.
     supports_experts: ClassVar[bool] = False
     experts_reason: ClassVar[str] = "not validated on mixture-of-experts blocks (per-expert linears, float router)"
+    # Whether the stage is correct in a data-parallel run (lowbit/distributed): its block context holds one rank's
+    # slice of the samples and it reduces what it sums over samples through `ctx.group`, in rank order. A stage
+    # that needs data and leaves it False is refused when there are several ranks (one that needs none is fine).
+    data_parallel: ClassVar[bool] = False
 
     def __init__(self, options: Any, scheme: QuantScheme) -> None:
         self.options = options

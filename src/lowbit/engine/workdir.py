@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lowbit.distributed.ranks import LOG_DIR
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
@@ -46,6 +47,23 @@ def work_dir_for(out: str | Path) -> Path:
     """Where a run writing `out` keeps its checkpoints: a hidden sibling of the output directory."""
     final = Path(out).expanduser()
     return final.parent / f".{final.name}.lowbit-work"
+
+
+def _entries(path: Path) -> list[Path]:
+    """What a work directory holds besides the ranks' logs of a data-parallel run (lowbit/distributed/ranks.py)."""
+    return [entry for entry in path.iterdir() if entry.name != LOG_DIR] if path.is_dir() else []
+
+
+def clear_work_dir(path: str | Path) -> None:
+    """Remove a work directory's checkpoints, keeping the ranks' logs (the directory goes when nothing is left)."""
+    path = Path(path)
+    for entry in _entries(path):
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -153,7 +171,7 @@ class WorkDir:
         differ; `settings` is the `config` part of the fingerprint. `open` checks the whole fingerprint later."""
         path = Path(path)
         settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
-        if path.exists() and not resume:
+        if _entries(path) and not resume:
             raise LowbitError(
                 f"an interrupted run left its checkpoints in '{path}': re-run with --resume to continue it, or "
                 "with --overwrite to start over"
@@ -176,20 +194,25 @@ class WorkDir:
             return cls(path)
         if resume:
             log.warning("--resume: no checkpoints at %s, starting from the beginning", path)
-            shutil.rmtree(path, ignore_errors=True)
+            clear_work_dir(path)
         path.mkdir(parents=True, exist_ok=True)
         _atomic_json({"format": WORK_FORMAT, "fingerprint": fingerprint}, manifest)
         return cls(path)
 
     def holds_progress(self) -> bool:
         """Whether anything finished was saved (a block, a model stage, a stage's own checkpoint)."""
-        return any(path.is_file() and path.name != MANIFEST for path in self.path.rglob("*"))
+        return any(
+            path.is_file() and path.name != MANIFEST
+            for entry in _entries(self.path)
+            for path in (entry.rglob("*") if entry.is_dir() else (entry,))
+        )
 
     def group(self, index: int) -> GroupCheckpoint:
         return GroupCheckpoint(self.path / f"g{index:02d}")
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Remove the checkpoints (a data-parallel run's logs stay until its ranks have finished)."""
+        clear_work_dir(self.path)
 
 
 class GroupCheckpoint:

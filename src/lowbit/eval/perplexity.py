@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.arch import window_bos_id
+from lowbit.distributed.group import Group
 from lowbit.errors import LowbitError
 
 
@@ -99,13 +100,18 @@ def perplexity(
     device: str | torch.device = "cpu",
     progress: bool = True,
     bos: bool | None = None,
+    group: Group | None = None,
 ) -> PerplexityResult:
     """Cut the token stream into non-overlapping windows (`cut_windows`), no KV cache, mean CE of the L-1
-    predictions each."""
+    predictions each. With a `group` of several ranks each evaluates its contiguous slice of the windows and every
+    rank gets all the NLLs in window order: the same result, bit for bit, as one process."""
+    group = Group() if group is None else group
     windows = cut_windows(model, input_ids, seqlen=seqlen, max_windows=max_windows, bos=bos)
+    mine = range(windows.ids.shape[0])[group.shard(windows.ids.shape[0])]
     nlls = []
-    for index in tqdm(range(windows.ids.shape[0]), desc="perplexity", unit="window", disable=not progress):
+    for index in tqdm(mine, desc="perplexity", unit="window", disable=not progress or not group.is_main):
         window = windows.ids[index : index + 1].to(device)
         logits = model(input_ids=window, use_cache=False).logits
         nlls.append(window_nll(logits, window, index))
+    nlls = [nll for part in group.gather_objects(nlls) for nll in part]
     return summarize(nlls, windows)

@@ -8,6 +8,8 @@ chosen threshold never increases the measured error and never exceeds the origin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -50,12 +52,15 @@ def search_clip(
     *,
     grid: int = CLIP_GRID,
     max_shrink: float = CLIP_MAX_SHRINK,
+    token_mean: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Best clamp threshold per (row, group) for `weight` [m, k] given sampled inputs `x` [T, k].
 
     Returns (t_best [m, G], err_best [m, G], err_unclipped [m, G]); a partial last group is searched on its
-    own columns, exactly the columns the final quantizer groups together.
+    own columns, exactly the columns the final quantizer groups together. `token_mean` takes a candidate's squared
+    errors [T, m, G] to their mean over tokens (default: over x's; a data-parallel run's covers every rank's).
     """
+    token_mean = (lambda err: err.mean(dim=0)) if token_mean is None else token_mean
     w = weight.detach().float()
     m, k = w.shape
     g = scheme.group_width(k)
@@ -75,7 +80,7 @@ def search_clip(
         t = t0 * (1 - i / grid)
         clipped = torch.maximum(torch.minimum(wg, t[..., None]), -t[..., None]).reshape(m, -1)
         diff = (fake_quant(clipped, flat, ste="identity") - wp).reshape(m, groups, g)
-        err = torch.einsum("tgj,mgj->tmg", xg, diff).square().mean(dim=0)
+        err = token_mean(torch.einsum("tgj,mgj->tmg", xg, diff).square())
         if i == 0:
             err_orig = err
         better = err < err_best

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -36,8 +35,17 @@ from lowbit.engine.context import move_to
 from lowbit.engine.precision import TuneAutocast, autocast, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.awq.clip import apply_clip, clip_applies, fake_quant_rows, sample_tokens, search_clip
+from lowbit.methods.awq.ranks import global_tokens, mean_abs, reduce_losses, sampled_rows, token_mean
+from lowbit.methods.awq.search import (
+    block_gram,
+    first_argmin,
+    gram_loss,
+    normalised_scales,
+    replay_samples,
+    spaced_samples,
+    weight_mean,
+)
 from lowbit.methods.common.fold import fold_group
-from lowbit.methods.common.gram import gram_matrix
 from lowbit.presets import RecipePreset
 from lowbit.quantizer import fake_quant
 from lowbit.scheme import QuantScheme
@@ -138,89 +146,6 @@ def _feature_keys(ctx: BlockContext) -> dict[str, str]:
     return keys
 
 
-@torch.no_grad()
-def block_gram(ctx: BlockContext, x: Tensor) -> Tensor:
-    """H = X^T X over every cached token of x ([n, L, k], or [tokens, k] where a block flattens them, as OPT's
-    FFN does): one fp32 product per batch (a float64 GEMM runs at a quarter of the rate on a CPU), summed in
-    float64 so the sum over all batches loses nothing."""
-    k = x.shape[-1]
-    total = torch.zeros(k, k, dtype=torch.float64, device=ctx.device)
-    for part in ctx.batches(x.shape[0]):
-        total += gram_matrix(ctx.batch(x, part).reshape(-1, k).float()).double()
-    return total
-
-
-def gram_loss(error: Tensor, gram: Tensor, tokens: int) -> float:
-    """Mean squared output error of a linear whose weight error is E [m, k] on inputs with Gram matrix H:
-    ||X E^T||^2 / (tokens * m) = tr(E H E^T) / (tokens * m), what `_loss` measures by replaying every token."""
-    e = error.to(gram.device, torch.float64)
-    return float(((e @ gram) * e).sum()) / (tokens * e.shape[0])
-
-
-def spaced_samples(n: int, count: int | None) -> Tensor | None:
-    """Indices of `count` evenly spaced samples out of n (first and last included; rounding may merge two), or
-    None where `count` covers them all."""
-    if count is None or count >= n:
-        return None
-    return torch.linspace(0, n - 1, count).round().long().unique()
-
-
-def _batch_shaped(value: Any) -> bool:
-    """Whether a call argument has a leading batch dimension > 1 (the engine's captured kwargs broadcast: dim 1)."""
-    if isinstance(value, Tensor):
-        return value.dim() >= 2 and value.shape[0] > 1
-    if isinstance(value, (tuple, list)):
-        return any(_batch_shaped(v) for v in value)
-    if isinstance(value, dict):
-        return any(_batch_shaped(v) for v in value.values())
-    return False
-
-
-def replay_samples(x: Tensor, nsamples: int | None, count: int | None, call: tuple | None) -> tuple[Tensor, int | None]:
-    """The inputs a replay search runs on: the `count` evenly spaced samples of x (`spaced_samples`), and how many
-    samples that is (None: x's sample structure is unknown, all rows are used).
-
-    x is [n, L, k], or [n * L, k] where the block flattens the tokens (OPT's FFN); `nsamples` is n (None: x's first
-    dimension when x is 3-D). All of x is kept where the structure is unknown, or where the inspected module's
-    call arguments are batch-shaped rather than broadcast over samples (a subset could not match them)."""
-    n = nsamples if nsamples is not None else (x.shape[0] if x.dim() >= 3 else None)
-    if n is None or not (x.shape[0] == n or (x.dim() == 2 and x.shape[0] % n == 0)):
-        return x, None
-    index = spaced_samples(n, count)
-    if index is None:
-        return x, n
-    if call is not None and _batch_shaped((call[1], call[2])):
-        log.warning("awq: the inspected module's call arguments are batch-shaped; its search uses all %d samples", n)
-        return x, n
-    if x.shape[0] == n:
-        return x[index], len(index)
-    return x.reshape(n, -1, x.shape[-1])[index].reshape(-1, x.shape[-1]), len(index)
-
-
-def first_argmin(losses: list[float]) -> int | None:
-    """Index of the first smallest finite loss (docs/methods.md, AWQ's r*), or None when none is finite."""
-    return min((i for i, loss in enumerate(losses) if math.isfinite(loss)), key=losses.__getitem__, default=None)
-
-
-def normalised_scales(xbar: Tensor, r: float, wbar: Tensor | None = None) -> Tensor:
-    """s = max(xbar^r, 1e-4) (or xbar^r / wbar^(1-r) with duo scaling), normalised so max(s)·min(s) = 1."""
-    s = xbar.pow(r) if wbar is None else xbar.pow(r) / wbar.pow(1 - r).clamp(min=1e-4)
-    s = s.clamp(min=1e-4)
-    return s / (s.max() * s.min()).sqrt()
-
-
-def weight_mean(linears: list[nn.Linear], scheme: QuantScheme) -> Tensor:
-    """Per-input-channel mean of |W| normalised by each group's max (llm-compressor's duo-scaling w̄)."""
-    w = torch.cat([linear.weight.detach().float() for linear in linears])
-    k = w.shape[1]
-    g = scheme.group_width(k)
-    out = torch.empty_like(w)
-    for j in range(0, k, g):
-        part = w[:, j : j + g].abs()
-        out[:, j : j + g] = part / part.amax(dim=1, keepdim=True).clamp(min=1e-12)
-    return out.mean(dim=0)
-
-
 class AWQ(BlockStage):
     """Activation-aware weight quantization's scaling and clipping (Lin et al.; mit-han-lab/llm-awq)."""
 
@@ -228,6 +153,7 @@ class AWQ(BlockStage):
     kind: ClassVar[str] = "transform"
     needs_data: ClassVar[bool] = True
     summary: ClassVar[str] = "AWQ: activation-aware scales folded into the previous op, then auto-clip"
+    data_parallel: ClassVar[bool] = True  # x̄, Gram matrices and losses summed over the ranks (methods/awq/ranks.py)
     experts_reason: ClassVar[str] = (
         "its FFN scales fold into the norm that also feeds the float mixture-of-experts router, and its search and "
         "clipping are not implemented over per-expert linears that see only their routed tokens"
@@ -279,38 +205,50 @@ class AWQ(BlockStage):
         return (out[0] if isinstance(out, tuple) else out).float()
 
     @torch.no_grad()
-    def _loss(self, ctx: BlockContext, module: nn.Module, call: tuple | None, x: Tensor, y0: list[Tensor]) -> float:
-        """Mean squared error of the module (forward in the search precision, output fp32) to the fp32 targets."""
+    def _loss(
+        self, ctx: BlockContext, module: nn.Module, call: tuple | None, x: Tensor, y0: list[Tensor]
+    ) -> tuple[float, int]:
+        """Squared error of the module (forward in the search precision, output fp32) to the fp32 targets: its sum
+        and element count (their ratio is the mean; a data-parallel run adds every rank's first)."""
         total, count = 0.0, 0
         for part, want in zip(ctx.batches(x.shape[0]), y0, strict=True):
             with autocast(self.precision(ctx), ctx.device):
                 out = self._call(ctx, module, call, ctx.batch(x, part))
             total += float((out - want.to(out.device)).double().square().sum())
             count += want.numel()
-        return total / count
+        return total, count
 
     @torch.no_grad()
     def grid_losses(
-        self, ctx: BlockContext, group: ScaleGroup, x: Tensor, call: tuple | None, nsamples: int | None = None
+        self,
+        ctx: BlockContext,
+        group: ScaleGroup,
+        x: Tensor,
+        call: tuple | None,
+        nsamples: int | None = None,
+        span: tuple[int, int] | None = None,
     ) -> tuple[list[float], list[Tensor], int | None]:
         """docs/methods.md, AWQ's loss at every ratio r = i/n_grid for one group on its cached inputs x ([n, L, k], or
         [n * L, k] where the block flattens tokens; `nsamples` = n). Returns the losses, the candidate scales (CPU)
         and the samples the loss covered: a replayed module runs on `search_samples` of them (`replay_samples`),
-        the Gram loss and x̄ always cover every token. The weights are restored."""
+        the Gram loss and x̄ always cover every token. The weights are restored. In a data-parallel run (`span`, see
+        `replay_samples`) x is this rank's slice and every sum over tokens covers every rank's (awq/ranks.py)."""
         module = ctx.block.get_submodule(group.inspect)
         linears = [ctx.block.get_submodule(name) for name in group.linears]
         originals = [linear.weight.detach().clone() for linear in linears]
         gram = None
         if self.options.linear_loss == "gram" and group.linears == (group.inspect,):
-            gram = block_gram(ctx, x)  # the inspected module is the linear itself: its loss is quadratic in E
+            gram = ctx.group.sum(block_gram(ctx, x))  # the inspected linear itself: its loss is quadratic in E
+            tokens = global_tokens(x, ctx.group)
             y0: list[Tensor] = []
-            replay, used = x, replay_samples(x, nsamples, None, call)[1]
+            replay, used = x, replay_samples(x, nsamples, None, call, span)[1]
         else:
-            replay, used = replay_samples(x, nsamples, self.options.search_samples, call)
+            replay, used = replay_samples(x, nsamples, self.options.search_samples, call, span)
             y0 = [self._call(ctx, module, call, ctx.batch(replay, p)).cpu() for p in ctx.batches(replay.shape[0])]
-        xbar = x.reshape(-1, x.shape[-1]).abs().mean(dim=0).to(ctx.device)
+        xbar = mean_abs(x, ctx.group).to(ctx.device)
         wbar = weight_mean(linears, self.search_scheme).to(ctx.device) if self.options.duo_scaling else None
         losses: list[float] = []
+        sums: list[tuple[float, int]] = []  # the replay losses' (sum, count), reduced over the ranks at the end
         candidates: list[Tensor] = []
         try:
             for i in range(self.options.n_grid):
@@ -319,20 +257,28 @@ class AWQ(BlockStage):
                     q = fake_quant(w.float() * s[None, :], self.search_scheme, ste="identity") / s[None, :]
                     linear.weight.copy_(q.to(w.dtype))
                 if gram is None:
-                    losses.append(self._loss(ctx, module, call, replay, y0))
+                    sums.append(self._loss(ctx, module, call, replay, y0))
                 else:
-                    losses.append(gram_loss(linears[0].weight - originals[0], gram, x.numel() // x.shape[-1]))
+                    losses.append(gram_loss(linears[0].weight - originals[0], gram, tokens))
                 candidates.append(s.cpu())
         finally:
             for linear, w in zip(linears, originals, strict=True):
                 linear.weight.copy_(w)
+        if gram is None:
+            losses = reduce_losses(sums, ctx.group)
         return losses, candidates, used
 
     def search_scale(
-        self, ctx: BlockContext, group: ScaleGroup, x: Tensor, call: tuple | None, nsamples: int | None = None
+        self,
+        ctx: BlockContext,
+        group: ScaleGroup,
+        x: Tensor,
+        call: tuple | None,
+        nsamples: int | None = None,
+        span: tuple[int, int] | None = None,
     ) -> tuple[Tensor, dict[str, Any]]:
         """The grid search of docs/methods.md for one group (`grid_losses`): the scale of the first smallest loss."""
-        losses, candidates, used = self.grid_losses(ctx, group, x, call, nsamples)
+        losses, candidates, used = self.grid_losses(ctx, group, x, call, nsamples, span)
         best = first_argmin(losses)
         if best is None:
             raise LowbitError(f"AWQ scale search for {ctx.name}.{group.prev} produced no finite loss: check the model")
@@ -388,10 +334,11 @@ class AWQ(BlockStage):
 
         scales: dict[str, Tensor] = {}
         group_metrics: dict[str, Any] = {}
+        span = ctx.group.offset(inputs.shape[0]) if ctx.group.distributed else None  # this rank's samples among all
         for group in groups:  # all searched on the unscaled block, then folded (as the reference)
             x = features[keys[group.linears[0]]]
             scales[group.prev], group_metrics[group.prev] = self.search_scale(
-                ctx, group, x, calls.get(group.inspect), inputs.shape[0]
+                ctx, group, x, calls.get(group.inspect), inputs.shape[0], span
             )
         for group in groups:
             s = scales[group.prev]
@@ -414,13 +361,17 @@ class AWQ(BlockStage):
         for name, linear in ctx.linears().items():
             if not clip_applies(name):
                 continue
-            x = sample_tokens(features[keys[name]], self.options.clip_tokens)
+            if ctx.group.distributed:  # the global stride over every rank's tokens
+                x = sampled_rows(features[keys[name]], self.options.clip_tokens, ctx.group)
+            else:
+                x = sample_tokens(features[keys[name]], self.options.clip_tokens)
             t, err, err0 = search_clip(
                 linear.weight,
                 x,
                 self.search_scheme,
                 grid=self.options.clip_grid,
                 max_shrink=self.options.clip_max_shrink,
+                token_mean=token_mean(ctx.group, x.shape[0]),
             )
             w = apply_clip(linear.weight, t, self.search_scheme.group_size)
             clipped = int((w != linear.weight.float()).sum())
@@ -442,4 +393,13 @@ RECIPES: dict[str, RecipePreset] = {
     )
 }
 
-__all__ = ["AWQ", "AWQOptions", "fake_quant_rows", "first_argmin", "normalised_scales", "spaced_samples", "weight_mean"]
+__all__ = [
+    "AWQ",
+    "AWQOptions",
+    "fake_quant_rows",
+    "first_argmin",
+    "normalised_scales",
+    "replay_samples",
+    "spaced_samples",
+    "weight_mean",
+]

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.arch.base import ArchSpec
+from lowbit.distributed.group import Group
 from lowbit.engine import BlockContext, call_block
 from lowbit.engine.context import move_to
 from lowbit.engine.offload import Chain
@@ -142,6 +143,28 @@ def collect_hessians(
     finally:
         for handle in (*handles, *recorders.values()):
             handle.remove()
+    return accumulators
+
+
+def reduce_hessians(accumulators: dict[str, HessianAccumulator], group: Group) -> dict[str, HessianAccumulator]:
+    """The Hessians of every rank's samples together (a data-parallel run; the single process's are returned as is).
+
+    Each rank's H is (2/n_r) * sum of its Gram matrices; the global H is sum_r (n_r / N) H_r = (2/N) * sum of all
+    of them, normalized by the global count N. The weighted sum runs in fp64 in rank order (deterministic), then
+    back to fp32 as the solver takes it; token counts are summed, so `min_tokens` sees every rank's tokens.
+    """
+    if not group.distributed:
+        return accumulators
+    counts = group.gather_objects({name: (acc.nsamples, acc.tokens) for name, acc in accumulators.items()})
+    for name, accumulator in accumulators.items():
+        total = sum(rank_counts[name][0] for rank_counts in counts)
+        merged = torch.zeros_like(accumulator.H, dtype=torch.float64)
+        for rank_counts, part in zip(counts, group.gather(accumulator.H), strict=True):
+            if rank_counts[name][0]:
+                merged.add_(part.double(), alpha=rank_counts[name][0] / total)
+        accumulator.H = merged.to(torch.float32)
+        accumulator.nsamples = total
+        accumulator.tokens = sum(rank_counts[name][1] for rank_counts in counts)
     return accumulators
 
 

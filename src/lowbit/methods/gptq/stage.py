@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -23,10 +24,11 @@ from lowbit.methods.gptq.passes import (
     collect_hessians,
     entry_module,
     fits_in_memory,
+    reduce_hessians,
     residual_chain,
     residual_norm,
 )
-from lowbit.methods.gptq.solve import gptq_quantize
+from lowbit.methods.gptq.solve import GPTQResult, HessianAccumulator, gptq_quantize
 from lowbit.quantizer import quantize_weight
 from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 
@@ -85,6 +87,8 @@ class GPTQ(BlockStage):
     supports_experts: ClassVar[bool] = True  # per-expert linears like any other (arch/moe.py)
     summary: ClassVar[str] = "GPTQ: Hessian-based error compensation, true-sequential, act-order option"
     uses_float_chain: bool = False
+    # each rank's Hessians reduced in rank order (passes.reduce_hessians), each solve on one rank and broadcast
+    data_parallel: ClassVar[bool] = True
     Options: ClassVar[type] = GPTQOptions
 
     # what autocast=auto means where bf16 is native; "off" until measured (benchmarks/results/speed-log.md)
@@ -125,6 +129,44 @@ class GPTQ(BlockStage):
                 records["last_input"] = ModuleCalls(subset[0])
         return records
 
+    def _solved(
+        self, ctx: BlockContext, subset: tuple[str, ...], hessians: dict[str, HessianAccumulator]
+    ) -> Iterator[tuple[str, GPTQResult | None]]:
+        """Each linear of `subset` in order with its GPTQ solve (consuming its Hessian), or None where the Hessian
+        saw fewer than `min_tokens` tokens (the caller rounds it with RTN); one process yields each as it is solved.
+
+        In a data-parallel run the k-th solvable linear is solved by rank k % N alone and its result broadcast once
+        every rank has solved its own: every rank holds the same reduced H, so this is what solving on every rank
+        gives, in about 1/N of the time."""
+        opts: GPTQOptions = self.options
+        linears, group = ctx.linears(), ctx.group
+        solvable = [name for name in subset if hessians[name].tokens >= opts.min_tokens]
+        owners = {name: k % group.world_size for k, name in enumerate(solvable)}
+        mine: dict[str, GPTQResult] = {}
+        for name in subset:
+            if name not in owners:
+                if not group.distributed:
+                    yield name, None
+                continue
+            hessian = hessians.pop(name)
+            if owners[name] == group.rank:
+                mine[name] = gptq_quantize(
+                    linears[name].weight.detach(),
+                    hessian.H,
+                    self.scheme,
+                    percdamp=opts.percdamp,
+                    block_size=opts.block_size,
+                    act_order=opts.act_order,
+                    static_groups=opts.static_groups,
+                    mse=opts.mse,
+                    consume_h=True,  # popped above: nothing reads this Hessian again
+                )
+            del hessian
+            if not group.distributed:
+                yield name, mine.pop(name)
+        for name in subset if group.distributed else ():
+            yield name, group.broadcast_object(mine.pop(name, None), src=owners[name]) if name in owners else None
+
     def process_block(self, ctx: BlockContext) -> None:
         opts: GPTQOptions = self.options
         linears = ctx.linears()
@@ -136,28 +178,18 @@ class GPTQ(BlockStage):
             hessians = collect_hessians(
                 ctx, subset, self.precision(ctx.device), start=start, record=tuple(records.values())
             )
+            hessians = reduce_hessians(hessians, ctx.group)  # every rank solves the same H: the same codes
             start = records["entry"] if "entry" in records and records["entry"].calls else None
             if "residual" in records and start is not None and records["residual"].calls:
                 chain = (start, records["residual"])  # the last pass starts at the MLP: chain = residual + MLP?
             if chain is not None and "last_input" in records and records["last_input"].calls:
                 chain = (records["last_input"], chain[1])  # ... = residual + its last linear, on its inputs
-            for name in subset:
+            for name, result in self._solved(ctx, subset, hessians):
                 linear = linears[name]
-                hessian = hessians.pop(name)
-                if hessian.tokens < opts.min_tokens:  # an MoE expert no calibration token was routed to
-                    layer_metrics[name] = _rtn_fallback(ctx, name, linear, hessian.tokens, opts.min_tokens, self.scheme)
+                if result is None:  # an MoE expert no calibration token was routed to
+                    tokens = hessians.pop(name).tokens
+                    layer_metrics[name] = _rtn_fallback(ctx, name, linear, tokens, opts.min_tokens, self.scheme)
                     continue
-                result = gptq_quantize(
-                    linear.weight.detach(),
-                    hessian.H,
-                    self.scheme,
-                    percdamp=opts.percdamp,
-                    block_size=opts.block_size,
-                    act_order=opts.act_order,
-                    static_groups=opts.static_groups,
-                    mse=opts.mse,
-                    consume_h=True,  # popped above: nothing reads this Hessian again
-                )
                 for note in result.notes:
                     log.warning("GPTQ %s.%s: %s", ctx.name, name, note)
                 ctx.quantized[name] = result.record

@@ -97,6 +97,7 @@ class SignRound(BlockStage):
     kind: ClassVar[str] = "quantizer"
     needs_data: ClassVar[bool] = True
     summary: ClassVar[str] = "SignSGD-tuned rounding and clipping per block (SignRound / auto-round)"
+    data_parallel: ClassVar[bool] = True  # global batches, losses and gradients summed over the ranks (tune.py)
     supports_experts: ClassVar[bool] = True  # an expert no token reaches gets no gradient: it keeps its RTN init
     Options: ClassVar[type] = SignRoundOptions
     # what autocast=auto means where bf16 is native (precision.native_bf16), chosen by measurement: at auto-round's
@@ -166,14 +167,16 @@ class SignRound(BlockStage):
         prefix = {layer.name: f"{layer.name}.weight" for layer in layers}
         forward = block_forward(block, prefix, ctx.device_kwargs(), compile=ctx.compile)
         inputs, targets = to_device(ctx.inputs, ctx.device), to_device(targets, ctx.device)  # chains on disk stay
-        all_indices = torch.arange(ctx.nsamples)
+        start, total = ctx.group.offset(ctx.nsamples)  # global sample indices: every rank draws the same batches
+        all_indices = torch.arange(total)
         holdout = None
         if settings.best_select == "holdout":
-            all_indices, holdout = split_holdout(ctx.nsamples, settings.holdout, ctx.generator(salt=1))
+            all_indices, holdout = split_holdout(total, settings.holdout, ctx.generator(salt=1))
         threads = torch.get_num_threads()
         if self.options.num_threads is not None:
             torch.set_num_threads(self.options.num_threads)
-        bar = tqdm(total=settings.iters, desc=f"signround {ctx.name}", unit="it", leave=False, disable=None)
+        quiet = None if ctx.group.is_main else True  # rank 0 shows the bar
+        bar = tqdm(total=settings.iters, desc=f"signround {ctx.name}", unit="it", leave=False, disable=quiet)
         try:
             with frozen(block):  # gradients flow only into V, alpha, beta
                 result = tune_block(
@@ -186,6 +189,8 @@ class SignRound(BlockStage):
                     settings,
                     ctx.generator(),
                     progress=lambda _t, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3g}")),
+                    group=ctx.group,
+                    start=start,
                 )
         finally:
             bar.close()

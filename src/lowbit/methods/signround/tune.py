@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from lowbit.distributed.group import Group, local_indices
 from lowbit.engine.block_train import IndexSampler, block_mse, restore, snapshot
 from lowbit.engine.offload import Chain
 from lowbit.engine.precision import Forward, autocast_dtype, autocast_forward
@@ -139,6 +140,8 @@ def tune_block(
     settings: TuneSettings,
     generator: torch.Generator,
     progress: Callable[[int, float], None] | None = None,
+    group: Group | None = None,
+    start: int = 0,
 ) -> TuneResult:
     """SignSGD on V, alpha, beta against the block-output MSE; restores the best parameters (spec §5).
 
@@ -146,7 +149,13 @@ def tune_block(
     and the micro-batch forwards use detached copies; their gradients are pushed through the QDQ graph once per
     iteration. With `settings.autocast` the block forward (and so its backward) runs in reduced precision; the
     gradients reach the fp32 copies through autocast's casts, and the loss is computed in fp32.
+
+    Data-parallel (`group` of several ranks): `inputs` and `targets` are this rank's samples, global indices
+    `start` onwards; the indices are global, so every rank draws the batch one process would draw, computes the
+    loss on the samples of it that it holds, and the losses and the QDQ weights' gradients are summed over the
+    ranks in rank order before the sign step and the best-iteration choice (the same on every rank).
     """
+    group = Group() if group is None else group
     forward = autocast_forward(forward, settings.autocast, inputs.device)
     leaf_dtype = autocast_dtype(settings.autocast)  # the cast autocast would make in every linear, made once
     result = TuneResult()
@@ -160,17 +169,22 @@ def tune_block(
             qdq = [layer.qdq() for layer in layers]
         leaves = {layer.name: q.detach().to(leaf_dtype).requires_grad_() for layer, q in zip(layers, qdq, strict=True)}
         if holdout_indices is not None and t % settings.holdout_every == 0:
-            _check_holdout(result, t, _holdout_mse(forward, leaves, inputs, targets, holdout_indices, settings))
+            mse = _holdout_mse(forward, leaves, inputs, targets, holdout_indices, settings, group, start)
+            _check_holdout(result, t, mse)
         idx = sampler.next()
         elements = len(idx) * math.prod(targets.shape[1:])
+        mine = local_indices(idx, start, inputs.shape[0]) if group.distributed else idx
         loss_t = 0.0
-        for start in range(0, len(idx), settings.micro_batch_size):
-            part = idx[start : start + settings.micro_batch_size]
+        for first in range(0, len(mine), settings.micro_batch_size):
+            part = mine[first : first + settings.micro_batch_size]
             with torch.enable_grad():
                 out = forward(leaves, inputs[part])
                 loss = block_mse(out, targets[part], settings.mask_last_token, elements) * LOSS_SCALE
                 loss.backward()
             loss_t += float(loss.detach())
+        grads = {name: leaf.grad for name, leaf in leaves.items()}
+        if group.distributed:
+            loss_t, grads = _reduce(group, grads, leaves, loss_t)
         loss_t /= LOSS_SCALE
         result.losses.append(loss_t)
         result.nonfinite_steps += not math.isfinite(loss_t)
@@ -183,7 +197,7 @@ def tune_block(
             best = _snapshot(layers)
         since_best = 0 if improved else since_best + 1
         # a linear no sample reached (an MoE expert the router never picked) has no gradient: its parameters stay
-        reached = [(q, leaves[layer.name].grad) for layer, q in zip(layers, qdq, strict=True)]
+        reached = [(q, grads[layer.name]) for layer, q in zip(layers, qdq, strict=True)]
         reached = [(q, grad.to(q.dtype)) for q, grad in reached if grad is not None]
         if reached:
             torch.autograd.backward(*zip(*reached, strict=True))
@@ -202,7 +216,8 @@ def tune_block(
         with torch.no_grad():
             final = {layer.name: layer.qdq() for layer in layers}
         end = settings.iters if result.stopped_at is None else result.stopped_at + 1
-        if _check_holdout(result, end, _holdout_mse(forward, final, inputs, targets, holdout_indices, settings)):
+        mse = _holdout_mse(forward, final, inputs, targets, holdout_indices, settings, group, start)
+        if _check_holdout(result, end, mse):
             best = None  # the final parameters are the best: keep them
     if settings.use_best and best is not None:
         _restore(layers, best)
@@ -225,16 +240,37 @@ def _holdout_mse(
     targets: Chain,
     indices: Tensor,
     settings: TuneSettings,
+    group: Group,
+    start: int,
 ) -> float:
-    """Block MSE on the fixed held-out samples, in the same units as the minibatch loss."""
+    """Block MSE on the fixed held-out samples (global indices; each rank's share summed over the ranks), in the
+    same units as the minibatch loss."""
     elements = len(indices) * math.prod(targets.shape[1:])
     total = 0.0
     detached = {name: w.detach() for name, w in weights.items()}
-    for start in range(0, len(indices), settings.micro_batch_size):
-        part = indices[start : start + settings.micro_batch_size]
+    mine = local_indices(indices, start, inputs.shape[0]) if group.distributed else indices
+    for first in range(0, len(mine), settings.micro_batch_size):
+        part = mine[first : first + settings.micro_batch_size]
         out = forward(detached, inputs[part])
         total += float(block_mse(out, targets[part], settings.mask_last_token, elements))
-    return total
+    return sum(group.gather_objects(total)) if group.distributed else total
+
+
+def _reduce(
+    group: Group, grads: dict[str, Tensor | None], leaves: dict[str, Tensor], loss: float
+) -> tuple[float, dict[str, Tensor | None]]:
+    """This iteration's loss and the QDQ weights' gradients summed over the ranks in rank order (the gradients in
+    fp32, whatever the forward's precision). A rank whose samples missed a linear (or the whole batch) adds zeros;
+    a linear no rank reached keeps no gradient, as in one process."""
+    reached = group.gather_objects(sorted(name for name, grad in grads.items() if grad is not None))
+    anywhere = {name for names in reached for name in names}
+    summed = {
+        name: group.sum(torch.zeros_like(leaves[name], dtype=torch.float32) if grad is None else grad.float())
+        if name in anywhere
+        else None
+        for name, grad in grads.items()
+    }
+    return sum(group.gather_objects(loss)), summed
 
 
 def check_holdout_size(nsamples: int, holdout: int) -> None:
