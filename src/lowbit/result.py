@@ -27,6 +27,7 @@ from lowbit.export import (
     write_fake,
 )
 from lowbit.export.card import write_card
+from lowbit.export.gguf import GGUF_FORMAT, PreparedGguf, check_gguf_scheme, prepare_gguf
 from lowbit.export.packed import PreparedExport
 from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, parse_max_shard_size
 from lowbit.export.space import estimate_export_bytes
@@ -70,9 +71,14 @@ class QuantizedModel:
 
     def _prepare(
         self, fmt: str, target: str, tp: int, ct_packing: str | None, packer: str, streamed: bool = False
-    ) -> PreparedExport | None:
+    ) -> PreparedExport | PreparedGguf | None:
         """Validate `fmt` for this result (everything but the write); None for `fake`, which needs no packing."""
         check_act_format(fmt, self.config.scheme)
+        check_gguf_scheme(fmt, self.config.scheme)
+        if fmt == GGUF_FORMAT:
+            if streamed:
+                raise LowbitError("GGUF export of a streamed run is not supported yet: use --opt engine.stream=off")
+            return prepare_gguf(self.model, self.weights, self.tokenizer, self.record)
         if fmt not in PACKED_FORMATS:
             return None
         return prepare_packed(
@@ -90,7 +96,7 @@ class QuantizedModel:
 
     def _choose(
         self, format: str, target: str, tp: int, ct_packing: str | None, packer: str, streamed: bool = False
-    ) -> tuple[str, PreparedExport | None, dict[str, Any]]:
+    ) -> tuple[str, PreparedExport | PreparedGguf | None, dict[str, Any]]:
         """The format to write (auto: the first of AUTO_ORDER that validates), its prepared export, the record."""
         if format not in (AUTO_FORMAT, *FORMATS):
             raise LowbitError(f"unknown format '{format}'; available: {AUTO_FORMAT}, {', '.join(FORMATS)}")
@@ -112,6 +118,8 @@ class QuantizedModel:
             record["format_choice"] = {"chosen": fmt, "rejected": rejected}
         if prepared is not None:
             record["export"] = {"target": target, "tp": tp, "ct_packing": ct_packing, "warnings": prepared.warnings}
+        if isinstance(prepared, PreparedGguf):
+            record["export"]["gguf_tensor_types"] = prepared.tensor_types()  # which GGUF type each tensor got
         return fmt, prepared, record
 
     def _write(
@@ -119,7 +127,7 @@ class QuantizedModel:
         directory: Path,
         out: str | Path,
         fmt: str,
-        prepared: PreparedExport | None,
+        prepared: PreparedExport | PreparedGguf | None,
         record: dict[str, Any],
         max_shard_bytes: int,
         writer: ShardWriter | None = None,

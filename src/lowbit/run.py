@@ -29,6 +29,7 @@ from lowbit.eval.perplexity import cut_windows, window_count
 from lowbit.eval.streamed import EvalText, StreamedEvaluation
 from lowbit.export import AUTO_FORMAT, FORMATS, TARGETS, check_output_dir
 from lowbit.export.atomic import output_lock
+from lowbit.export.gguf import GGUF_FORMAT, check_gguf_scheme
 from lowbit.export.preflight import preflight_export
 from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
 from lowbit.export.space import check_free_space, estimate_export_bytes
@@ -134,7 +135,8 @@ def run(
         if isinstance(model, LoadedModel)
         else load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     )
-    preflight(config, export, loaded.model, checkpoints=work_dir is not None)  # before any calibration or forward
+    preflight(config, export, loaded.model, checkpoints=work_dir is not None,  # before any calibration or forward
+              tokenizer=loaded.tokenizer)  # fmt: skip
     before = evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate) if evaluate else {}
     result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
                               offload_dir=offload_dir(export))  # fmt: skip
@@ -191,6 +193,11 @@ def check_streamable(config: QuantizeConfig, export: ExportSettings, evaluate: E
     """What a streamed run cannot do, refused before anything loads."""
     if export.out is None:
         raise LowbitError("a streamed run writes its export as the blocks finish: pass --out")
+    if export.format == GGUF_FORMAT:
+        raise LowbitError(
+            "GGUF export of a streamed run is not supported yet: pass --opt engine.stream=off on a machine that holds "
+            "the model"
+        )
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
     whole = [stage.name for stage in stages if stage.scope == "model"]
     if whole:
@@ -282,6 +289,7 @@ def check_export_settings(config: QuantizeConfig, export: ExportSettings) -> Non
         raise LowbitError(f"unknown --target '{export.target}'; available: {', '.join(TARGETS)}")
     parse_max_shard_size(export.max_shard_size)
     check_act_format(export.format, config.scheme)  # W-A schemes a packed format cannot hold: before any work
+    check_gguf_scheme(export.format, config.scheme)  # --format gguf needs a gguf:<type> scheme
     if export.out is not None:
         check_output_dir(export.out, export.overwrite)
 
@@ -309,7 +317,9 @@ def offload_dir(export: ExportSettings) -> Path | None:
     return parent if parent.is_dir() else None
 
 
-def preflight(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Module, *, checkpoints: bool) -> None:
+def preflight(
+    config: QuantizeConfig, export: ExportSettings, model: torch.nn.Module, *, checkpoints: bool, tokenizer: Any = None
+) -> None:
     """Refuse in seconds what would fail only at export: the format against the scheme and the model's shapes
     (e.g. compressed-tensors g128 on in_features 576), an unsupported family, options against the model, too little
     free space for the export (and its checkpoints)."""
@@ -317,7 +327,7 @@ def preflight(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Mo
     check_run(config, model)
     if export.format != AUTO_FORMAT:  # auto falls back to a format that works; an explicit one must work
         preflight_export(model, arch, config.scheme, export.format, export.target, export.tp, export.ct_packing,
-                         config.act_order_groups)  # fmt: skip
+                         config.act_order_groups, tokenizer)  # fmt: skip
     if export.out is not None:
         needed = estimate_export_bytes(model, config.scheme, "fake" if export.format == AUTO_FORMAT else export.format)
         if checkpoints:

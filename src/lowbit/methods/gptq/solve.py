@@ -6,6 +6,7 @@ and reused (TEQ+GPTQ, AWQ+GPTQ and InvarExplore+GPTQ all end in `gptq_quantize`)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.methods.common.gram import gram_matrix
 from lowbit.quantizer import QuantizedWeight, compute_qparams, quantize_codes, quantize_weight
-from lowbit.scheme import QuantScheme
+from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,7 @@ def fit_qparams(w: Tensor, scheme: QuantScheme, mse: bool = False) -> tuple[Tens
     The grid (docs/methods.md) tries p = 1 - i/100 for i < 80 as gamma_hi = gamma_lo = p and keeps, per row,
     the p with the smallest sum |Q(w) - w|^2.4.
     """
-    one_group = QuantScheme(bits=scheme.bits, group_size=-1, kind=scheme.kind, include_zero=scheme.include_zero,
-                            scale_dtype=scheme.scale_dtype)  # fmt: skip
+    one_group = dataclasses.replace(scheme, group_size=-1, act_bits=ACT_BITS_OFF)  # keeps the grid rules (GGUF)
     scale, zero = compute_qparams(w, one_group, zero_grad="none")
     if not mse:
         return scale, zero

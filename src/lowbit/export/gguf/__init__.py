@@ -1,0 +1,10 @@
+"""GGUF export for llama.cpp, Ollama and LM Studio: lowbit's own codes and fp16 scales in GGUF blocks, exactly.
+
+`checks` (before calibration and at export), `arch` (family, names, hyper-parameters), `vocab` (tokenizer
+metadata), `blocks` (packing), `tensors` (the file's tensor plan), `writer` (the file), `verify` (read back).
+"""
+
+from lowbit.export.gguf.checks import GGUF_FORMAT, check_gguf_scheme, preflight_gguf
+from lowbit.export.gguf.writer import PreparedGguf, prepare_gguf
+
+__all__ = ["GGUF_FORMAT", "PreparedGguf", "check_gguf_scheme", "preflight_gguf", "prepare_gguf"]
