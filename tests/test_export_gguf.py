@@ -1,5 +1,5 @@
-"""GGUF export (issue 32), legacy types: the scheme names, the grid, the packing against gguf-py's own decoder, and
-whole runs read back by gguf-py and by transformers (a third-party loader) on a tiny random Llama."""
+"""GGUF export (issue 32): the scheme names, the grids (legacy and K-quant), the packing against gguf-py's own
+decoder, and whole runs read back by gguf-py and by transformers (a third-party loader) on tiny random Llamas."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from lowbit.errors import LowbitError
 from lowbit.export.gguf.arch import gguf_arch
 from lowbit.export.gguf.blocks import pack_record
 from lowbit.formats.files import GGUF_FILE
-from lowbit.formats.gguf_types import GGUF_TYPES, fp16_offset_scale
+from lowbit.formats.gguf_types import GGUF_TYPES, fp16_offset_scale, split_double_quant
 from lowbit.quantizer import fake_quant, quantize_weight
 from lowbit.run import ExportSettings
 from lowbit.scheme import QuantScheme, parse_scheme
 
-LEGACY = list(GGUF_TYPES)
+LEGACY = [name for name, t in GGUF_TYPES.items() if not t.double_quant]
+K_QUANTS = [name for name, t in GGUF_TYPES.items() if t.double_quant]
+FILE_TYPES = {"q2_k": "MOSTLY_Q2_K", "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S"}
 IDS = torch.arange(3, 43).unsqueeze(0)
 
 
@@ -34,14 +36,16 @@ def test_gguf_type_table_matches_gguf_py():
         qtype = gguf.GGMLQuantizationType[t.name.upper()]
         assert t.ggml_type == qtype.value
         assert gguf.GGML_QUANT_SIZES[qtype] == (t.block, t.type_size)
-        assert t.file_type == gguf.LlamaFileType[f"MOSTLY_{t.name.upper()}"].value
+        assert t.file_type == gguf.LlamaFileType[FILE_TYPES.get(t.name, f"MOSTLY_{t.name.upper()}")].value
+        assert t.block % t.group == 0
 
 
-@pytest.mark.parametrize("name", LEGACY)
+@pytest.mark.parametrize("name", list(GGUF_TYPES))
 def test_gguf_scheme_names_parse_and_round_trip(name):
     scheme = parse_scheme(f"gguf:{name}")
     t = GGUF_TYPES[name]
-    assert (scheme.bits, scheme.group_size, scheme.kind, scheme.scale_dtype) == (t.bits, 32, t.kinds[0], "float16")
+    expected = (t.bits, t.group, t.kinds[0], "float32" if name in K_QUANTS else "float16")
+    assert (scheme.bits, scheme.group_size, scheme.kind, scheme.scale_dtype) == expected
     assert scheme.name == f"gguf:{name}"
     assert parse_scheme(scheme.name.upper()) == scheme
     assert QuantScheme.from_dict(scheme.to_dict()) == scheme
@@ -58,7 +62,8 @@ def test_other_schemes_keep_their_record_fields():
     "text,words",
     [
         ("gguf:q4_k_m", ("not supported yet", "gguf:q4_0")),
-        ("gguf:q3_k", ("not supported yet",)),
+        ("gguf:q5_k_m", ("not supported yet",)),
+        ("gguf:q4_k-sym_full", ("q4_k", "sym", "--scheme gguf:q4_k")),
         ("gguf:q7_0", ("unknown GGUF type 'q7_0'",)),
         ("gguf:q4_1-sym", ("q4_1", "asym", "--scheme gguf:q4_1")),
     ],
@@ -71,9 +76,9 @@ def test_bad_gguf_scheme_names(text, words):
 
 
 def test_gguf_scheme_must_be_the_type_grid():
-    with pytest.raises(LowbitError, match="blocks of 32"):
+    with pytest.raises(LowbitError, match="groups of 32"):
         QuantScheme(bits=4, group_size=64, kind="sym_full", gguf="q4_0")
-    with pytest.raises(LowbitError, match="fp16"):
+    with pytest.raises(LowbitError, match="float16 scales"):
         QuantScheme(bits=4, group_size=32, kind="asym", scale_dtype="bfloat16", gguf="q4_1")
 
 
@@ -90,18 +95,21 @@ def test_fp16_offset_scale_makes_the_offset_an_fp16_value():
     assert torch.equal(new[easy], scale[easy])  # nothing to do when the zero is 0 or a power of two
 
 
-@pytest.mark.parametrize("scheme_name", [*(f"gguf:{n}" for n in LEGACY), "gguf:q4_0-sym_omni", "gguf:q8_0-sym",
+@pytest.mark.parametrize("scheme_name", [*(f"gguf:{n}" for n in GGUF_TYPES), "gguf:q4_0-sym_omni", "gguf:q8_0-sym",
                                          "gguf:q5_0-sym_omni"])  # fmt: skip
 def test_packed_blocks_decode_to_the_record_exactly(scheme_name):
     scheme = parse_scheme(scheme_name)
     torch.manual_seed(1)
     magnitude = torch.logspace(-4.5, 1, 40)[:, None]  # tiny (subnormal fp16 scales) to large rows
-    w = torch.randn(40, 96) * magnitude + torch.randn(40, 1) * magnitude  # rows off-centre: zeros away from 8
+    w = torch.randn(40, 512) * magnitude + torch.randn(40, 1) * magnitude  # rows off-centre: zeros away from 8
+    w[3, :256] = 0  # an all-zero super-block: the smallest scales everywhere
+    w[5, :16] *= 1e-4  # one sub-block far below its super-block's largest
     record = quantize_weight(w, scheme)
     assert torch.equal(record.dequantize(), fake_quant(w, scheme))  # what methods train against
     blocks = pack_record(record)
     qtype = gguf.GGMLQuantizationType[scheme.gguf.upper()]
-    assert blocks.shape == (40, 96 // 32 * GGUF_TYPES[scheme.gguf].type_size)
+    t = GGUF_TYPES[scheme.gguf]
+    assert blocks.shape == (40, 512 // t.block * t.type_size)
     decoded = gguf.quants.dequantize(blocks, qtype)
     assert np.array_equal(decoded, record.dequantize().numpy())
 
@@ -113,6 +121,31 @@ def test_legacy_types_pack_what_gguf_py_quantizes_the_same_way():
     blocks = pack_record(record)
     assert blocks[:, :2].view(np.float16).ravel().tolist() == record.scale.ravel().tolist()
     assert np.array_equal(blocks[:, 2:].view(np.int8), record.codes.numpy().astype(np.int16) - 128)
+
+
+@pytest.mark.parametrize("name", K_QUANTS)
+def test_k_quant_scales_are_fp16_d_times_small_integers(name):
+    scheme = parse_scheme(f"gguf:{name}")
+    t = GGUF_TYPES[name]
+    torch.manual_seed(2)
+    w = torch.randn(8, 512) * torch.logspace(-3, 0, 8)[:, None]
+    scale = quantize_weight(w, scheme).scale.reshape(-1, t.block // t.group)
+    d, sc = split_double_quant(scale, t.sub_scale_max)
+    assert torch.equal(d.half().float(), d) and bool((sc >= 1).all()) and bool((sc <= t.sub_scale_max).all())
+    assert torch.equal(d[:, None] * sc, scale)
+
+
+def test_gptq_fits_k_quant_super_blocks_on_the_grid():
+    from lowbit.methods.gptq.solve import gptq_quantize
+
+    torch.manual_seed(3)
+    w, x = torch.randn(16, 512), torch.randn(256, 512)
+    for name in ("q4_k", "q6_k"):
+        for static in (False, True):
+            result = gptq_quantize(w, x.T @ x, parse_scheme(f"gguf:{name}"), act_order=static, static_groups=static)
+            blocks = pack_record(result.record)  # raises unless every super-block is on the grid
+            decoded = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[name.upper()])
+            assert np.array_equal(decoded, result.record.dequantize().numpy())
 
 
 def test_pack_refuses_records_off_the_grid():
@@ -130,6 +163,16 @@ def test_pack_refuses_records_off_the_grid():
 # whole runs
 
 
+def make_wide_llama(seed: int = 0) -> torch.nn.Module:
+    """Widths that are multiples of 256 (K-quant super-blocks), GQA 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=320, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
 def _source(tmp_path, tokenizer, make=make_llama):
     path = tmp_path / "src"
     if not path.exists():
@@ -139,7 +182,9 @@ def _source(tmp_path, tokenizer, make=make_llama):
 
 def _run(tmp_path, tokenizer, scheme, recipe="rtn", text_file=None, **kwargs):
     data = {} if text_file is None else {"dataset": str(text_file), "nsamples": 4, "seqlen": 32}
-    return lowbit.quantize_to(tmp_path / "out", model=str(_source(tmp_path, tokenizer)), recipe=recipe, scheme=scheme,
+    make = make_wide_llama if parse_scheme(scheme).double_quant else make_llama
+    source = _source(tmp_path, tokenizer, make)
+    return lowbit.quantize_to(tmp_path / "out", model=str(source), recipe=recipe, scheme=scheme,
                               export=ExportSettings(format="gguf"), **data, **kwargs)  # fmt: skip
 
 
@@ -159,7 +204,7 @@ def _check_file_decodes_to_the_records(result, path):
         assert tensors[key].tensor_type == gguf.GGMLQuantizationType.F32
 
 
-@pytest.mark.parametrize("scheme", [f"gguf:{n}" for n in LEGACY])
+@pytest.mark.parametrize("scheme", [f"gguf:{n}" for n in GGUF_TYPES])
 def test_rtn_export_decodes_exactly_and_loads_in_transformers(scheme, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
@@ -176,7 +221,8 @@ def test_rtn_export_decodes_exactly_and_loads_in_transformers(scheme, tmp_path, 
 
 
 TUNED = [("gptq", "gguf:q4_0"), ("gptq", "gguf:q4_1"), ("awq+rtn", "gguf:q5_1"), ("signround", "gguf:q4_1"),
-         ("omniquant", "gguf:q4_0-sym_omni")]  # fmt: skip
+         ("omniquant", "gguf:q4_0-sym_omni"), ("gptq", "gguf:q4_k"), ("gptq", "gguf:q6_k"), ("signround", "gguf:q3_k"),
+         ("awq+rtn", "gguf:q2_k"), ("teq+rtn", "gguf:q5_k")]  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe,scheme", TUNED)
@@ -186,6 +232,8 @@ def test_tuned_exports_decode_exactly(recipe, scheme, tmp_path, tokenizer, text_
         options = {"signround": {"iters": 4}}
     if recipe == "omniquant":
         options = {"omniquant": {"epochs": 1}}
+    if recipe == "teq+rtn":
+        options = {"teq": {"steps": 2, "eval_samples": 2}}
     result = _run(tmp_path, tokenizer, scheme, recipe=recipe, text_file=text_file, options=options)
     _check_file_decodes_to_the_records(result, tmp_path / "out" / GGUF_FILE)
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.gguf_types import fp16_offset_scale
+from lowbit.formats.gguf_types import double_quant_scale, fp16_offset_scale
 from lowbit.scheme import QuantScheme
 
 SCALE_FLOOR = 1e-5
@@ -112,6 +112,8 @@ def _qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme, zero_grad: 
     amax = torch.maximum(lo.abs(), hi.abs())
     if scheme.kind == "sym":
         scale = _cast_scale((2 * amax / qmax).clamp(min=SCALE_FLOOR), scheme)
+        if scheme.double_quant is not None:  # GGUF K-quants: scale = fp16 d * integer sc per super-block
+            scale = double_quant_scale(scale, *scheme.double_quant)
         return scale, torch.full_like(lo, 2 ** (bits - 1))
     scale = _cast_scale((amax / (2 ** (bits - 1) - 1)).clamp(min=SCALE_FLOOR), scheme)  # sym_omni
     return scale, torch.full_like(lo, 2 ** (bits - 1) - 1)

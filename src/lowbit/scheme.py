@@ -86,6 +86,14 @@ class QuantScheme:
         return self.gguf is not None and GGUF_TYPES[self.gguf].asymmetric
 
     @property
+    def double_quant(self) -> tuple[int, int] | None:
+        """K-quants: (groups per super-block, largest integer sub-scale); scales are d * sc (formats/gguf_types)."""
+        if self.gguf is None or not GGUF_TYPES[self.gguf].double_quant:
+            return None
+        t = GGUF_TYPES[self.gguf]
+        return t.block // t.group, t.sub_scale_max
+
+    @property
     def qmax(self) -> int:
         """Largest unsigned code, 2^b - 1."""
         return 2**self.bits - 1
@@ -153,14 +161,14 @@ def _check_gguf(scheme: QuantScheme) -> None:
     if gguf_type is None:
         raise LowbitError(f"unknown GGUF type {scheme.gguf!r}: use one of {', '.join(GGUF_TYPES)}")
     # group_size -1: a slice quantized as one group per row (GPTQ's and AWQ's per-group fits), same grid rules
-    group = scheme.group_size if scheme.group_size != -1 else gguf_type.block
-    expected = (gguf_type.bits, gguf_type.block, "float16", ACT_BITS_OFF)
+    group = scheme.group_size if scheme.group_size != -1 else gguf_type.group
+    expected = (gguf_type.bits, gguf_type.group, gguf_type.scale_dtype, ACT_BITS_OFF)
     actual = (scheme.bits, group, scheme.scale_dtype, scheme.act_bits)
     if actual != expected or scheme.kind not in gguf_type.kinds:
         raise LowbitError(
-            f"GGUF {gguf_type.name} stores {gguf_type.bits}-bit weights in blocks of {gguf_type.block} with fp16 "
-            f"scales and float activations ({'/'.join(gguf_type.kinds)}), not bits={scheme.bits} "
-            f"group_size={scheme.group_size} kind={scheme.kind} scale_dtype={scheme.scale_dtype} "
+            f"GGUF {gguf_type.name} stores {gguf_type.bits}-bit weights in groups of {gguf_type.group} with "
+            f"{gguf_type.scale_dtype} scales and float activations ({'/'.join(gguf_type.kinds)}), not "
+            f"bits={scheme.bits} group_size={scheme.group_size} kind={scheme.kind} scale_dtype={scheme.scale_dtype} "
             f"act_bits={scheme.act_bits}: use --scheme gguf:{gguf_type.name}"
         )
 
@@ -171,7 +179,7 @@ def parse_gguf_scheme(text: str) -> QuantScheme:
     name, _, kind = body.partition("-")
     if name in PLANNED_GGUF_TYPES:
         raise LowbitError(
-            f"GGUF type {name} (a K-quant or llama.cpp mix) is not supported yet: use one of "
+            f"GGUF mix {name} (llama.cpp's per-tensor types) is not supported yet: use one of "
             f"{', '.join(f'gguf:{t}' for t in GGUF_TYPES)}"
         )
     gguf_type = GGUF_TYPES.get(name)
@@ -180,7 +188,8 @@ def parse_gguf_scheme(text: str) -> QuantScheme:
             f"unknown GGUF type {name!r} in scheme {text!r}: use one of gguf:{', gguf:'.join(GGUF_TYPES)}"
         )
     kind = kind or gguf_type.kinds[0]
-    return QuantScheme(bits=gguf_type.bits, group_size=gguf_type.block, kind=kind, gguf=gguf_type.name)
+    return QuantScheme(bits=gguf_type.bits, group_size=gguf_type.group, kind=kind, scale_dtype=gguf_type.scale_dtype,
+                       gguf=gguf_type.name)  # fmt: skip
 
 
 def _build_presets() -> dict[str, QuantScheme]:
@@ -199,7 +208,7 @@ def _build_presets() -> dict[str, QuantScheme]:
 def parse_scheme(text: str) -> QuantScheme:
     """Read a preset name or any `w<bits>g<group>[-kind]` / `w<bits>a<act>[g<group>][-kind]` string.
 
-    Case-insensitive. `gguf:<type>` (q4_0, q4_1, q5_0, q5_1, q8_0) is a GGUF block type's exact scheme. With
+    Case-insensitive. `gguf:<type>` (q4_0 ... q8_0, q2_k ... q6_k) is a GGUF block type's exact scheme. With
     `a<act>` the group defaults to -1 (per channel, as OmniQuant's W-A settings);
     `a16` means float activations, so `w2a16g128` is `w2g128`.
     """

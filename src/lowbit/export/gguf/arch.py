@@ -78,6 +78,16 @@ def _rope(config: Any) -> tuple[float, str]:
     return float(theta), str(kind)
 
 
+def family_support(model_types: tuple[str, ...]) -> str:
+    """The support-matrix cell of a family for `lowbit archs`: which of its model types GGUF export writes."""
+    written = [t for t in model_types if t in SUPPORTED]
+    if written == list(model_types):
+        return "yes"
+    if written:
+        return f"{', '.join(written)} only"
+    return "not yet" if any(t in _LATER for t in model_types) else "no (no llama.cpp architecture)"
+
+
 def family_problem(model: nn.Module) -> str | None:
     """Why this model cannot be written as GGUF by lowbit, or None."""
     config = getattr(model, "config", None)

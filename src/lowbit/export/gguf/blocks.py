@@ -1,4 +1,4 @@
-"""Pack lowbit's codes and fp16 scales into GGUF legacy blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), bit for bit.
+"""Pack lowbit's codes and scales into GGUF blocks, bit for bit: the legacy types here, K-quants in kblocks.py.
 
 Pure numpy on one record: nothing is re-quantized. The record's weight is `s * (c - z)` per group of 32; the block
 stores it as (layouts: ggml-common.h, gguf-py quants.py)
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.export.gguf.kblocks import pack_k
 from lowbit.formats.gguf_types import GGUF_TYPES, GgufType
 from lowbit.quantizer import QuantizedWeight
 
@@ -37,26 +38,27 @@ def _high_bits(q: np.ndarray) -> np.ndarray:
 
 
 def check_record(record: QuantizedWeight, gguf_type: GgufType) -> None:
-    """The record lies on the type's grid: contiguous groups of the block size, no g_idx, fp16 scales, zeros."""
+    """The record lies on the type's grid: contiguous groups of the type's size, no g_idx, its scale dtype, zeros."""
     scheme = record.scheme
     m, k = record.shape
-    if scheme.bits != gguf_type.bits or scheme.group_size != gguf_type.block or scheme.kind not in gguf_type.kinds:
+    if scheme.bits != gguf_type.bits or scheme.group_size != gguf_type.group or scheme.kind not in gguf_type.kinds:
         raise LowbitError(
             f"a {scheme.name} weight cannot be stored as GGUF {gguf_type.name} ({gguf_type.bits}-bit, groups of "
-            f"{gguf_type.block}, {'/'.join(gguf_type.kinds)}): quantize with --scheme gguf:{gguf_type.name}"
+            f"{gguf_type.group}, {'/'.join(gguf_type.kinds)}): quantize with --scheme gguf:{gguf_type.name}"
         )
     if k % gguf_type.block:
         raise LowbitError(f"in_features {k} is not a multiple of the GGUF block {gguf_type.block}")
     if record.g_idx is not None and not torch.equal(
-        record.g_idx.cpu().to(torch.int64), torch.arange(k, dtype=torch.int64) // gguf_type.block
+        record.g_idx.cpu().to(torch.int64), torch.arange(k, dtype=torch.int64) // gguf_type.group
     ):
         raise LowbitError(
             "GGUF blocks are contiguous columns but this weight has an act-order g_idx: use "
             "--opt gptq.static_groups=true (or no act-order) with --format gguf"
         )
-    if record.scale.dtype != torch.float16:
+    if str(record.scale.dtype).removeprefix("torch.") != gguf_type.scale_dtype:
         raise LowbitError(
-            f"GGUF stores fp16 block scales, not {record.scale.dtype}: use --scheme gguf:{gguf_type.name}"
+            f"GGUF {gguf_type.name} scales are {gguf_type.scale_dtype}, not {record.scale.dtype}: use "
+            f"--scheme gguf:{gguf_type.name}"
         )
     if gguf_type.asymmetric:
         offset = -(record.scale.float() * record.zero.float())
@@ -68,7 +70,7 @@ def check_record(record: QuantizedWeight, gguf_type: GgufType) -> None:
 
 
 def pack_record(record: QuantizedWeight) -> np.ndarray:
-    """The record's GGUF blocks as uint8 [out_features, in_features / 32 * type_size] (row-major, as gguf-py)."""
+    """The record's GGUF blocks as uint8 [out_features, in_features / block * type_size] (row-major, as gguf-py)."""
     scheme = record.scheme
     if scheme.gguf not in GGUF_TYPES:
         raise LowbitError(f"scheme {scheme.name} is not a GGUF type: quantize with --scheme gguf:<type>")
@@ -77,6 +79,15 @@ def pack_record(record: QuantizedWeight) -> np.ndarray:
     m, k = record.shape
     n = m * k // gguf_type.block
     codes = record.codes.cpu().numpy().astype(np.int32).reshape(n, gguf_type.block)
+    if gguf_type.double_quant:
+        scales = record.scale.cpu().to(torch.float32).reshape(n, gguf_type.block // gguf_type.group)
+        try:
+            return pack_k(codes, scales, gguf_type).reshape(m, -1)
+        except ValueError as error:
+            raise LowbitError(
+                f"a {scheme.name} weight's scales are not on the GGUF {gguf_type.name} grid ({error}): quantize with "
+                f"--scheme gguf:{gguf_type.name}"
+            ) from None
     scale = record.scale.cpu().numpy().astype(np.float16).reshape(n)
     zero = record.zero.cpu().numpy().astype(np.int32).reshape(n)
     if scheme.kind == "sym_omni":

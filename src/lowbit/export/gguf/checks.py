@@ -37,10 +37,9 @@ def check_gguf_scheme(fmt: str, scheme: QuantScheme) -> None:
             f"--format gguf stores GGUF block types, and {scheme.name} is not one: use --scheme gguf:<type> "
             f"({types}), so every method tunes on the grid the file stores"
         )
-    if scheme.group_size != GGUF_TYPES[scheme.gguf].block:
-        raise LowbitError(
-            f"GGUF {scheme.gguf} needs groups of {GGUF_TYPES[scheme.gguf].block}: use --scheme gguf:{scheme.gguf}"
-        )
+    group = GGUF_TYPES[scheme.gguf].group
+    if scheme.group_size != group:
+        raise LowbitError(f"GGUF {scheme.gguf} needs groups of {group}: use --scheme gguf:{scheme.gguf}")
 
 
 def preflight_gguf(model: nn.Module, linears: dict[str, tuple[int, int]], scheme: QuantScheme, tokenizer: Any) -> None:

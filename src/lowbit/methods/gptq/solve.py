@@ -96,6 +96,16 @@ def fit_qparams(w: Tensor, scheme: QuantScheme, mse: bool = False) -> tuple[Tens
     return scale, zero
 
 
+def group_qparams(w: Tensor, scheme: QuantScheme, g: int, mse: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """qparams of each g-column group of the slice `w`: one fit per group, or, for a double-quantized scheme (GGUF
+    K-quants, whose group scales share one fp16 d per super-block), one fit of the whole slice on its grid. `mse`
+    (the shrink search) applies to per-group fits only."""
+    if scheme.double_quant is None:
+        return [fit_qparams(w[:, i : i + g], scheme, mse) for i in range(0, w.shape[1], g)]
+    scale, zero = compute_qparams(w, scheme, zero_grad="none")
+    return [(scale[:, j : j + 1], zero[:, j : j + 1]) for j in range(scale.shape[1])]
+
+
 def _inverse_factor(H: Tensor, percdamp: float) -> Tensor | None:
     """U with H_damped^-1 = U^T U (§3 step 5-6), or None when H is not positive definite after damping."""
     damp = percdamp * torch.mean(torch.diag(H))
@@ -152,6 +162,8 @@ def _column_loop(
         for group, (s, z) in enumerate(static):
             scales[:, group : group + 1], zeros[:, group : group + 1] = s, z
     loss = torch.zeros((), dtype=torch.float64)
+    fit = g * scheme.double_quant[0] if scheme.double_quant is not None else g  # columns fitted together
+    fitted: list[tuple[Tensor, Tensor]] = []
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()
@@ -163,8 +175,11 @@ def _column_loop(
                 if static is not None:
                     scale, zero = static[(int(perm[col]) if perm is not None else col) // g]
                 elif col % g == 0:
-                    # Fitted on W as of this lazy batch's start, as in the reference (identical when g == B).
-                    scale, zero = fit_qparams(W[:, col : col + g], scheme, mse)
+                    # Fitted on W as of this lazy batch's start, as in the reference (identical when g == B); a
+                    # K-quant super-block's groups are fitted together when the loop reaches its first column.
+                    if col % fit == 0:
+                        fitted = group_qparams(W[:, col : col + fit], scheme, g, mse)
+                    scale, zero = fitted[(col % fit) // g]
                     scales[:, col // g : col // g + 1], zeros[:, col // g : col // g + 1] = scale, zero
             w = W1[:, j : j + 1]
             d = U1[j, j]
@@ -213,7 +228,7 @@ def gptq_quantize(
     row_params = fit_qparams(W0, scheme, mse) if scheme.group_size == -1 else None
     static = None
     if static_groups and row_params is None:
-        static = [fit_qparams(W0[:, i : i + g], scheme, mse) for i in range(0, k, g)]
+        static = group_qparams(W0, scheme, g, mse)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
