@@ -61,8 +61,6 @@ def test_other_schemes_keep_their_record_fields():
 @pytest.mark.parametrize(
     "text,words",
     [
-        ("gguf:q4_k_m", ("not supported yet", "gguf:q4_0")),
-        ("gguf:q5_k_m", ("not supported yet",)),
         ("gguf:q4_k-sym_full", ("q4_k", "sym", "--scheme gguf:q4_k")),
         ("gguf:q7_0", ("unknown GGUF type 'q7_0'",)),
         ("gguf:q4_1-sym", ("q4_1", "asym", "--scheme gguf:q4_1")),
@@ -322,3 +320,88 @@ def test_save_as_gguf_refuses_a_non_gguf_run(tmp_path, tokenizer):
     with pytest.raises(LowbitError, match="--scheme gguf:<type>"):
         result.save(tmp_path / "out", format="gguf")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# llama.cpp mixes
+
+
+def make_mixed_llama(seed: int = 0) -> torch.nn.Module:
+    """hidden 288 (a multiple of 32, not of 256: K types fall back), FFN 512 (ffn_down stays K), GQA 4, 4 layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=320, hidden_size=288, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=512)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+MIXED = {  # hand-written from llama-quant.cpp's rules for 4 layers, GQA 4, rows of 288 (attn, gate/up) and 512 (down)
+    "q4_k_m": {"attn_q": ["q5_0"] * 4, "attn_v": ["q5_0", "q5_0", "q8_0", "q8_0"],
+               "ffn_down": ["q4_k", "q4_k", "q6_k", "q6_k"], "ffn_up": ["q5_0"] * 4},
+    "q3_k_m": {"attn_v": ["q5_1", "q5_1", "q5_0", "q5_0"], "attn_output": ["q5_0"] * 4, "ffn_down": ["q4_k"] * 4,
+               "attn_k": ["q4_0"] * 4},
+    "q2_k_s": {"attn_v": ["q5_0"] * 4, "ffn_down": ["q2_k"] * 4, "ffn_gate": ["q4_0"] * 4},
+}  # fmt: skip
+KINDS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj", "ffn_down": "mlp.down_proj", "ffn_up": "mlp.up_proj",
+         "ffn_gate": "mlp.gate_proj"}  # fmt: skip
+
+
+@pytest.mark.parametrize("mix,recipe", [("q4_k_m", "rtn"), ("q4_k_m", "gptq"), ("q3_k_m", "gptq"), ("q2_k_s", "rtn"),
+                                        ("q4_k_m", "signround")])  # fmt: skip
+def test_mix_is_resolved_per_linear_before_tuning(mix, recipe, tmp_path, tokenizer, text_file):
+    from transformers import AutoModelForCausalLM
+
+    data = {} if recipe == "rtn" else {"dataset": str(text_file), "nsamples": 4, "seqlen": 32}
+    if recipe == "signround":
+        data["options"] = {"signround": {"iters": 4}}
+    source = _source(tmp_path, tokenizer, make_mixed_llama)
+    result = lowbit.quantize_to(tmp_path / "out", model=str(source), recipe=recipe, scheme=f"gguf:{mix}",
+                                export=ExportSettings(format="gguf"), **data)  # fmt: skip
+    for kind, types in MIXED[mix].items():
+        got = [result.weights[f"model.layers.{i}.{KINDS[kind]}"].scheme.gguf for i in range(4)]
+        assert got == types, kind
+    path = tmp_path / "out" / GGUF_FILE
+    _check_file_decodes_to_the_records(result, path)
+    fields = gguf.GGUFReader(path).fields
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType[f"MOSTLY_{mix.upper()}"]
+    record = json.loads((tmp_path / "out" / "lowbit_record.json").read_text())
+    assert record["export"]["gguf_tensor_types"]["blk.3.ffn_down.weight"] == MIXED[mix]["ffn_down"][3].upper()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file=GGUF_FILE, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, result.model(IDS).logits, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# streamed runs
+
+
+@pytest.mark.parametrize("scheme,recipe", [("gguf:q4_1", "rtn"), ("gguf:q4_k_m", "gptq")])
+def test_streamed_run_writes_the_same_file_as_a_resident_one(scheme, recipe, tmp_path, tokenizer, text_file):
+    """A streamed run starts the file from the shapes, writes each block as it finishes: the same tensors and metadata
+    as a resident run (`lowbit.settings` names engine.stream, so that one key differs)."""
+    make = make_mixed_llama if parse_scheme(scheme).gguf_mix else make_llama
+    source = _source(tmp_path, tokenizer, make)
+    data = {} if recipe == "rtn" else {"dataset": str(text_file), "nsamples": 4, "seqlen": 32}
+    files = {}
+    for stream in ("off", "on"):
+        out = tmp_path / f"out-{stream}"
+        result = lowbit.quantize_to(out, model=str(source), recipe=recipe, scheme=scheme,
+                                    export=ExportSettings(format="gguf"), options={"engine": {"stream": stream}},
+                                    **data)  # fmt: skip
+        assert result.streamed == (stream == "on")
+        reader = gguf.GGUFReader(out / GGUF_FILE)
+        fields = {k: f.contents() for k, f in reader.fields.items() if k != "lowbit.settings"}
+        files[stream] = (fields, [(t.name, t.tensor_type, t.data.tobytes()) for t in reader.tensors])
+        record = json.loads((out / "lowbit_record.json").read_text())
+        assert record["format"] == "gguf" and "blk.1.ffn_down.weight" in record["export"]["gguf_tensor_types"]
+    assert files["on"][0] == files["off"][0]
+    assert files["on"][1] == files["off"][1]
+
+
+def test_streamed_gguf_run_cannot_resume(tmp_path, tokenizer):
+    with pytest.raises(LowbitError, match="cannot resume"):
+        lowbit.quantize_to(tmp_path / "out", model=str(_source(tmp_path, tokenizer)), recipe="rtn",
+                           scheme="gguf:q4_0", export=ExportSettings(format="gguf", resume=True),
+                           options={"engine": {"stream": "on"}})  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,14 @@ from lowbit.export import (
 )
 from lowbit.export.card import write_card
 from lowbit.export.gguf import GGUF_FORMAT, PreparedGguf, check_gguf_scheme, prepare_gguf
+from lowbit.export.gguf.checks import check_gguf_records
+from lowbit.export.gguf.streamed import GgufStreamedExport
 from lowbit.export.packed import PreparedExport
 from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, parse_max_shard_size
 from lowbit.export.space import estimate_export_bytes
 from lowbit.export.streamed import StreamedExport
 from lowbit.export.validate import check_act_format
+from lowbit.formats.files import RECORD_FILE
 from lowbit.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,7 @@ class QuantizedModel:
         if fmt == GGUF_FORMAT:
             if streamed:
                 raise LowbitError("GGUF export of a streamed run is not supported yet: use --opt engine.stream=off")
-            return prepare_gguf(self.model, self.weights, self.tokenizer, self.record)
+            return prepare_gguf(self.model, self.weights, self.tokenizer, self.config.scheme)
         if fmt not in PACKED_FORMATS:
             return None
         return prepare_packed(
@@ -142,7 +146,7 @@ class QuantizedModel:
 
     def finish_streamed(
         self,
-        sink: StreamedExport,
+        sink: StreamedExport | GgufStreamedExport,
         out: str | Path,
         *,
         target: str = "any",
@@ -153,8 +157,22 @@ class QuantizedModel:
         """Complete the export a streamed run wrote block by block into `sink.directory` (the caller's atomic
         output directory): validate the whole (records without codes), then write what lies outside the blocks,
         the config, tokenizer, run record and model card."""
+        if isinstance(sink, GgufStreamedExport):
+            self._finish_streamed_gguf(sink, out)
+            return
         fmt, prepared, record = self._choose(sink.fmt, target, tp, ct_packing, packer, streamed=True)
         self._write(sink.directory, out, fmt, prepared, record, sink.writer.max_shard_bytes, writer=sink.writer)
+
+    def _finish_streamed_gguf(self, sink: GgufStreamedExport, out: str | Path) -> None:
+        """The streamed GGUF file is complete but for what follows the blocks; then the run record and the card."""
+        check_gguf_records(self.weights)
+        types = sink.finish(self.model)
+        record = {**self.record, "format": GGUF_FORMAT, "export": {"target": "any", "warnings": [],
+                                                                   "gguf_tensor_types": types}}  # fmt: skip
+        (sink.directory / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+        write_artifacts(sink.directory, self.artifacts)
+        write_card(sink.directory, out, GGUF_FORMAT, record)
+        self.record["format"] = GGUF_FORMAT
 
     def save(
         self,

@@ -193,10 +193,10 @@ def check_streamable(config: QuantizeConfig, export: ExportSettings, evaluate: E
     """What a streamed run cannot do, refused before anything loads."""
     if export.out is None:
         raise LowbitError("a streamed run writes its export as the blocks finish: pass --out")
-    if export.format == GGUF_FORMAT:
+    if export.format == GGUF_FORMAT and export.resume:
         raise LowbitError(
-            "GGUF export of a streamed run is not supported yet: pass --opt engine.stream=off on a machine that holds "
-            "the model"
+            "a streamed GGUF export is one file written as the blocks finish and cannot resume: run again with "
+            "--overwrite instead of --resume"
         )
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
     whole = [stage.name for stage in stages if stage.scope == "model"]
@@ -223,9 +223,10 @@ def run_streamed(
     from lowbit.models import load_streamed
 
     assert export.out is not None
-    work_dir = prepare_work_dir(config, export)  # the partial export is the checkpoint: it grows in there
+    gguf_file = export.format == GGUF_FORMAT  # one file written as the blocks finish: no checkpoints to resume from
+    work_dir = None if gguf_file else prepare_work_dir(config, export)  # the partial export is the checkpoint
     loaded, streamed = load_streamed(model)
-    preflight(config, export, loaded.model, checkpoints=False)
+    preflight(config, export, loaded.model, checkpoints=False, tokenizer=loaded.tokenizer)
     fmt = stream_format(config, export, loaded.model)
     ct_packing = export.ct_packing or ("dense" if export.format == AUTO_FORMAT else None)
     needed = estimate_export_bytes(loaded.model, config.scheme, fmt)
@@ -237,8 +238,15 @@ def run_streamed(
     )
     with output as directory:
         max_shard_bytes = parse_max_shard_size(export.max_shard_size)
-        sink = StreamedExport(directory, fmt, loaded.model, max_shard_bytes=max_shard_bytes, ct_packing=ct_packing,
-                              act_bits=config.scheme.act_bits, checkpoint=checkpoint)  # fmt: skip
+        if gguf_file:
+            from lowbit.export.gguf.streamed import GgufStreamedExport
+
+            header = {"model": loaded.name, "config": config.to_dict()}  # what the file's metadata names
+            sink = GgufStreamedExport(directory, loaded.model, loaded.tokenizer, config.scheme, header)
+        else:
+            sink = StreamedExport(directory, fmt, loaded.model, max_shard_bytes=max_shard_bytes,
+                                  ct_packing=ct_packing, act_bits=config.scheme.act_bits,
+                                  checkpoint=checkpoint)  # fmt: skip
         source = CheckpointBlocks(streamed)
         evaluation = streamed_evaluation(loaded, config, evaluate, source) if evaluate else None
         result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,

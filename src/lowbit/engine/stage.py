@@ -43,10 +43,18 @@ class Stage:
     # stage that leaves it False is refused on such families by `refuses`, with `experts_reason` as the why.
     supports_experts: ClassVar[bool] = False
     experts_reason: ClassVar[str] = "not validated on mixture-of-experts blocks (per-expert linears, float router)"
+    # Whether the stage quantizes each linear with `scheme_for(...)`, so a GGUF mix (one type per linear, resolved
+    # before tuning: export/gguf/mixes.py) reaches it; build_config refuses a mix with any stage that leaves it False.
+    supports_scheme_mix: ClassVar[bool] = False
 
     def __init__(self, options: Any, scheme: QuantScheme) -> None:
         self.options = options
         self.scheme = scheme
+        self.linear_schemes: dict[str, QuantScheme] = {}  # full linear name -> its own scheme (a GGUF mix)
+
+    def scheme_for(self, block_name: str, name: str) -> QuantScheme:
+        """The scheme linear `name` of block `block_name` is quantized with: its own under a mix, else the run's."""
+        return self.linear_schemes.get(f"{block_name}.{name}", self.scheme)
 
     @classmethod
     def validate(cls, options: Any, scheme: QuantScheme) -> None:

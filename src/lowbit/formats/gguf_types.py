@@ -1,12 +1,14 @@
-"""The GGUF block types lowbit quantizes to, as plain data, and the grid rule the asymmetric legacy types add.
+"""The GGUF block types lowbit quantizes to, as plain data, and the grid rules they add to the quantizer.
 
 Each GGUF weight type is a lowbit integer scheme whose codes and scales the file stores as they are (no code is
 re-derived at export): Q4_0/Q5_0/Q8_0 are symmetric g32 (`w = d * (q - 2^(b-1))`, fp16 `d`), Q4_1/Q5_1 asymmetric
 g32 (`w = d * q + m`, fp16 `d` and fp16 `m`). lowbit's asymmetric weight is `s * (c - z)` with an integer zero, so
 `m = -s * z` must itself be an fp16 value for the file to hold the tuned weight exactly: `fp16_offset_scale`
-rounds the scale (before any code is chosen) to the nearest value that makes it so.
+rounds the scale (before any code is chosen) to the nearest value that makes it so. The K-quants (Q2_K ... Q6_K)
+are double-quantized: each group scale is an fp16 super-scale `d` (one per 256 values) times a small integer
+(`double_quant_scale`), which the writer splits back exactly (`split_double_quant`).
 
-This module imports nothing of lowbit's, so `scheme.py` can read the table (see docs in /work/shared/notes).
+This module imports nothing of lowbit's, so `scheme.py` can read the table (layouts: /work/shared/notes/gguf-export.md).
 """
 
 from __future__ import annotations
@@ -66,8 +68,23 @@ GGUF_TYPES: dict[str, GgufType] = {
     )
 }
 
-# llama.cpp mixes lowbit knows but cannot write yet (per-tensor types resolved before tuning)
-PLANNED_GGUF_TYPES = ("q2_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m")
+# llama.cpp's mixes: name -> (the type of every tensor no rule overrides, gguf.LlamaFileType value); the per-linear
+# rules are export/gguf/mixes.py, resolved before tuning
+GGUF_MIXES: dict[str, tuple[str, int]] = {
+    "q2_k_s": ("q2_k", 21),
+    "q3_k_m": ("q3_k", 12),
+    "q4_k_s": ("q4_k", 14),
+    "q4_k_m": ("q4_k", 15),
+    "q5_k_m": ("q5_k", 17),
+}
+
+
+def base_type(name: str) -> GgufType | None:
+    """The GgufType a scheme's `gguf` names: the type itself, or a mix's default type; None when unknown."""
+    if name in GGUF_MIXES:
+        name = GGUF_MIXES[name][0]
+    return GGUF_TYPES.get(name)
+
 
 _FP16_BITS = 11  # significant bits of an IEEE half
 

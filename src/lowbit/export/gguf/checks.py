@@ -15,7 +15,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.export.gguf.arch import family_problem
 from lowbit.export.gguf.vocab import vocab_problem
-from lowbit.formats.gguf_types import GGUF_TYPES
+from lowbit.formats.gguf_types import GGUF_MIXES, GGUF_TYPES
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
 
@@ -26,7 +26,7 @@ def check_gguf_scheme(fmt: str, scheme: QuantScheme) -> None:
     """`--format gguf` with a scheme that is not a GGUF type (or quantizes activations) is refused at once."""
     if fmt != GGUF_FORMAT:
         return
-    types = ", ".join(f"gguf:{t}" for t in GGUF_TYPES)
+    types = ", ".join(f"gguf:{t}" for t in (*GGUF_TYPES, *GGUF_MIXES))
     if scheme.quantizes_activations:
         raise LowbitError(
             f"scheme {scheme.name} quantizes activations, which GGUF cannot hold (llama.cpp quantizes activations "
@@ -37,7 +37,7 @@ def check_gguf_scheme(fmt: str, scheme: QuantScheme) -> None:
             f"--format gguf stores GGUF block types, and {scheme.name} is not one: use --scheme gguf:<type> "
             f"({types}), so every method tunes on the grid the file stores"
         )
-    group = GGUF_TYPES[scheme.gguf].group
+    group = scheme.gguf_type.group  # type: ignore[union-attr]
     if scheme.group_size != group:
         raise LowbitError(f"GGUF {scheme.gguf} needs groups of {group}: use --scheme gguf:{scheme.gguf}")
 
@@ -52,7 +52,8 @@ def preflight_gguf(model: nn.Module, linears: dict[str, tuple[int, int]], scheme
         problem = vocab_problem(tokenizer)
         if problem:
             raise LowbitError(problem)
-    block = GGUF_TYPES[scheme.gguf].block  # type: ignore[index]
+    # a mix falls back from K types to legacy ones where a row is not a multiple of 256: 32 is what it needs
+    block = 32 if scheme.gguf_mix else scheme.gguf_type.block  # type: ignore[union-attr]
     for name, (_, k) in linears.items():
         if k % block:
             raise LowbitError(

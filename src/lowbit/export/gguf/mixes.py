@@ -2,18 +2,23 @@
 
 A mirror of `llama_tensor_get_type_impl` and `tensor_type_fallback` in llama.cpp's `src/llama-quant.cpp` for dense
 models (no MoE, no Falcon, no 70B special case), as read for /work/shared/notes/gguf-export.md §3. Pure functions:
-the run is meant to resolve a mix per linear before any tuning, so each linear is tuned on the grid it is stored on
-(not wired into the methods yet: `--scheme gguf:<mix>` is refused). The output and token embeddings, which llama.cpp
-makes Q6_K/Q8_0, stay in float in lowbit (it does not quantize them), so only block linears are typed here.
+the run resolves a mix per linear before any tuning (`mix_schemes`, handed to the stages), so each linear is tuned on
+the grid it is stored on. The output and token embeddings, which llama.cpp makes Q6_K/Q8_0, stay in float in lowbit
+(it does not quantize them), so only block linears are typed here.
 """
 
 from __future__ import annotations
 
+from torch import nn
+
+from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
-from lowbit.formats.gguf_types import GGUF_TYPES
+from lowbit.export.gguf.arch import gguf_arch
+from lowbit.formats.gguf_types import GGUF_MIXES, GGUF_TYPES
+from lowbit.scheme import QuantScheme
 
 # mix -> the type of every tensor no rule below overrides (llama_ftype_get_default_type)
-MIX_DEFAULTS = {"q2_k_s": "q2_k", "q3_k_m": "q3_k", "q4_k_s": "q4_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k"}
+MIX_DEFAULTS = {mix: default for mix, (default, _) in GGUF_MIXES.items()}
 
 # K type -> the legacy type llama.cpp writes when a row is not a multiple of 256 (tensor_type_fallback)
 K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
@@ -75,3 +80,31 @@ def resolve_mix(mix: str, linears: dict[str, tuple[str, int, int]], n_layer: int
     return {
         name: fallback_type(mix_type(mix, kind, layer, n_layer, n_gqa), k) for name, (kind, layer, k) in linears.items()
     }
+
+
+def type_scheme(gguf_type: str) -> QuantScheme:
+    """The exact scheme of one GGUF type (its default kind)."""
+    t = GGUF_TYPES[gguf_type]
+    return QuantScheme(bits=t.bits, group_size=t.group, kind=t.kinds[0], scale_dtype=t.scale_dtype, gguf=t.name)
+
+
+def mix_schemes(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> dict[str, QuantScheme]:
+    """Each block linear's scheme under `scheme`'s mix (full module name -> scheme); {} for a single-type scheme.
+
+    Raises LowbitError for a family GGUF cannot hold or a width no block type holds, so the run can call it in its
+    preflight, before calibration."""
+    mix = scheme.gguf_mix
+    if mix is None:
+        return {}
+    names = gguf_arch(model)
+    config = model.config
+    n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    blocks = arch.blocks(model)
+    linears = {}
+    for index, block in enumerate(blocks):
+        for name, linear in arch.linears(block).items():
+            full = f"{arch.block_name(index)}.{name}"
+            kind = names.tensor_name(f"{full}.weight").split(".")[2]
+            linears[full] = (kind, index, int(linear.weight.shape[1]))
+    types = resolve_mix(mix, linears, len(blocks), n_gqa)
+    return {name: type_scheme(t) for name, t in types.items()}

@@ -25,8 +25,9 @@ from lowbit.export.gguf.tensors import PlannedTensor, plan_tensors, tensor_bytes
 from lowbit.export.gguf.verify import verify_file
 from lowbit.export.gguf.vocab import GgufVocab, add_vocab, build_vocab
 from lowbit.formats.files import GGUF_FILE, RECORD_FILE
-from lowbit.formats.gguf_types import GGUF_TYPES
+from lowbit.formats.gguf_types import GGUF_MIXES, GGUF_TYPES
 from lowbit.quantizer import QuantizedWeight
+from lowbit.scheme import QuantScheme
 from lowbit.version import __version__
 
 log = logging.getLogger(__name__)
@@ -58,24 +59,28 @@ class PreparedGguf:
         return [GGUF_FILE]
 
 
-def _file_type(records: dict[str, QuantizedWeight]) -> int:
-    """general.file_type: the type of the quantized linears (one GGUF scheme per run)."""
+def file_type_of(scheme: QuantScheme, records: dict[str, QuantizedWeight]) -> int:
+    """general.file_type: the mix's, or the one type of every quantized linear."""
+    if scheme.gguf_mix is not None:
+        return GGUF_MIXES[scheme.gguf_mix][1]
+    if not records:  # a streamed run plans the file before any record exists
+        return GGUF_TYPES[scheme.gguf].file_type  # type: ignore[index]
     types = {r.scheme.gguf for r in records.values()}
     if len(types) != 1:
-        raise LowbitError(f"a GGUF export holds one weight type per run, this one has {sorted(map(str, types))}")
+        raise LowbitError(f"a single-type GGUF export holds one weight type, this one has {sorted(map(str, types))}")
     return GGUF_TYPES[types.pop()].file_type  # type: ignore[index]
 
 
 def prepare_gguf(
-    model: nn.Module, records: dict[str, QuantizedWeight], tokenizer: Any, run_record: dict[str, Any] | None = None
+    model: nn.Module, records: dict[str, QuantizedWeight], tokenizer: Any, scheme: QuantScheme
 ) -> PreparedGguf:
-    """Validate the records, the family and the tokenizer, and plan the file; nothing is written."""
-    del run_record
+    """Validate the records, the family and the tokenizer, and plan the file; nothing is written. `scheme` is the
+    run's (a mix names the file type)."""
     arch = gguf_arch(model)
     check_gguf_records(records)
     vocab = build_vocab(tokenizer, int(model.config.vocab_size))
     tensors = plan_tensors(model, arch, {name: r.scheme for name, r in records.items()})
-    return PreparedGguf(model, records, arch, vocab, tensors, _file_type(records))
+    return PreparedGguf(model, records, arch, vocab, tensors, file_type_of(scheme, records))
 
 
 def _model_name(model: nn.Module, record: dict[str, Any]) -> str:
@@ -95,8 +100,10 @@ def _add_general(writer: gguf.GGUFWriter, prepared: PreparedGguf, record: dict[s
     writer.add_string("lowbit.settings", json.dumps(config, sort_keys=True, default=str))
 
 
-def write_file(path: Path, prepared: PreparedGguf, record: dict[str, Any]) -> None:
-    """Header and metadata from the plan, then each tensor's data as it is packed."""
+def start_file(path: Path, prepared: PreparedGguf, record: dict[str, Any]) -> gguf.GGUFWriter:
+    """Open `path` and write the header, metadata and every tensor info from the plan (shapes and types only); the
+    caller writes each tensor's data in plan order and closes the writer. `record` needs only "model" and "config"
+    (a streamed run starts the file before its run record exists)."""
     writer = gguf.GGUFWriter(path, prepared.arch.arch_name)
     try:
         _add_general(writer, prepared, record)
@@ -114,6 +121,16 @@ def write_file(path: Path, prepared: PreparedGguf, record: dict[str, Any]) -> No
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
+def write_file(path: Path, prepared: PreparedGguf, record: dict[str, Any]) -> None:
+    """Header and metadata from the plan, then each tensor's data as it is packed."""
+    writer = start_file(path, prepared, record)
+    try:
         state = prepared.model.state_dict()
         for item in prepared.tensors:
             writer.write_tensor_data(tensor_bytes(item, state, prepared.records, prepared.arch))

@@ -83,6 +83,7 @@ class GPTQ(BlockStage):
     # before enabling its activation quantizers.
     supports_act_quant: ClassVar[bool] = True
     supports_experts: ClassVar[bool] = True  # per-expert linears like any other (arch/moe.py)
+    supports_scheme_mix: ClassVar[bool] = True
     summary: ClassVar[str] = "GPTQ: Hessian-based error compensation, true-sequential, act-order option"
     uses_float_chain: bool = False
     Options: ClassVar[type] = GPTQOptions
@@ -145,12 +146,13 @@ class GPTQ(BlockStage):
                 linear = linears[name]
                 hessian = hessians.pop(name)
                 if hessian.tokens < opts.min_tokens:  # an MoE expert no calibration token was routed to
-                    layer_metrics[name] = _rtn_fallback(ctx, name, linear, hessian.tokens, opts.min_tokens, self.scheme)
+                    scheme = self.scheme_for(ctx.name, name)
+                    layer_metrics[name] = _rtn_fallback(ctx, name, linear, hessian.tokens, opts.min_tokens, scheme)
                     continue
                 result = gptq_quantize(
                     linear.weight.detach(),
                     hessian.H,
-                    self.scheme,
+                    self.scheme_for(ctx.name, name),
                     percdamp=opts.percdamp,
                     block_size=opts.block_size,
                     act_order=opts.act_order,
