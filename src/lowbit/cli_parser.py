@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("model", nargs="?", default=None, help="HF id or local directory (default: embedded SmolLM2)")
     _add_load_flags(quant)
     quant.add_argument("--recipe", default=None, help="stages joined by '+', e.g. rtn (default rtn)")
-    quant.add_argument("--scheme", default=None, help="e.g. w4g128, w3g128, w2g128, w4g-1, w4g128-sym (default w4g128)")
+    quant.add_argument(
+        "--scheme",
+        default=None,
+        help="e.g. w4g128, w3g128, w2g128, w4g-1, w4g128-sym (default w4g128); for --format gguf: gguf:q4_0, q4_1, "
+        "q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k or a llama.cpp mix gguf:q4_k_m, q4_k_s, q5_k_m, q3_k_m, q2_k_s",
+    )
     quant.add_argument(
         "--dataset", default=None, help="calibration text: auto, builtin, licenses, pile-10k, c4, wikitext2 or a file"
     )
@@ -96,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         default="auto",
         help="export format: auto (default: compressed-tensors, else gptq, else fake, the first the run validates "
-        "for), compressed-tensors, gptq or fake (dequantized float weights)",
+        "for), compressed-tensors, gptq, fake (dequantized float weights) or gguf (llama.cpp; needs "
+        "--scheme gguf:<type>)",
     )
     quant.add_argument(
         "--target",

@@ -244,6 +244,19 @@ def _check_act_support(names: tuple[str, ...], scheme: QuantScheme) -> None:
         )
 
 
+def _check_mix_support(names: tuple[str, ...], scheme: QuantScheme) -> None:
+    """A GGUF mix gives each linear its own type: every stage must quantize with it (`Stage.scheme_for`)."""
+    if scheme.gguf_mix is None:
+        return
+    unsupported = [name for name in names if not STAGES[name].supports_scheme_mix]
+    if unsupported:
+        able = ", ".join(name for name, stage in STAGES.items() if stage.supports_scheme_mix)
+        raise LowbitError(
+            f"stage '{unsupported[0]}' does not take per-linear types yet, which GGUF mix {scheme.name} needs: use a "
+            f"recipe of {able}, or a single GGUF type such as gguf:{scheme.gguf_type.name}"  # type: ignore[union-attr]
+        )
+
+
 def build_config(
     *,
     recipe: str | None = None,
@@ -296,6 +309,7 @@ def build_config(
     _positive("engine.batch_size", engine.batch_size)
     quant_scheme = _scheme_from(merged["scheme"])
     _check_act_support(names, quant_scheme)
+    _check_mix_support(names, quant_scheme)
     for spec in stages:
         spec.stage_class.validate(spec.options, quant_scheme)
     return QuantizeConfig(

@@ -114,6 +114,12 @@ def run_quantization(
     data_seconds = time.perf_counter() - started
 
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
+    if config.scheme.gguf_mix is not None:  # each linear's GGUF type, before any tuning (export/gguf/mixes.py)
+        from lowbit.export.gguf.mixes import mix_schemes
+
+        linear_schemes = mix_schemes(loaded.model, arch, config.scheme)
+        for stage in stages:
+            stage.linear_schemes = linear_schemes
     work = None
     if work_dir is not None and group.is_main:
         work = WorkDir.open(work_dir, run_fingerprint(loaded, config, calibration), resume=resume)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
+from lowbit.formats.gguf_types import double_quant_scale, fp16_offset_scale
 from lowbit.scheme import QuantScheme
 
 SCALE_FLOOR = 1e-5
@@ -100,6 +101,8 @@ def _qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme, zero_grad: 
     if scheme.kind == "asym":
         scale = _cast_scale(((hi - lo) / qmax).clamp(min=SCALE_FLOOR), scheme)
         zero = _round_zero(-lo / scale, zero_grad).clamp(0, qmax)
+        if scheme.fp16_offset:  # GGUF Q4_1/Q5_1: the stored offset -s*z is fp16, so s*z must be one (straight-through)
+            scale = scale + (fp16_offset_scale(scale, zero) - scale).detach()
         return scale, zero
     if scheme.kind == "sym_full":
         a_lo, a_hi = (-lo).clamp(min=0), hi.clamp(min=0)
@@ -109,6 +112,8 @@ def _qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme, zero_grad: 
     amax = torch.maximum(lo.abs(), hi.abs())
     if scheme.kind == "sym":
         scale = _cast_scale((2 * amax / qmax).clamp(min=SCALE_FLOOR), scheme)
+        if scheme.double_quant is not None:  # GGUF K-quants: scale = fp16 d * integer sc per super-block
+            scale = double_quant_scale(scale, *scheme.double_quant)
         return scale, torch.full_like(lo, 2 ** (bits - 1))
     scale = _cast_scale((amax / (2 ** (bits - 1) - 1)).clamp(min=SCALE_FLOOR), scheme)  # sym_omni
     return scale, torch.full_like(lo, 2 ** (bits - 1) - 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,15 @@ from lowbit.export import (
     write_fake,
 )
 from lowbit.export.card import write_card
+from lowbit.export.gguf import GGUF_FORMAT, PreparedGguf, check_gguf_scheme, prepare_gguf
+from lowbit.export.gguf.checks import check_gguf_records
+from lowbit.export.gguf.streamed import GgufStreamedExport
 from lowbit.export.packed import PreparedExport
 from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, parse_max_shard_size
 from lowbit.export.space import estimate_export_bytes
 from lowbit.export.streamed import StreamedExport
 from lowbit.export.validate import check_act_format
+from lowbit.formats.files import RECORD_FILE
 from lowbit.quantizer import QuantizedWeight
 
 log = logging.getLogger(__name__)
@@ -70,9 +75,14 @@ class QuantizedModel:
 
     def _prepare(
         self, fmt: str, target: str, tp: int, ct_packing: str | None, packer: str, streamed: bool = False
-    ) -> PreparedExport | None:
+    ) -> PreparedExport | PreparedGguf | None:
         """Validate `fmt` for this result (everything but the write); None for `fake`, which needs no packing."""
         check_act_format(fmt, self.config.scheme)
+        check_gguf_scheme(fmt, self.config.scheme)
+        if fmt == GGUF_FORMAT:
+            if streamed:
+                raise LowbitError("GGUF export of a streamed run is not supported yet: use --opt engine.stream=off")
+            return prepare_gguf(self.model, self.weights, self.tokenizer, self.config.scheme)
         if fmt not in PACKED_FORMATS:
             return None
         return prepare_packed(
@@ -90,7 +100,7 @@ class QuantizedModel:
 
     def _choose(
         self, format: str, target: str, tp: int, ct_packing: str | None, packer: str, streamed: bool = False
-    ) -> tuple[str, PreparedExport | None, dict[str, Any]]:
+    ) -> tuple[str, PreparedExport | PreparedGguf | None, dict[str, Any]]:
         """The format to write (auto: the first of AUTO_ORDER that validates), its prepared export, the record."""
         if format not in (AUTO_FORMAT, *FORMATS):
             raise LowbitError(f"unknown format '{format}'; available: {AUTO_FORMAT}, {', '.join(FORMATS)}")
@@ -112,6 +122,8 @@ class QuantizedModel:
             record["format_choice"] = {"chosen": fmt, "rejected": rejected}
         if prepared is not None:
             record["export"] = {"target": target, "tp": tp, "ct_packing": ct_packing, "warnings": prepared.warnings}
+        if isinstance(prepared, PreparedGguf):
+            record["export"]["gguf_tensor_types"] = prepared.tensor_types()  # which GGUF type each tensor got
         return fmt, prepared, record
 
     def _write(
@@ -119,7 +131,7 @@ class QuantizedModel:
         directory: Path,
         out: str | Path,
         fmt: str,
-        prepared: PreparedExport | None,
+        prepared: PreparedExport | PreparedGguf | None,
         record: dict[str, Any],
         max_shard_bytes: int,
         writer: ShardWriter | None = None,
@@ -134,7 +146,7 @@ class QuantizedModel:
 
     def finish_streamed(
         self,
-        sink: StreamedExport,
+        sink: StreamedExport | GgufStreamedExport,
         out: str | Path,
         *,
         target: str = "any",
@@ -145,8 +157,22 @@ class QuantizedModel:
         """Complete the export a streamed run wrote block by block into `sink.directory` (the caller's atomic
         output directory): validate the whole (records without codes), then write what lies outside the blocks,
         the config, tokenizer, run record and model card."""
+        if isinstance(sink, GgufStreamedExport):
+            self._finish_streamed_gguf(sink, out)
+            return
         fmt, prepared, record = self._choose(sink.fmt, target, tp, ct_packing, packer, streamed=True)
         self._write(sink.directory, out, fmt, prepared, record, sink.writer.max_shard_bytes, writer=sink.writer)
+
+    def _finish_streamed_gguf(self, sink: GgufStreamedExport, out: str | Path) -> None:
+        """The streamed GGUF file is complete but for what follows the blocks; then the run record and the card."""
+        check_gguf_records(self.weights)
+        types = sink.finish(self.model)
+        record = {**self.record, "format": GGUF_FORMAT, "export": {"target": "any", "warnings": [],
+                                                                   "gguf_tensor_types": types}}  # fmt: skip
+        (sink.directory / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
+        write_artifacts(sink.directory, self.artifacts)
+        write_card(sink.directory, out, GGUF_FORMAT, record)
+        self.record["format"] = GGUF_FORMAT
 
     def save(
         self,

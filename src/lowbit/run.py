@@ -31,6 +31,7 @@ from lowbit.eval.perplexity import cut_windows, window_count
 from lowbit.eval.streamed import EvalText, StreamedEvaluation
 from lowbit.export import AUTO_FORMAT, FORMATS, TARGETS, check_output_dir
 from lowbit.export.atomic import output_lock
+from lowbit.export.gguf import GGUF_FORMAT, check_gguf_scheme
 from lowbit.export.preflight import preflight_export
 from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
 from lowbit.export.space import check_free_space, estimate_export_bytes
@@ -144,7 +145,8 @@ def run(
         if isinstance(model, LoadedModel)
         else load_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     )
-    preflight(config, export, loaded.model, checkpoints=work_dir is not None)  # before any calibration or forward
+    preflight(config, export, loaded.model, checkpoints=work_dir is not None,  # before any calibration or forward
+              tokenizer=loaded.tokenizer)  # fmt: skip
     group.barrier()  # every rank checked its settings before rank 0 writes anything another rank would check
     before = evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate, group) if evaluate else {}
     result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
@@ -227,6 +229,11 @@ def check_streamable(
         )
     if export.out is None:
         raise LowbitError("a streamed run writes its export as the blocks finish: pass --out")
+    if export.format == GGUF_FORMAT and export.resume:
+        raise LowbitError(
+            "a streamed GGUF export is one file written as the blocks finish and cannot resume: run again with "
+            "--overwrite instead of --resume"
+        )
     stages = [spec.stage_class(spec.options, config.scheme) for spec in config.stages]
     whole = [stage.name for stage in stages if stage.scope == "model"]
     if whole:
@@ -252,9 +259,10 @@ def run_streamed(
     from lowbit.models import load_streamed
 
     assert export.out is not None
-    work_dir = prepare_work_dir(config, export)  # the partial export is the checkpoint: it grows in there
+    gguf_file = export.format == GGUF_FORMAT  # one file written as the blocks finish: no checkpoints to resume from
+    work_dir = None if gguf_file else prepare_work_dir(config, export)  # the partial export is the checkpoint
     loaded, streamed = load_streamed(model)
-    preflight(config, export, loaded.model, checkpoints=False)
+    preflight(config, export, loaded.model, checkpoints=False, tokenizer=loaded.tokenizer)
     fmt = stream_format(config, export, loaded.model)
     ct_packing = export.ct_packing or ("dense" if export.format == AUTO_FORMAT else None)
     needed = estimate_export_bytes(loaded.model, config.scheme, fmt)
@@ -266,8 +274,15 @@ def run_streamed(
     )
     with output as directory:
         max_shard_bytes = parse_max_shard_size(export.max_shard_size)
-        sink = StreamedExport(directory, fmt, loaded.model, max_shard_bytes=max_shard_bytes, ct_packing=ct_packing,
-                              act_bits=config.scheme.act_bits, checkpoint=checkpoint)  # fmt: skip
+        if gguf_file:
+            from lowbit.export.gguf.streamed import GgufStreamedExport
+
+            header = {"model": loaded.name, "config": config.to_dict()}  # what the file's metadata names
+            sink = GgufStreamedExport(directory, loaded.model, loaded.tokenizer, config.scheme, header)
+        else:
+            sink = StreamedExport(directory, fmt, loaded.model, max_shard_bytes=max_shard_bytes,
+                                  ct_packing=ct_packing, act_bits=config.scheme.act_bits,
+                                  checkpoint=checkpoint)  # fmt: skip
         source = CheckpointBlocks(streamed)
         evaluation = streamed_evaluation(loaded, config, evaluate, source) if evaluate else None
         result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
@@ -318,6 +333,7 @@ def check_export_settings(config: QuantizeConfig, export: ExportSettings) -> Non
         raise LowbitError(f"unknown --target '{export.target}'; available: {', '.join(TARGETS)}")
     parse_max_shard_size(export.max_shard_size)
     check_act_format(export.format, config.scheme)  # W-A schemes a packed format cannot hold: before any work
+    check_gguf_scheme(export.format, config.scheme)  # --format gguf needs a gguf:<type> scheme
     if export.out is not None:
         check_output_dir(export.out, export.overwrite)
 
@@ -353,7 +369,9 @@ def offload_dir(export: ExportSettings) -> Path | None:
     return parent if parent.is_dir() else None
 
 
-def preflight(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Module, *, checkpoints: bool) -> None:
+def preflight(
+    config: QuantizeConfig, export: ExportSettings, model: torch.nn.Module, *, checkpoints: bool, tokenizer: Any = None
+) -> None:
     """Refuse in seconds what would fail only at export: the format against the scheme and the model's shapes
     (e.g. compressed-tensors g128 on in_features 576), an unsupported family, options against the model, too little
     free space for the export (and its checkpoints)."""
@@ -361,7 +379,7 @@ def preflight(config: QuantizeConfig, export: ExportSettings, model: torch.nn.Mo
     check_run(config, model)
     if export.format != AUTO_FORMAT:  # auto falls back to a format that works; an explicit one must work
         preflight_export(model, arch, config.scheme, export.format, export.target, export.tp, export.ct_packing,
-                         config.act_order_groups)  # fmt: skip
+                         config.act_order_groups, tokenizer)  # fmt: skip
     if export.out is not None:
         needed = estimate_export_bytes(model, config.scheme, "fake" if export.format == AUTO_FORMAT else export.format)
         if checkpoints:

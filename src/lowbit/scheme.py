@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats.gguf_types import GGUF_MIXES, GGUF_TYPES, GgufType, base_type
 
 SCHEME_KINDS = ("asym", "sym", "sym_full", "sym_omni")
 
@@ -48,6 +49,7 @@ class QuantScheme:
     include_zero: bool = True
     scale_dtype: str = "float16"
     act_bits: int = ACT_BITS_OFF
+    gguf: str | None = None  # the GGUF block type the codes are stored as (formats/gguf_types.py), e.g. "q4_1"
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -70,11 +72,36 @@ class QuantScheme:
                 f"act_bits={self.act_bits!r} is not supported: use 2 to 8 for quantized activations, or 16 to keep "
                 "them in float"
             )
+        if self.gguf is not None:
+            _check_gguf(self)
 
     @property
     def quantizes_activations(self) -> bool:
         """Whether block-linear inputs and attention operands are fake-quantized too (a W-A scheme)."""
         return self.act_bits < ACT_BITS_OFF
+
+    @property
+    def fp16_offset(self) -> bool:
+        """Whether the offset s*z must be an fp16 value too (GGUF Q4_1/Q5_1 store it as one, formats/gguf_types)."""
+        return self.gguf_type is not None and self.gguf_type.asymmetric
+
+    @property
+    def double_quant(self) -> tuple[int, int] | None:
+        """K-quants: (groups per super-block, largest integer sub-scale); scales are d * sc (formats/gguf_types)."""
+        t = self.gguf_type
+        if t is None or not t.double_quant:
+            return None
+        return t.block // t.group, t.sub_scale_max
+
+    @property
+    def gguf_type(self) -> GgufType | None:
+        """The GGUF type this scheme quantizes to (a mix's default type: each linear's own comes from the mix)."""
+        return None if self.gguf is None else base_type(self.gguf)
+
+    @property
+    def gguf_mix(self) -> str | None:
+        """The llama.cpp mix (q4_k_m, ...) whose per-linear types the run resolves before tuning, or None."""
+        return self.gguf if self.gguf in GGUF_MIXES else None
 
     @property
     def qmax(self) -> int:
@@ -103,7 +130,11 @@ class QuantScheme:
         """Short name that `parse_scheme` reads back; include_zero and scale_dtype are not part of it.
 
         W-A schemes read `w4a4` (per channel) or `w4a4g128`; `-kind` is left out when it is `default_kind`.
+        GGUF schemes read `gguf:q4_0` (`gguf:q4_0-sym_omni` for another kind than the type's default).
         """
+        if self.gguf is not None:
+            suffix = "" if self.kind == base_type(self.gguf).kinds[0] else f"-{self.kind}"  # type: ignore[union-attr]
+            return f"gguf:{self.gguf}{suffix}"
         if not self.quantizes_activations:
             suffix = "" if self.kind == "asym" else f"-{self.kind}"
             return f"w{self.bits}g{self.group_size}{suffix}"
@@ -112,8 +143,12 @@ class QuantScheme:
         return f"w{self.bits}a{self.act_bits}{group}{suffix}"
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able fields, for run records and checkpoint metadata."""
-        return asdict(self)
+        """Plain JSON-able fields, for run records and checkpoint metadata (`gguf` only when set, so the records
+        and fingerprints of other schemes stay as they were)."""
+        d = asdict(self)
+        if d["gguf"] is None:
+            del d["gguf"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantScheme:
@@ -128,6 +163,37 @@ class QuantScheme:
 def _check_in_features(in_features: int) -> None:
     if not _is_int(in_features) or in_features < 1:
         raise LowbitError(f"in_features={in_features!r} is not valid: pass the positive number of input columns")
+
+
+def _check_gguf(scheme: QuantScheme) -> None:
+    """A GGUF scheme must be the type's exact grid: its bits, block-size groups, a kind it stores, fp16 scales."""
+    gguf_type = base_type(scheme.gguf) if isinstance(scheme.gguf, str) else None
+    if gguf_type is None:
+        raise LowbitError(f"unknown GGUF type {scheme.gguf!r}: use one of {', '.join([*GGUF_TYPES, *GGUF_MIXES])}")
+    # group_size -1: a slice quantized as one group per row (GPTQ's and AWQ's per-group fits), same grid rules
+    group = scheme.group_size if scheme.group_size != -1 else gguf_type.group
+    expected = (gguf_type.bits, gguf_type.group, gguf_type.scale_dtype, ACT_BITS_OFF)
+    actual = (scheme.bits, group, scheme.scale_dtype, scheme.act_bits)
+    if actual != expected or scheme.kind not in gguf_type.kinds:
+        raise LowbitError(
+            f"GGUF {gguf_type.name} stores {gguf_type.bits}-bit weights in groups of {gguf_type.group} with "
+            f"{gguf_type.scale_dtype} scales and float activations ({'/'.join(gguf_type.kinds)}), not "
+            f"bits={scheme.bits} group_size={scheme.group_size} kind={scheme.kind} scale_dtype={scheme.scale_dtype} "
+            f"act_bits={scheme.act_bits}: use --scheme gguf:{scheme.gguf}"
+        )
+
+
+def parse_gguf_scheme(text: str) -> QuantScheme:
+    """`gguf:<type>[-kind]` (lower case, prefix stripped by the caller's `gguf:` test) -> the type's scheme."""
+    body = text.split(":", 1)[1]
+    name, _, kind = body.partition("-")
+    gguf_type = base_type(name)
+    if gguf_type is None:
+        names = ", ".join(f"gguf:{t}" for t in (*GGUF_TYPES, *GGUF_MIXES))
+        raise LowbitError(f"unknown GGUF type {name!r} in scheme {text!r}: use one of {names}")
+    kind = kind or gguf_type.kinds[0]
+    return QuantScheme(bits=gguf_type.bits, group_size=gguf_type.group, kind=kind, scale_dtype=gguf_type.scale_dtype,
+                       gguf=name)  # fmt: skip
 
 
 def _build_presets() -> dict[str, QuantScheme]:
@@ -146,10 +212,14 @@ def _build_presets() -> dict[str, QuantScheme]:
 def parse_scheme(text: str) -> QuantScheme:
     """Read a preset name or any `w<bits>g<group>[-kind]` / `w<bits>a<act>[g<group>][-kind]` string.
 
-    Case-insensitive. With `a<act>` the group defaults to -1 (per channel, as OmniQuant's W-A settings);
+    Case-insensitive. `gguf:<type>` (q4_0 ... q8_0, q2_k ... q6_k) is a GGUF block type's exact scheme, `gguf:<mix>`
+    (q2_k_s, q3_k_m, q4_k_s, q4_k_m, q5_k_m) llama.cpp's per-linear types, resolved when the model is known. With
+    `a<act>` the group defaults to -1 (per channel, as OmniQuant's W-A settings);
     `a16` means float activations, so `w2a16g128` is `w2g128`.
     """
     key = str(text).strip().lower()
+    if key.startswith("gguf:"):
+        return parse_gguf_scheme(key)
     if key in PRESETS:
         return PRESETS[key]
     match = _NAME_PATTERN.fullmatch(key)

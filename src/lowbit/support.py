@@ -29,6 +29,10 @@ def _formats(arch: ArchSpec, formats: tuple[str, ...]) -> dict[str, str]:
     found = dict.fromkeys(formats, "yes")
     if arch.experts and "compressed-tensors" in found:
         found["compressed-tensors"] = "yes (symmetric experts)"
+    if "gguf" in found:
+        from lowbit.export.gguf.arch import family_support
+
+        found["gguf"] = family_support(arch.model_types)
     return found
 
 

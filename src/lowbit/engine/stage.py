@@ -47,10 +47,18 @@ class Stage:
     # slice of the samples and it reduces what it sums over samples through `ctx.group`, in rank order. A stage
     # that needs data and leaves it False is refused when there are several ranks (one that needs none is fine).
     data_parallel: ClassVar[bool] = False
+    # Whether the stage quantizes each linear with `scheme_for(...)`, so a GGUF mix (one type per linear, resolved
+    # before tuning: export/gguf/mixes.py) reaches it; build_config refuses a mix with any stage that leaves it False.
+    supports_scheme_mix: ClassVar[bool] = False
 
     def __init__(self, options: Any, scheme: QuantScheme) -> None:
         self.options = options
         self.scheme = scheme
+        self.linear_schemes: dict[str, QuantScheme] = {}  # full linear name -> its own scheme (a GGUF mix)
+
+    def scheme_for(self, block_name: str, name: str) -> QuantScheme:
+        """The scheme linear `name` of block `block_name` is quantized with: its own under a mix, else the run's."""
+        return self.linear_schemes.get(f"{block_name}.{name}", self.scheme)
 
     @classmethod
     def validate(cls, options: Any, scheme: QuantScheme) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
-from lowbit.formats.files import CARD_FILE
+from lowbit.formats.files import CARD_FILE, GGUF_FILE
 from lowbit.scheme import QuantScheme
 
 
@@ -25,6 +25,12 @@ def _is_symmetric(kind: str) -> bool:
 
 def transformers_snippet(fmt: str, directory: str, scheme: dict[str, Any]) -> str:
     """Python that loads the export with transformers (and the format's own package) only."""
+    if fmt == "gguf":  # transformers dequantizes GGUF to float (gguf-py), for checks rather than speed
+        return (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained({directory!r}, gguf_file={GGUF_FILE!r})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({directory!r}, gguf_file={GGUF_FILE!r})\n"
+        )
     weight_only = scheme.get("act_bits", 16) >= 16
     if fmt == "compressed-tensors" and weight_only and not _is_symmetric(scheme.get("kind", "asym")):
         return (
@@ -61,6 +67,7 @@ def _requirements(fmt: str) -> str:
         "compressed-tensors": "`pip install transformers compressed-tensors`",
         "gptq": "`pip install transformers optimum gptqmodel` (gptqmodel ships CUDA kernels; on CPU use lowbit below)",
         "fake": "`pip install transformers`",
+        "gguf": "`pip install transformers gguf accelerate`",
     }[fmt]
 
 
@@ -123,12 +130,21 @@ def model_card(fmt: str, directory: str | Path, record: dict[str, Any], hub_id: 
             "the activation quantizers; plain transformers runs it weight-only.",
             "",
         ]
+    if fmt == "gguf":
+        lines += [
+            "## llama.cpp, Ollama, LM Studio",
+            "",
+            f"`{GGUF_FILE}` is a GGUF file whose every quantized tensor decodes to exactly the weights lowbit tuned "
+            f"and evaluated. Run it with `llama-cli -m {GGUF_FILE}` (or import it into Ollama / LM Studio).",
+            "",
+        ]
     lines += [f"## transformers\n\nNeeds {_requirements(fmt)}.\n", "```python", transformers_snippet(fmt, source,
               scheme).rstrip(), "```", ""]  # fmt: skip
-    if fmt != "fake" or act_bits >= 16:
+    if fmt != "gguf" and (fmt != "fake" or act_bits >= 16):
         lines += ["## vLLM", "", "```python", vllm_snippet(source).rstrip(), "```", ""]
-    lowbit_code = lowbit_snippet(source, hub_id).rstrip()
-    lines += ["## lowbit (CPU runtime, any format)", "", "```python", lowbit_code, "```", ""]
+    if fmt != "gguf":  # lowbit's runtime reads safetensors exports only
+        lowbit_code = lowbit_snippet(source, hub_id).rstrip()
+        lines += ["## lowbit (CPU runtime, any format)", "", "```python", lowbit_code, "```", ""]
     evaluation = record.get("evaluation", {})
     if evaluation.get("after"):
         lines += ["## Perplexity", "", "| data | float | quantized |", "|---|---|---|"]

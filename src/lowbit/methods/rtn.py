@@ -20,12 +20,13 @@ class RTN(BlockStage):
     needs_data: ClassVar[bool] = False
     supports_act_quant: ClassVar[bool] = True  # the W-A baseline row (activations quantized at evaluation)
     supports_experts: ClassVar[bool] = True  # per-expert linears like any other (arch/moe.py)
+    supports_scheme_mix: ClassVar[bool] = True
     uses_float_chain: bool = False
     summary: ClassVar[str] = "round-to-nearest with min-max scales (no data)"
 
     def process_block(self, ctx: BlockContext) -> None:
         for name, linear in ctx.linears().items():
-            ctx.quantized[name] = quantize_weight(linear.weight.detach(), self.scheme)
+            ctx.quantized[name] = quantize_weight(linear.weight.detach(), self.scheme_for(ctx.name, name))
 
 
 def rtn_quantize_model(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> dict[str, QuantizedWeight]:

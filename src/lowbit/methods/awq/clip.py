@@ -8,13 +8,14 @@ chosen threshold never increases the measured error and never exceeds the origin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from lowbit.quantizer import compute_qparams, fake_quant, quantize_codes
-from lowbit.scheme import QuantScheme
+from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 
 CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
@@ -34,7 +35,7 @@ def sample_tokens(x: Tensor, n_tokens: int = CLIP_TOKENS) -> Tensor:
 
 
 def _row_scheme(scheme: QuantScheme) -> QuantScheme:
-    return QuantScheme(scheme.bits, -1, scheme.kind, scheme.include_zero, scheme.scale_dtype)
+    return dataclasses.replace(scheme, group_size=-1, act_bits=ACT_BITS_OFF)  # keeps the grid rules (GGUF)
 
 
 def fake_quant_rows(w: Tensor, scheme: QuantScheme) -> Tensor:
@@ -70,7 +71,7 @@ def search_clip(
     # grouping does) and inputs get zeros there, so the padding adds nothing to any partial dot product.
     wp = torch.cat([w, w[:, -1:].expand(m, pad)], dim=1) if pad else w
     xp = torch.cat([x.float(), x.new_zeros(x.shape[0], pad, dtype=torch.float32)], dim=1) if pad else x.float()
-    flat = QuantScheme(scheme.bits, g, scheme.kind, scheme.include_zero, scheme.scale_dtype)
+    flat = dataclasses.replace(scheme, group_size=g, act_bits=ACT_BITS_OFF)
     wg = wp.reshape(m, groups, g)
     xg = xp.reshape(-1, groups, g)
     t0 = wg.abs().amax(dim=-1)

@@ -6,6 +6,7 @@ and reused (TEQ+GPTQ, AWQ+GPTQ and InvarExplore+GPTQ all end in `gptq_quantize`)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.methods.common.gram import gram_matrix
 from lowbit.quantizer import QuantizedWeight, compute_qparams, quantize_codes, quantize_weight
-from lowbit.scheme import QuantScheme
+from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,7 @@ def fit_qparams(w: Tensor, scheme: QuantScheme, mse: bool = False) -> tuple[Tens
     The grid (docs/methods.md) tries p = 1 - i/100 for i < 80 as gamma_hi = gamma_lo = p and keeps, per row,
     the p with the smallest sum |Q(w) - w|^2.4.
     """
-    one_group = QuantScheme(bits=scheme.bits, group_size=-1, kind=scheme.kind, include_zero=scheme.include_zero,
-                            scale_dtype=scheme.scale_dtype)  # fmt: skip
+    one_group = dataclasses.replace(scheme, group_size=-1, act_bits=ACT_BITS_OFF)  # keeps the grid rules (GGUF)
     scale, zero = compute_qparams(w, one_group, zero_grad="none")
     if not mse:
         return scale, zero
@@ -94,6 +94,16 @@ def fit_qparams(w: Tensor, scheme: QuantScheme, mse: bool = False) -> tuple[Tens
         best = torch.where(better, err, best)
         scale, zero = torch.where(better, s1, scale), torch.where(better, z1, zero)
     return scale, zero
+
+
+def group_qparams(w: Tensor, scheme: QuantScheme, g: int, mse: bool = False) -> list[tuple[Tensor, Tensor]]:
+    """qparams of each g-column group of the slice `w`: one fit per group, or, for a double-quantized scheme (GGUF
+    K-quants, whose group scales share one fp16 d per super-block), one fit of the whole slice on its grid. `mse`
+    (the shrink search) applies to per-group fits only."""
+    if scheme.double_quant is None:
+        return [fit_qparams(w[:, i : i + g], scheme, mse) for i in range(0, w.shape[1], g)]
+    scale, zero = compute_qparams(w, scheme, zero_grad="none")
+    return [(scale[:, j : j + 1], zero[:, j : j + 1]) for j in range(scale.shape[1])]
 
 
 def _inverse_factor(H: Tensor, percdamp: float) -> Tensor | None:
@@ -152,6 +162,8 @@ def _column_loop(
         for group, (s, z) in enumerate(static):
             scales[:, group : group + 1], zeros[:, group : group + 1] = s, z
     loss = torch.zeros((), dtype=torch.float64)
+    fit = g * scheme.double_quant[0] if scheme.double_quant is not None else g  # columns fitted together
+    fitted: list[tuple[Tensor, Tensor]] = []
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         W1 = W[:, i1:i2].clone()
@@ -163,8 +175,11 @@ def _column_loop(
                 if static is not None:
                     scale, zero = static[(int(perm[col]) if perm is not None else col) // g]
                 elif col % g == 0:
-                    # Fitted on W as of this lazy batch's start, as in the reference (identical when g == B).
-                    scale, zero = fit_qparams(W[:, col : col + g], scheme, mse)
+                    # Fitted on W as of this lazy batch's start, as in the reference (identical when g == B); a
+                    # K-quant super-block's groups are fitted together when the loop reaches its first column.
+                    if col % fit == 0:
+                        fitted = group_qparams(W[:, col : col + fit], scheme, g, mse)
+                    scale, zero = fitted[(col % fit) // g]
                     scales[:, col // g : col // g + 1], zeros[:, col // g : col // g + 1] = scale, zero
             w = W1[:, j : j + 1]
             d = U1[j, j]
@@ -213,7 +228,7 @@ def gptq_quantize(
     row_params = fit_qparams(W0, scheme, mse) if scheme.group_size == -1 else None
     static = None
     if static_groups and row_params is None:
-        static = [fit_qparams(W0[:, i : i + g], scheme, mse) for i in range(0, k, g)]
+        static = group_qparams(W0, scheme, g, mse)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)

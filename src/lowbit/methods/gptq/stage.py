@@ -85,6 +85,7 @@ class GPTQ(BlockStage):
     # before enabling its activation quantizers.
     supports_act_quant: ClassVar[bool] = True
     supports_experts: ClassVar[bool] = True  # per-expert linears like any other (arch/moe.py)
+    supports_scheme_mix: ClassVar[bool] = True
     summary: ClassVar[str] = "GPTQ: Hessian-based error compensation, true-sequential, act-order option"
     uses_float_chain: bool = False
     # each rank's Hessians reduced in rank order (passes.reduce_hessians), each solve on one rank and broadcast
@@ -153,7 +154,7 @@ class GPTQ(BlockStage):
                 mine[name] = gptq_quantize(
                     linears[name].weight.detach(),
                     hessian.H,
-                    self.scheme,
+                    self.scheme_for(ctx.name, name),
                     percdamp=opts.percdamp,
                     block_size=opts.block_size,
                     act_order=opts.act_order,
@@ -188,7 +189,8 @@ class GPTQ(BlockStage):
                 linear = linears[name]
                 if result is None:  # an MoE expert no calibration token was routed to
                     tokens = hessians.pop(name).tokens
-                    layer_metrics[name] = _rtn_fallback(ctx, name, linear, tokens, opts.min_tokens, self.scheme)
+                    scheme = self.scheme_for(ctx.name, name)
+                    layer_metrics[name] = _rtn_fallback(ctx, name, linear, tokens, opts.min_tokens, scheme)
                     continue
                 for note in result.notes:
                     log.warning("GPTQ %s.%s: %s", ctx.name, name, note)

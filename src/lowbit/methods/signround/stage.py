@@ -99,6 +99,7 @@ class SignRound(BlockStage):
     summary: ClassVar[str] = "SignSGD-tuned rounding and clipping per block (SignRound / auto-round)"
     data_parallel: ClassVar[bool] = True  # global batches, losses and gradients summed over the ranks (tune.py)
     supports_experts: ClassVar[bool] = True  # an expert no token reaches gets no gradient: it keeps its RTN init
+    supports_scheme_mix: ClassVar[bool] = True  # each TunedLinear carries its own scheme
     Options: ClassVar[type] = SignRoundOptions
     # what autocast=auto means where bf16 is native (precision.native_bf16), chosen by measurement: at auto-round's
     # light settings on SmolLM2 W2G128, bf16 tuned 1.69x faster than fp32 with perplexity 62.28 vs 63.22
@@ -149,7 +150,7 @@ class SignRound(BlockStage):
 
     def process_block(self, ctx: BlockContext) -> None:
         linears = ctx.linears()
-        layers = [TunedLinear.wrap(name, linear, self.scheme) for name, linear in linears.items()]
+        layers = [TunedLinear.wrap(name, linear, self.scheme_for(ctx.name, name)) for name, linear in linears.items()]
         settings = self.settings(ctx.device)
         if settings.iters > 0:
             self._tune(ctx, layers, settings)

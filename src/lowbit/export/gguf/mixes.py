@@ -1,0 +1,110 @@
+"""llama.cpp's quantization mixes (Q2_K_S, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M): the GGUF type of each block linear.
+
+A mirror of `llama_tensor_get_type_impl` and `tensor_type_fallback` in llama.cpp's `src/llama-quant.cpp` for dense
+models (no MoE, no Falcon, no 70B special case), as read for /work/shared/notes/gguf-export.md §3. Pure functions:
+the run resolves a mix per linear before any tuning (`mix_schemes`, handed to the stages), so each linear is tuned on
+the grid it is stored on. The output and token embeddings, which llama.cpp makes Q6_K/Q8_0, stay in float in lowbit
+(it does not quantize them), so only block linears are typed here.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lowbit.arch import ArchSpec
+from lowbit.errors import LowbitError
+from lowbit.export.gguf.arch import gguf_arch
+from lowbit.formats.gguf_types import GGUF_MIXES, GGUF_TYPES
+from lowbit.scheme import QuantScheme
+
+# mix -> the type of every tensor no rule below overrides (llama_ftype_get_default_type)
+MIX_DEFAULTS = {mix: default for mix, (default, _) in GGUF_MIXES.items()}
+
+# K type -> the legacy type llama.cpp writes when a row is not a multiple of 256 (tensor_type_fallback)
+K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+# GGUF tensor kind (the part of `blk.N.<kind>.weight`) -> the category the rules name
+CATEGORIES = {"attn_v": "attn_v", "ffn_down": "ffn_down", "attn_output": "attn_output"}
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    """llama.cpp's layers that get more bits in the _M mixes: the first and last eighth, and every third between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def mix_type(mix: str, kind: str, layer: int, n_layer: int, n_gqa: int) -> str:
+    """The type llama.cpp gives tensor `kind` (attn_q, attn_v, ffn_down, ...) of block `layer` under `mix`, before
+    the shape fallback. `n_gqa` = attention heads / KV heads."""
+    if mix not in MIX_DEFAULTS:
+        raise LowbitError(f"unknown GGUF mix {mix!r}: use one of {', '.join(MIX_DEFAULTS)}")
+    category = CATEGORIES.get(kind)
+    if category == "attn_v":
+        if mix == "q2_k_s" and n_gqa >= 4:
+            return "q4_k"
+        if mix == "q3_k_m":
+            return "q5_k" if layer < 2 else "q4_k"
+        if mix in ("q4_k_m", "q5_k_m") and use_more_bits(layer, n_layer):
+            return "q6_k"
+        if mix == "q4_k_s" and layer < 4:
+            return "q5_k"
+    elif category == "ffn_down":
+        if mix == "q2_k_s" and layer < n_layer // 8:
+            return "q4_k"
+        if mix == "q3_k_m":
+            return "q5_k" if layer < n_layer // 16 else "q4_k"
+        if mix in ("q4_k_m", "q5_k_m") and use_more_bits(layer, n_layer):
+            return "q6_k"
+        if mix == "q4_k_s" and layer < n_layer // 8:
+            return "q5_k"
+    elif category == "attn_output" and mix == "q3_k_m":
+        return "q4_k"
+    return MIX_DEFAULTS[mix]
+
+
+def fallback_type(gguf_type: str, in_features: int) -> str:
+    """The type a row of `in_features` values can hold: a K type falls back to a legacy one when the row is not a
+    multiple of 256; a row that is not a multiple of 32 holds no block type (llama.cpp writes F16: refused here,
+    since lowbit quantizes every block linear)."""
+    if GGUF_TYPES[gguf_type].block == 256 and in_features % 256:
+        gguf_type = K_FALLBACK[gguf_type]
+    if in_features % GGUF_TYPES[gguf_type].block:
+        raise LowbitError(
+            f"a row of {in_features} values is not a multiple of 32, so no GGUF block type holds it: use "
+            "--format compressed-tensors"
+        )
+    return gguf_type
+
+
+def resolve_mix(mix: str, linears: dict[str, tuple[str, int, int]], n_layer: int, n_gqa: int) -> dict[str, str]:
+    """Per linear: `linears` maps a module name to (GGUF tensor kind, block index, in_features); returns its type."""
+    return {
+        name: fallback_type(mix_type(mix, kind, layer, n_layer, n_gqa), k) for name, (kind, layer, k) in linears.items()
+    }
+
+
+def type_scheme(gguf_type: str) -> QuantScheme:
+    """The exact scheme of one GGUF type (its default kind)."""
+    t = GGUF_TYPES[gguf_type]
+    return QuantScheme(bits=t.bits, group_size=t.group, kind=t.kinds[0], scale_dtype=t.scale_dtype, gguf=t.name)
+
+
+def mix_schemes(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> dict[str, QuantScheme]:
+    """Each block linear's scheme under `scheme`'s mix (full module name -> scheme); {} for a single-type scheme.
+
+    Raises LowbitError for a family GGUF cannot hold or a width no block type holds, so the run can call it in its
+    preflight, before calibration."""
+    mix = scheme.gguf_mix
+    if mix is None:
+        return {}
+    names = gguf_arch(model)
+    config = model.config
+    n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    blocks = arch.blocks(model)
+    linears = {}
+    for index, block in enumerate(blocks):
+        for name, linear in arch.linears(block).items():
+            full = f"{arch.block_name(index)}.{name}"
+            kind = names.tensor_name(f"{full}.weight").split(".")[2]
+            linears[full] = (kind, index, int(linear.weight.shape[1]))
+    types = resolve_mix(mix, linears, len(blocks), n_gqa)
+    return {name: type_scheme(t) for name, t in types.items()}

@@ -1,0 +1,72 @@
+"""llama.cpp's mix rules (export/gguf/mixes.py) against expectations written by hand from llama-quant.cpp's rules
+(/work/shared/notes/gguf-export.md §3), including the shape fallbacks of SmolLM2-like widths."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.export.gguf.mixes import fallback_type, mix_type, resolve_mix, use_more_bits
+
+
+def test_use_more_bits_layers():
+    assert [i for i in range(30) if use_more_bits(i, 30)] == [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert [i for i in range(18) if use_more_bits(i, 18)] == [0, 1, 4, 7, 10, 13, 15, 16, 17]
+
+
+@pytest.mark.parametrize(
+    "mix,kind,layer,n_layer,gqa,expected",
+    [
+        ("q4_k_m", "attn_q", 0, 32, 4, "q4_k"),
+        ("q4_k_m", "attn_v", 0, 32, 4, "q6_k"),
+        ("q4_k_m", "attn_v", 4, 32, 4, "q4_k"),
+        ("q4_k_m", "attn_v", 6, 32, 4, "q6_k"),  # (6 - 4) % 3 == 2
+        ("q4_k_m", "ffn_down", 31, 32, 4, "q6_k"),
+        ("q4_k_m", "attn_output", 0, 32, 4, "q4_k"),
+        ("q5_k_m", "ffn_down", 0, 32, 1, "q6_k"),
+        ("q5_k_m", "ffn_gate", 0, 32, 1, "q5_k"),
+        ("q4_k_s", "attn_v", 3, 32, 1, "q5_k"),
+        ("q4_k_s", "attn_v", 4, 32, 1, "q4_k"),
+        ("q4_k_s", "ffn_down", 3, 32, 1, "q5_k"),
+        ("q4_k_s", "ffn_down", 4, 32, 1, "q4_k"),
+        ("q3_k_m", "attn_v", 1, 32, 1, "q5_k"),
+        ("q3_k_m", "attn_v", 2, 32, 1, "q4_k"),
+        ("q3_k_m", "ffn_down", 1, 32, 1, "q5_k"),
+        ("q3_k_m", "ffn_down", 2, 32, 1, "q4_k"),
+        ("q3_k_m", "attn_output", 9, 32, 1, "q4_k"),
+        ("q3_k_m", "ffn_up", 9, 32, 1, "q3_k"),
+        ("q2_k_s", "attn_v", 9, 32, 4, "q4_k"),
+        ("q2_k_s", "attn_v", 9, 32, 3, "q2_k"),
+        ("q2_k_s", "ffn_down", 3, 32, 1, "q4_k"),
+        ("q2_k_s", "ffn_down", 4, 32, 1, "q2_k"),
+    ],
+)
+def test_mix_rules(mix, kind, layer, n_layer, gqa, expected):
+    assert mix_type(mix, kind, layer, n_layer, gqa) == expected
+
+
+def test_shape_fallbacks():
+    assert [fallback_type(t, 576) for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")] == [
+        "q4_0", "q4_0", "q5_0", "q5_1", "q8_0"]  # fmt: skip
+    assert fallback_type("q4_k", 1536) == "q4_k" and fallback_type("q4_0", 96) == "q4_0"
+    with pytest.raises(LowbitError, match="not a multiple of 32"):
+        fallback_type("q4_k", 80)
+
+
+def test_smollm2_shaped_q4_k_m_is_mostly_legacy():
+    """30 layers, hidden 576 (not a multiple of 256), FFN 1536, 9 / 3 heads: only ffn_down can be a K type."""
+    linears = {}
+    for i in range(30):
+        for kind, k in (("attn_q", 576), ("attn_k", 576), ("attn_v", 576), ("attn_output", 576), ("ffn_gate", 576),
+                        ("ffn_up", 576), ("ffn_down", 1536)):  # fmt: skip
+            linears[f"model.layers.{i}.{kind}"] = (kind, i, k)
+    types = resolve_mix("q4_k_m", linears, 30, 3)
+    assert types["model.layers.0.attn_q"] == "q5_0" and types["model.layers.0.attn_v"] == "q8_0"
+    assert types["model.layers.3.attn_v"] == "q5_0" and types["model.layers.3.ffn_down"] == "q4_k"
+    assert types["model.layers.5.ffn_down"] == "q6_k" and types["model.layers.29.ffn_up"] == "q5_0"
+    assert sorted(set(types.values())) == ["q4_k", "q5_0", "q6_k", "q8_0"]
+
+
+def test_unknown_mix():
+    with pytest.raises(LowbitError, match="unknown GGUF mix"):
+        mix_type("q4_k_x", "attn_v", 0, 2, 1)
