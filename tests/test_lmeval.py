@@ -137,7 +137,7 @@ def test_cli_eval_plain_model_dir_and_unknown_task(tiny_llama_dir, text_file, ca
     args = ["eval", tiny_llama_dir, "--tasks", "lowbit_yesno", "--limit", "4", "--ppl", text_file, "--batch-size", "1"]
     assert main([*map(str, args), "--eval-seqlen", "64", "--eval-windows", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "perplexity local" in printed and "lowbit_yesno (0-shot, 4 docs)" in printed
+    assert f"perplexity {text_file} " in printed and "lowbit_yesno (0-shot, 4 docs)" in printed
     assert not (tiny_llama_dir / RECORD_FILE).exists()
     assert main(["eval", str(tiny_llama_dir), "--tasks", "no_such_task"]) == 2
     assert "unknown lm-eval task(s) no_such_task" in capsys.readouterr().err
