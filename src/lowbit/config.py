@@ -230,13 +230,20 @@ def _positive(name: str, value: int) -> int:
     return value
 
 
+def _lacking(names: tuple[str, ...], capability: str) -> tuple[list[str], str]:
+    """The stages of `names` whose class leaves the flag `capability` False, and every stage that has it (for the
+    error message's alternative)."""
+    unsupported = [name for name in names if not getattr(STAGES[name], capability)]
+    able = ", ".join(name for name, stage in STAGES.items() if getattr(stage, capability))
+    return unsupported, able
+
+
 def _check_act_support(names: tuple[str, ...], scheme: QuantScheme) -> None:
     """A W-A scheme needs every stage to handle quantized activations; refuse before any model is loaded."""
     if not scheme.quantizes_activations:
         return
-    unsupported = [name for name in names if not STAGES[name].supports_act_quant]
+    unsupported, able = _lacking(names, "supports_act_quant")
     if unsupported:
-        able = ", ".join(name for name, stage in STAGES.items() if stage.supports_act_quant)
         raise LowbitError(
             f"stage '{unsupported[0]}' does not support weight-activation scheme {scheme.name} "
             f"({scheme.act_bits}-bit activations): use a recipe of stages that do ({able}), or a weight-only "
@@ -248,9 +255,8 @@ def _check_mix_support(names: tuple[str, ...], scheme: QuantScheme) -> None:
     """A GGUF mix gives each linear its own type: every stage must quantize with it (`Stage.scheme_for`)."""
     if scheme.gguf_mix is None:
         return
-    unsupported = [name for name in names if not STAGES[name].supports_scheme_mix]
+    unsupported, able = _lacking(names, "supports_scheme_mix")
     if unsupported:
-        able = ", ".join(name for name, stage in STAGES.items() if stage.supports_scheme_mix)
         raise LowbitError(
             f"stage '{unsupported[0]}' does not take per-linear types yet, which GGUF mix {scheme.name} needs: use a "
             f"recipe of {able}, or a single GGUF type such as gguf:{scheme.gguf_type.name}"  # type: ignore[union-attr]
