@@ -47,7 +47,7 @@ _DELEGATES = ("eager", "sdpa", "lowbit_chunked_causal", None)
 
 # observer(point, shared): called each time a quantized tensor is consumed. `point` is the consuming linear's name
 # (relative to root) or "<attention>.query|key|value"; `shared` is True when a linear reused the quantization made
-# for the previous linear of the same input tensor. Used by the census test (every §7 tensor exactly once).
+# for the previous linear of the same input tensor. Used by the census test (every quantized tensor exactly once).
 Observer = Callable[[str, bool], None]
 
 

@@ -1,11 +1,11 @@
 """The integer quantizer family: pure tensor functions every method uses (see docs/methods.md).
 
 All math is fp32. Scales are rounded through the scheme's scale dtype before codes are computed, so
-the fake-quant weight a method trains against equals, bit for bit, what a loader dequantizes (§8).
+the fake-quant weight a method trains against equals, bit for bit, what a loader dequantizes.
 
 Groups are handled as a [m, G, g] view of each [m, k] tensor. When g does not divide k, the row is
 padded by repeating its last column, which leaves the partial last group's min and max unchanged; the
-padding is sliced off again afterwards (§1).
+padding is sliced off again afterwards.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _STE_MODES = ("clamp_aware", "identity")
 
 
 def round_ste(x: Tensor) -> Tensor:
-    """Round half to even with an identity gradient (§7); the forward value is exactly round(x)."""
+    """Round half to even with an identity gradient; the forward value is exactly round(x)."""
     return x + (torch.round(x) - x).detach()
 
 
@@ -96,7 +96,7 @@ def _round_zero(x: Tensor, zero_grad: str) -> Tensor:
 
 
 def _qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme, zero_grad: str) -> tuple[Tensor, Tensor]:
-    """Scale and zero from the (clipped) group range lo' <= hi', per scheme kind (§3, §4, §5, §11)."""
+    """Scale and zero from the (clipped) group range lo' <= hi', per scheme kind."""
     bits, qmax = scheme.bits, scheme.qmax
     if scheme.kind == "asym":
         scale = _cast_scale(((hi - lo) / qmax).clamp(min=SCALE_FLOOR), scheme)
@@ -131,7 +131,7 @@ def compute_qparams(
 
     The scale holds values representable in `scheme.scale_dtype`; the zero holds integers in [0, qmax].
     gamma_hi / gamma_lo (broadcastable to [m, G], None = 1) multiply hi and lo after the include_zero
-    step (§6). zero_grad="ste" lets gradients flow through the zero's rounding, "none" blocks them (§3).
+    step. zero_grad="ste" lets gradients flow through the zero's rounding, "none" blocks them.
     """
     _check_matrix(w)
     if zero_grad not in _ZERO_GRAD_MODES:
@@ -195,7 +195,7 @@ def quantize_codes(
     ste: bool = False,
     g_idx: Tensor | None = None,
 ) -> Tensor:
-    """Integer codes clamp(round(w/s + v) + z, 0, qmax) as fp32 [m, k] (§3); round_ste when `ste`.
+    """Integer codes clamp(round(w/s + v) + z, 0, qmax) as fp32 [m, k]; round_ste when `ste`.
 
     Column i uses group g_idx[i], or i // group_size when g_idx is None. Params with a single column
     ([m, 1]) apply to every column, so GPTQ quantizes one column at a time with
@@ -216,7 +216,7 @@ def quantize_codes(
 
 
 def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, g_idx: Tensor | None = None) -> Tensor:
-    """fp32 W_hat[o, i] = scale[o, G(i)] * (codes[o, i] - zero[o, G(i)]) (§11), any input dtypes."""
+    """fp32 W_hat[o, i] = scale[o, G(i)] * (codes[o, i] - zero[o, G(i)]), any input dtypes."""
     if codes.dim() != 2 or codes.numel() == 0:
         raise LowbitError(f"codes have shape {tuple(codes.shape)}: pass a non-empty [out_features, in_features] matrix")
     m, k = codes.shape
@@ -260,11 +260,11 @@ def fake_quant(
     ste: str = "clamp_aware",
     zero_grad: str = "ste",
 ) -> Tensor:
-    """Quantize-dequantize w to an fp32 [m, k] tensor that a method trains or evaluates against (§7).
+    """Quantize-dequantize w to an fp32 [m, k] tensor that a method trains or evaluates against.
 
     "clamp_aware": autograd through clamp and qparams (clipped weights get no gradient; s, z, gamma and
     v get theirs). "identity": gradient 1 w.r.t. w, qparams and v constant. Either way the value equals
-    `quantize_weight(...).dequantize()` bit for bit (§11 invariant 1).
+    `quantize_weight(...).dequantize()` bit for bit.
     """
     _check_matrix(w)
     if ste not in _STE_MODES:
@@ -281,7 +281,7 @@ def fake_quant(
 
 @dataclass
 class QuantizedWeight:
-    """What every method hands to export for one linear layer (§11)."""
+    """What every method hands to export for one linear layer."""
 
     codes: Tensor
     scale: Tensor
@@ -300,7 +300,7 @@ class QuantizedWeight:
         return dequantize(self.codes, self.scale, self.zero, self.scheme.group_size, self.g_idx)
 
     def validate(self) -> None:
-        """Check dtypes, shapes and §11 invariants 2-4; raise ValueError naming the first violation."""
+        """Check dtypes, shapes, the symmetric zero and group use; raise ValueError naming the first violation."""
         for problem in _record_problems(self):
             raise ValueError(f"invalid QuantizedWeight ({self.scheme.name}): {problem}")
 
@@ -329,7 +329,7 @@ class QuantizedWeight:
 
 
 def _expected_zero(scheme: QuantScheme) -> int | None:
-    """The constant zero of a symmetric scheme (§11 invariant 3); None for asym."""
+    """The constant zero of a symmetric scheme; None for asym."""
     half = 2 ** (scheme.bits - 1)
     return {"sym": half, "sym_full": half, "sym_omni": half - 1}.get(scheme.kind)
 
@@ -365,7 +365,7 @@ def _record_problems(record: QuantizedWeight) -> list[str]:
 
 
 def _g_idx_problems(g_idx: Tensor, k: int, groups: int, width: int) -> list[str]:
-    """§11 invariant 4: each group is used exactly g times (a partial last group by its remainder)."""
+    """Each group is used exactly g times (a partial last group by its remainder)."""
     if g_idx.dtype != torch.int32 or tuple(g_idx.shape) != (k,):
         return [f"g_idx must be int32 [{k}], got {g_idx.dtype} {tuple(g_idx.shape)}"]
     if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
@@ -414,7 +414,7 @@ def quantize_weight(
 
 
 def quantize_activation(x: Tensor, bits: int) -> Tensor:
-    """Dynamic per-token asymmetric fake quant over the last dim (§9), STE rounding; bits >= 16 is identity.
+    """Dynamic per-token asymmetric fake quant over the last dim, STE rounding; bits >= 16 is identity.
 
     Qparams are recomputed on every call; math is fp32 and the result is cast back to x's dtype.
     """

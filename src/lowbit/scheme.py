@@ -110,11 +110,11 @@ class QuantScheme:
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
-        """The dtype scales are stored in, and rounded through during fake quantization (§8)."""
+        """The dtype scales are stored in, and rounded through during fake quantization."""
         return _SCALE_DTYPES[self.scale_dtype]
 
     def num_groups(self, in_features: int) -> int:
-        """Groups per row G; a partial last group counts as one (§1)."""
+        """Groups per row G; a partial last group counts as one."""
         _check_in_features(in_features)
         if self.group_size == -1:
             return 1

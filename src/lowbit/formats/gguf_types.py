@@ -8,7 +8,7 @@ rounds the scale (before any code is chosen) to the nearest value that makes it 
 are double-quantized: each group scale is an fp16 super-scale `d` (one per 256 values) times a small integer
 (`double_quant_scale`), which the writer splits back exactly (`split_double_quant`).
 
-This module imports nothing of lowbit's, so `scheme.py` can read the table (layouts: /work/shared/notes/gguf-export.md).
+This module imports nothing of lowbit's, so `scheme.py` can read the table (block layouts: docs/formats.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """llama.cpp's quantization mixes (Q2_K_S, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M): the GGUF type of each block linear.
 
 A mirror of `llama_tensor_get_type_impl` and `tensor_type_fallback` in llama.cpp's `src/llama-quant.cpp` for dense
-models (no MoE, no Falcon, no 70B special case), as read for /work/shared/notes/gguf-export.md §3. Pure functions:
+models (no MoE, no Falcon, no 70B special case), as read from llama.cpp's src/llama-quant.cpp. Pure functions:
 the run resolves a mix per linear before any tuning (`mix_schemes`, handed to the stages), so each linear is tuned on
 the grid it is stored on. The output and token embeddings, which llama.cpp makes Q6_K/Q8_0, stay in float in lowbit
 (it does not quantize them), so only block linears are typed here.

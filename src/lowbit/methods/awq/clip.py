@@ -24,7 +24,7 @@ SKIP_MARKERS = ("q_", "k_", "query", "key", "Wqkv", "qkv_proj")  # fused q/k/v (
 
 
 def clip_applies(name: str) -> bool:
-    """Query/key projections are skipped: their error passes through q·kᵀ and is hard to measure (§6)."""
+    """Query/key projections are skipped: their error passes through q·kᵀ and is hard to measure."""
     return not any(marker in name for marker in SKIP_MARKERS)
 
 

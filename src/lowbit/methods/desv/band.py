@@ -57,7 +57,7 @@ def band_matrix(p: Tensor, index: BandIndex) -> Tensor:
 
 
 def delta_weight(u: Tensor, b: Tensor, vh: Tensor) -> Tensor:
-    """U B Vh, multiplying B into the smaller factor first: (U B) Vh when m <= k, else U (B Vh) (§4)."""
+    """U B Vh, multiplying B into the smaller factor first: (U B) Vh when m <= k, else U (B Vh)."""
     if u.shape[0] <= vh.shape[1]:
         return (u @ b) @ vh
     return u @ (b @ vh)

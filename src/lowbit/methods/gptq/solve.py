@@ -37,7 +37,7 @@ def input_gram(x: Tensor) -> tuple[Tensor, int]:
 
 
 class HessianAccumulator:
-    """H = (2/N) * sum_t x_t^T x_t over N sequences, accumulated batch by batch in fp32 (§2).
+    """H = (2/N) * sum_t x_t^T x_t over N sequences, accumulated batch by batch in fp32.
 
     Each batch rescales the old H by N/(N + n) and adds its Gram matrix times 2/N_new, as the reference's
     `GPTQ.add_batch` (which scales the rows by sqrt(2/N_new) first), so the damping (relative to mean(diag H))
@@ -107,7 +107,7 @@ def group_qparams(w: Tensor, scheme: QuantScheme, g: int, mse: bool = False) -> 
 
 
 def _inverse_factor(H: Tensor, percdamp: float) -> Tensor | None:
-    """U with H_damped^-1 = U^T U (§3 step 5-6), or None when H is not positive definite after damping."""
+    """U with H_damped^-1 = U^T U, or None when H is not positive definite after damping."""
     damp = percdamp * torch.mean(torch.diag(H))
     Hd = H.clone()
     Hd.diagonal().add_(damp)
@@ -127,7 +127,7 @@ def _inverse_factor(H: Tensor, percdamp: float) -> Tensor | None:
 
 
 def _g_idx(k: int, g: int, perm: Tensor | None, static_groups: bool) -> Tensor:
-    """Column -> group map (§4): i // g, or g_idx[perm[j]] = j // g for act-order without static groups."""
+    """Column -> group map: i // g, or g_idx[perm[j]] = j // g for act-order without static groups."""
     order = torch.arange(k, dtype=torch.int32) // g
     if perm is None or static_groups:
         return order
@@ -147,7 +147,7 @@ def _column_loop(
     row_params: tuple[Tensor, Tensor] | None,
     mse: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
-    """The lazy-batch loop of §4 on permuted W (modified in place). Returns codes, scale, zero (per group in the
+    """GPTQ's lazy-batch loop on permuted W (modified in place). Returns codes, scale, zero (per group in the
     order qparams were fitted), the fake-quant weight (permuted order) and the loss."""
     m, k = W.shape
     codes = torch.zeros(m, k, dtype=torch.float32)
@@ -206,7 +206,7 @@ def gptq_quantize(
     mse: bool = False,
     consume_h: bool = False,
 ) -> GPTQResult:
-    """Quantize one linear weight [m, k] with its Hessian [k, k] (§3-§6); `weight` is not modified, and `H` is not
+    """Quantize one linear weight [m, k] with its Hessian [k, k]; `weight` is not modified, and `H` is not
     either unless `consume_h` (a caller done with a fp32 CPU H saves its k x k copy; H's values are then undefined).
 
     Robust by construction: when Cholesky fails or the result is not finite, the damping grows by 0.01 up to

@@ -1,6 +1,6 @@
 """InvarExplore's invariance transforms as pure functions (see docs/methods.md, InvarExplore).
 
-Convention of the reference code (§2): W1' = P·S⁻¹·Rᵀ·W1 and W2' = W2·R·S·Pᵀ. A layer's state is a permutation
+Convention of the reference code: W1' = P·S⁻¹·Rᵀ·W1 and W2' = W2·R·S·Pᵀ. A layer's state is a permutation
 π (position p holds source neuron π[p]), scales s and angles θ, both indexed by *source* neuron (pair i = neurons
 2i, 2i+1), all relative to the teacher's weights. Rotations are applied element-wise on the touched pairs, never as a
 dense matrix, so a candidate costs O(|T|·d) and rebuilding any subset of rows gives, bit for bit, the same rows as
@@ -60,7 +60,7 @@ class NeuronRoles:
     """How the FFN linears move with a neuron: rows of each expand linear, columns of the contract linear.
 
     `expand` holds (linear, scaled, rotated). On SwiGLU only up is scaled (silu is not homogeneous) and gate is
-    rotated only with rotation_target "gate_up_down" (§5); OPT's fc1 takes all three (§2).
+    rotated only with rotation_target "gate_up_down"; OPT's fc1 takes all three.
     """
 
     expand: tuple[tuple[str, bool, bool], ...]
@@ -72,7 +72,7 @@ class NeuronRoles:
 
 
 def neuron_roles(ffn: FFNNeurons, rotation_target: str = "up_down") -> NeuronRoles:
-    """The roles of an ArchSpec's FFN linears (spec §2 for ReLU, §5 for SwiGLU)."""
+    """The roles of an ArchSpec's FFN linears (ReLU FFNs as in the paper; SwiGLU as the reference code extends it)."""
     if ffn.fused_parts:
         raise LowbitError(
             "InvarExplore does not support a fused gate_up_proj (Phi-3) yet: its neurons span row slices of one "
@@ -140,7 +140,7 @@ def dense_transform(up: Tensor, down: Tensor, state: LayerState) -> tuple[Tensor
 
 @dataclass(frozen=True)
 class ProposalConfig:
-    """The reference's proposal distribution (§3 step 2-3), with each invariance switchable (the ablation)."""
+    """The reference's proposal distribution, with each invariance switchable (the ablation)."""
 
     swap_frac: float = 0.1
     sigma_scale: float = 1e-2
@@ -201,7 +201,7 @@ def group_columns(positions: Tensor, n: int, scheme: QuantScheme) -> Tensor:
 
 
 def monitored_layers(depth: int, count: int) -> list[int]:
-    """The reference's dilated subset: L − 1 − ⌈i·L/count⌉ for i < count (§3), ascending."""
+    """The reference's dilated subset: L − 1 − ⌈i·L/count⌉ for i < count, ascending."""
     if count > depth:
         raise LowbitError(
             f"invarexplore.monitored_layers={count} exceeds the model's {depth} decoder layers: "

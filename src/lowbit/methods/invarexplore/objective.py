@@ -1,4 +1,4 @@
-"""InvarExplore's objective on the calibration batch: the fast incremental path and the naive one (spec §3, §6).
+"""InvarExplore's objective on the calibration batch: the fast incremental path and the naive one.
 
 Objective: L = CE/CE₀ + α·MSE/MSE₀, CE the mean next-token cross-entropy, MSE the mean of clamp(H − H₀, ±100)²
 over the monitored layers' outputs, normalised by the starting student's values.

@@ -19,7 +19,7 @@ class InvarExploreOptions:
     scale: bool = field(default=True, metadata={"help": "propose per-neuron scales (up rows / s, down columns * s)"})
     rotate: bool = field(default=True, metadata={"help": "propose 2x2 rotations of neuron pairs (near-invariant)"})
     rotation_target: Literal["up_down", "gate_up_down"] = field(
-        default="up_down", metadata={"help": "SwiGLU: rotate up and down only, or gate too (spec §5)"}
+        default="up_down", metadata={"help": "SwiGLU: rotate up and down only, or gate too"}
     )
     swap_frac: float = field(default=0.1, metadata={"help": "fraction of a layer's neurons one proposal touches"})
     sigma_scale: float = field(default=1e-2, metadata={"help": "std of the additive scale random walk"})
@@ -35,7 +35,7 @@ class InvarExploreOptions:
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass inside one evaluation"})
     ce_chunk: int = field(default=1024, metadata={"help": "tokens per lm_head chunk of the cross-entropy"})
     head_bf16: bool = field(
-        default=False, metadata={"help": "incremental path: lm_head in bf16 (faster, not exact; off = fp32, spec §6)"}
+        default=False, metadata={"help": "incremental path: lm_head in bf16 (faster, not exact; off = fp32)"}
     )
     evaluation: Literal["incremental", "naive"] = field(
         default="incremental", metadata={"help": "incremental (fast) or naive full re-evaluation (reference)"}

@@ -1,4 +1,4 @@
-"""InvarExplore's hill climbing over one model (spec §3, §4, §6, §7): the teacher, the in-loop student, the search
+"""InvarExplore's hill climbing over one model: the teacher, the in-loop student, the search
 loop with its stopping rules and log, the fold, and the invariance record (save and resume).
 
 The model's block linears hold the *student* (RTN of the teacher, fake-quant fp32) during the search; the teacher's
@@ -69,7 +69,7 @@ def _same(new: dict[str, Tensor], old: dict[str, Tensor]) -> bool:
 
 
 def check_model(model: nn.Module, arch: ArchSpec, scale: bool) -> None:
-    """Refuse layouts §6 does not cover: post-LN OPT (350m), non-ReLU OPT activations with scaling on."""
+    """Refuse layouts the objective does not cover: post-LN OPT (350m), non-ReLU OPT activations with scaling on."""
     config = model.config
     if arch.family == "opt":
         if not getattr(config, "do_layer_norm_before", True):

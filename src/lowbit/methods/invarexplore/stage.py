@@ -11,7 +11,7 @@ single quantizer, after any other transforms: the teacher is the float model aft
 quantizer is RTN of the run's scheme (`proxy=rtn`), and the quantizer stage then quantizes the folded teacher.
 - `awq+invarexplore+rtn`: the paper's main row and the reference code. The rtn stage reproduces the final in-loop
   student bit for bit (checked at the fold: `fold_check` in the run record).
-- `invarexplore+gptq`, `awq+invarexplore+gptq`, `invarexplore+signround`, ...: spec §8's `rtn_proxy`, RTN in the
+- `invarexplore+gptq`, `awq+invarexplore+gptq`, `invarexplore+signround`, ...: the `rtn_proxy`, RTN in the
   loop on the float (or transformed) teacher, the base quantizer once on the folded model. `gptq_exact` and
   OmniQuant's frozen-LWC inner quantizer are not implemented (OmniQuant's LWC is a quantizer, so it cannot run
   before this stage in a recipe).

@@ -117,7 +117,7 @@ def activation_stats(
 
 
 def initial_scale(act_max: Tensor, weight: Tensor, alpha: float) -> Tensor:
-    """s = clamp(act_max^alpha / wmax^(1 - alpha), min 1e-5), wmax over the key linear's output rows (§2)."""
+    """s = clamp(act_max^alpha / wmax^(1 - alpha), min 1e-5), wmax over the key linear's output rows."""
     wmax = weight.detach().float().abs().amax(dim=0).clamp(min=INIT_FLOOR)
     return (act_max.float().clamp(min=INIT_FLOOR).pow(alpha) / wmax.pow(1 - alpha)).clamp(min=INIT_FLOOR)
 
@@ -195,7 +195,7 @@ def apply_let(
         if pair.group.prev_kind == "norm":
             _divide_prev(out, pair.group.prev, pair.shift, pair.scale, "", rows=False, offset=norm_offset)
             _scale_consumers(out, pair, pair.scale)
-    for pair in pairs:  # v -> o; the OPT reference quirk treats v_proj as a norm on its original weight (§3)
+    for pair in pairs:  # v -> o; the OPT reference quirk treats v_proj as a norm on its original weight
         if pair.group.prev_kind == "linear":
             source = "_original." if reference_quirk else ""
             _divide_prev(out, pair.group.prev, pair.shift, pair.scale, source, rows=not reference_quirk, part=pair.rows)

@@ -1,6 +1,6 @@
 """OmniQuant's Learnable Weight Clipping (docs/methods.md, OmniQuant): sigmoid-gated clipping factors per (row, group).
 
-In lowbit terms LWC is the scheme's quantizer (docs/methods.md for asym, §11 `sym_omni`) with
+In lowbit terms LWC is the scheme's quantizer (docs/methods.md: asym, or the `sym_omni` kind) with
 gamma_hi = sigmoid(u), gamma_lo = sigmoid(l), the raw min/max range (`include_zero=False`) and no gradient through
 the zero point's rounding (`zero_grad="none"`), so u and l learn only through the scale.
 """

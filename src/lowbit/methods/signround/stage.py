@@ -232,7 +232,7 @@ def _validate(options: SignRoundOptions) -> None:
             raise LowbitError(message)
 
 
-# Named recipes (spec §9): one flag selects the stage, its option overrides and the calibration size.
+# Named recipes: one flag selects the stage, its option overrides and the calibration size.
 RECIPES: dict[str, RecipePreset] = {
     preset.name: preset
     for preset in (

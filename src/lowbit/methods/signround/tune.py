@@ -24,7 +24,7 @@ from lowbit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
 
-LOSS_SCALE = 1000.0  # the reference multiplies the loss by 1000 before backward; signs are unaffected (§4)
+LOSS_SCALE = 1000.0  # the reference multiplies the loss by 1000 before backward; signs are unaffected
 
 
 @dataclass
@@ -143,7 +143,7 @@ def tune_block(
     group: Group | None = None,
     start: int = 0,
 ) -> TuneResult:
-    """SignSGD on V, alpha, beta against the block-output MSE; restores the best parameters (spec §5).
+    """SignSGD on V, alpha, beta against the block-output MSE; restores the best parameters.
 
     The QDQ weights depend only on the parameters, so they are computed once per iteration (fp32, outside autocast)
     and the micro-batch forwards use detached copies; their gradients are pushed through the QDQ graph once per
