@@ -84,6 +84,7 @@ def assert_capture_replays(model, arch, captured, ids) -> None:
 # every stage, with options small enough for tiny models (tests of each family: runs or refuses clearly)
 RECIPES = {
     "rtn": {},
+    "hqq": {},
     "gptq": {},
     "awq+rtn": {"awq": {"n_grid": 3, "clip_grid": 3, "clip_tokens": 32}},
     "signround": {"signround": {"iters": 2, "batch_size": 2}},
