@@ -83,8 +83,8 @@ def estimate_seconds(args: argparse.Namespace) -> float:
     return (total + AWQ_S) * len(args.seeds.split(",")) * len(args.schemes.split(","))
 
 
-def awq_teacher(path: str, scheme: str, seed: int, threads: int) -> dict:
-    """AWQ on the seed's calibration windows; the transformed float weights go to `path` (one process)."""
+def awq_teacher(path: str, scheme: str, seed: int, threads: int, calibration: str = "builtin") -> dict:
+    """AWQ on the seed's windows of `calibration`; the transformed float weights go to `path` (one process)."""
     from safetensors.torch import save_model
 
     from lowbit.arch import arch_for, window_bos_id
@@ -99,7 +99,7 @@ def awq_teacher(path: str, scheme: str, seed: int, threads: int) -> dict:
     logging.basicConfig(level=logging.WARNING)
     loaded = load_model(None)
     model = loaded.model
-    calib = load_calibration(loaded.tokenizer, "builtin", nsamples=NSAMPLES, seqlen=SEQLEN, seed=seed,
+    calib = load_calibration(loaded.tokenizer, calibration, nsamples=NSAMPLES, seqlen=SEQLEN, seed=seed,
                              bos_id=window_bos_id(model)).input_ids  # fmt: skip
     started = time.perf_counter()
     stage = AWQ(AWQOptions(), parse_scheme(scheme))
@@ -123,7 +123,7 @@ def run_row(teacher: str, scheme: str, seed: int, options: dict | None, args: di
     logging.basicConfig(level=logging.WARNING)
     loaded = load_model(None)
     load_weights(loaded.model, teacher, strict=True)
-    common = {"scheme": scheme, "dataset": "builtin", "nsamples": NSAMPLES, "seqlen": SEQLEN, "seed": seed}
+    common = {"scheme": scheme, "dataset": args["calibration"], "nsamples": NSAMPLES, "seqlen": SEQLEN, "seed": seed}
     if options is None:
         result = lowbit.quantize(loaded, recipe="rtn", options={"engine": {"progress": False}}, **common)
         row: dict[str, Any] = {}
@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--search-seqlen", type=int, default=256, help="search batch window length")
     parser.add_argument("--eval-windows", type=int, default=4, help="test-curve windows per domain")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="test-curve window length")
+    parser.add_argument("--calibration", choices=DOMAINS, default="builtin", help="calibration text (default builtin)")
     parser.add_argument("--rows", default="", help="comma-separated row labels to run (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lowbit-bench-invar-heldout"), help="AWQ teachers")
@@ -170,7 +171,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         rows = [row for path in args.table for row in json.loads(path.read_text())["rows"]]
-        print(table(rows) + "\n\n" + curves(rows))
+        print(table(rows, _calibrated_on(args.table)) + "\n\n" + curves(rows))
         return
     if args.out is None:
         parser.error("--out is required")
@@ -188,7 +189,7 @@ def main() -> None:
         "model": "smollm2 (embedded default)",
         "command": " ".join(["python", *sys.argv]),
         "machine": machine(),
-        "settings": settings | {"domains": list(DOMAINS), "calibration": f"builtin {NSAMPLES} x {SEQLEN}"},
+        "settings": settings | {"domains": list(DOMAINS), "calibration": f"{args.calibration} {NSAMPLES} x {SEQLEN}"},
         "awq": teachers,
         "rows": rows,
     }
@@ -197,9 +198,12 @@ def main() -> None:
             todo = [(label, o) for label, o in rows_for(args) if f"{scheme}|{label}|{seed}" not in done]
             if not todo:
                 continue
-            teacher = args.cache / f"awq_{scheme}_{seed}.safetensors"
+            named = "" if args.calibration == "builtin" else f"_{args.calibration}"  # builtin keeps its old names
+            teacher = args.cache / f"awq_{scheme}_{seed}{named}.safetensors"
             if not teacher.exists():
-                teachers[f"{scheme}|{seed}"] = run_isolated(awq_teacher, str(teacher), scheme, seed, args.threads)
+                teachers[f"{scheme}|{seed}"] = run_isolated(
+                    awq_teacher, str(teacher), scheme, seed, args.threads, args.calibration
+                )
             for label, options in todo:
                 measured = run_isolated(run_row, str(teacher), scheme, seed, options, vars(args))
                 row = {"key": f"{scheme}|{label}|{seed}", "scheme": scheme, "label": label, "seed": seed,
@@ -208,7 +212,15 @@ def main() -> None:
                 rows.append(row)
                 done.add(row["key"])
                 write_json(args.out, payload)
-    print(table(rows) + "\n\n" + curves(rows))
+    print(table(rows, args.calibration) + "\n\n" + curves(rows))
+
+
+def _calibrated_on(paths: list[Path]) -> str:
+    """The calibration text of result files (older files, without the setting, calibrated on builtin)."""
+    found = {json.loads(path.read_text())["settings"].get("calibration", "builtin").split()[0] for path in paths}
+    if len(found) > 1:
+        raise SystemExit(f"error: these files calibrated on different texts ({sorted(found)}): table them apart")
+    return found.pop()
 
 
 def _spread(values: list[float], fmt: str = ",.2f") -> str:
@@ -225,13 +237,14 @@ def _grouped(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return grouped
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], calibration: str = "builtin") -> str:
     """Held-out perplexity per domain, its change against AWQ+RTN of the same seed (paired: the seed also draws the
     calibration windows) and the train objective at the end: mean (min to max) over seeds, markdown."""
     base = {(r["scheme"], r["seed"]): r for r in rows if r["label"] == "AWQ+RTN"}
+    domain = {d: "in-domain" if d == calibration else "cross-domain" for d in DOMAINS}
     lines = [
-        "| scheme | row | seeds | objective end | ppl builtin (in-domain) | vs AWQ+RTN | ppl licenses (cross-domain) | "
-        "vs AWQ+RTN | steps (selected) | search s |",
+        f"| scheme | row | seeds | objective end | ppl builtin ({domain['builtin']}) | vs AWQ+RTN | "
+        f"ppl licenses ({domain['licenses']}) | vs AWQ+RTN | steps (selected) | search s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (scheme, label), members in _grouped(rows).items():
