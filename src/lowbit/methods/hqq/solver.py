@@ -150,6 +150,16 @@ def _floor_scale(scale: Tensor, floor: float) -> Tensor:
     return torch.where(scale < 0, scale.clamp(max=-floor), scale.clamp(min=floor))
 
 
+def covering_scale(lo: Tensor, hi: Tensor, zero: Tensor, qmax: int, negative: Tensor) -> Tensor:
+    """The smallest |scale| at which every weight of [lo, hi] rounds to a level within half a step: no clipping.
+
+    With scale s > 0 the grid spans [-s * zero, s * (qmax - zero)]; a negative scale (sym_full) mirrors it.
+    """
+    below = torch.where(negative, qmax - zero, zero) + 0.5
+    above = torch.where(negative, zero, qmax - zero) + 0.5
+    return torch.maximum((-lo).clamp(min=0) / below, hi.clamp(min=0) / above)
+
+
 @torch.no_grad()
 def optimize_integer_grid(
     w: Tensor,
@@ -161,6 +171,7 @@ def optimize_integer_grid(
     fit_zero: bool = True,
     stored: Callable[[Tensor, Tensor], Tensor] | None = None,
     floor: float = 1e-5,
+    clip: bool = False,
 ) -> tuple[Tensor, Tensor, int]:
     """Half-quadratic iterations on an integer grid W_hat = scale * (codes - zero); returns (scale, zero, steps).
 
@@ -168,12 +179,16 @@ def optimize_integer_grid(
     shrunk error W_e = shrink(W - W_hat), then (fit_zero) the HQQ zero step rounded to an integer in [0, qmax], then
     the least-squares scale for the fixed codes and zero, argmin_s ||(W - W_e) - s * (codes - zero)||^2.
     `stored(scale, zero)` maps a candidate scale to the value the format stores (fp16 rounding, GGUF rules), so
-    the error that is tracked is the error of what will be written. Every group keeps the step with its lowest
+    the error that is tracked is the error of what will be written. Unless `clip`, the scale never shrinks below
+    `covering_scale`: the group's extremes stay on the grid, as with min-max rounding and with the library (whose
+    scale is fixed). With p < 1 an unconstrained fit clips outliers freely, which lowers the weight error and, on
+    SmolLM2 at 4 bits, raised perplexity (docs/methods.md). Every group keeps the step with its lowest
     mean |W - W_hat|; step 0 is the start, so no group ends worse than it. The loop stops when the mean error of
     the whole tensor stops falling, as the library's solver does.
     """
     p = params or ProximalParams()
     w = w.float()
+    lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
     store = stored or (lambda s, z: s)
     zero = zero.float().clone()
     scale = store(scale.float().clone(), zero)
@@ -199,6 +214,10 @@ def optimize_integer_grid(
         centred = codes - zero
         den = (centred * centred).sum(dim=-1, keepdim=True)
         fitted = (target * centred).sum(dim=-1, keepdim=True) / den.clamp_min(1e-12)
-        scale = store(_floor_scale(torch.where(den > 0, fitted, scale), floor), zero)
+        fitted = _floor_scale(torch.where(den > 0, fitted, scale), floor)
+        if not clip:
+            size = torch.maximum(fitted.abs(), covering_scale(lo, hi, zero, qmax, fitted < 0))
+            fitted = torch.where(fitted < 0, -size, size)
+        scale = store(fitted, zero)
         beta *= p.kappa
     return best_scale, best_zero, steps

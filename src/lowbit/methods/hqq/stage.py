@@ -40,6 +40,11 @@ class HQQOptions:
         metadata={"help": "integer: half-quadratic fit of scale and integer zero; round: the library's fractional "
                   "zero (scale fixed), rounded for storage"},
     )  # fmt: skip
+    clip: bool = field(
+        default=False,
+        metadata={"help": "integer: let the scale fit clip a group's extremes (lower weight error; raised "
+                  "perplexity at W4 on SmolLM2); off keeps them on the grid as min-max and the library do"},
+    )  # fmt: skip
     lp_norm: float = field(default=0.7, metadata={"help": "p of the |error|^p the solver minimizes (0 < p <= 1)"})
     beta: float = field(default=10.0, metadata={"help": "starting half-quadratic penalty"})
     kappa: float = field(default=1.0, metadata={"help": "beta grows by this factor each step (library default: 1)"})
@@ -79,7 +84,9 @@ def _groups(w: Tensor, scheme: QuantScheme) -> Tensor:
     return _grouped(w.float(), scheme.group_width(w.shape[1]))
 
 
-def hqq_integer(w: Tensor, scheme: QuantScheme, params: ProximalParams) -> tuple[QuantizedWeight, int]:
+def hqq_integer(
+    w: Tensor, scheme: QuantScheme, params: ProximalParams, *, clip: bool = False
+) -> tuple[QuantizedWeight, int]:
     """`zero="integer"`: start at lowbit's min-max qparams and fit scale (and an asym zero) half-quadratically."""
     start_scale, start_zero = compute_qparams(w, scheme, zero_grad="none")
 
@@ -88,7 +95,7 @@ def hqq_integer(w: Tensor, scheme: QuantScheme, params: ProximalParams) -> tuple
 
     scale, zero, steps = optimize_integer_grid(
         _groups(w, scheme), start_scale[..., None], start_zero[..., None], scheme.qmax, params,
-        fit_zero=scheme.kind == "asym", stored=store, floor=SCALE_FLOOR,
+        fit_zero=scheme.kind == "asym", stored=store, floor=SCALE_FLOOR, clip=clip,
     )  # fmt: skip
     return _record(w, scale[..., 0], zero[..., 0], scheme), steps
 
@@ -127,12 +134,13 @@ class HQQ(BlockStage):
         options.params()  # raises on bad solver settings
 
     def process_block(self, ctx: BlockContext) -> None:
-        params = self.options.params()
-        solve = hqq_round if self.options.zero == "round" else hqq_integer
-        steps = {}
+        params, steps = self.options.params(), {}
         for name, linear in ctx.linears().items():
-            weight = linear.weight.detach()
+            weight, scheme = linear.weight.detach(), self.scheme_for(ctx.name, name)
             if not bool(torch.isfinite(weight).all()):
                 raise LowbitError("weight contains NaN or Inf: fix the float model (or the method that produced it)")
-            ctx.quantized[name], steps[name] = solve(weight, self.scheme_for(ctx.name, name), params)
+            if self.options.zero == "round":
+                ctx.quantized[name], steps[name] = hqq_round(weight, scheme, params)
+            else:
+                ctx.quantized[name], steps[name] = hqq_integer(weight, scheme, params, clip=self.options.clip)
         ctx.metrics["hqq_steps"] = steps
