@@ -175,3 +175,15 @@ def test_qwen3_moe_is_refused_with_its_reason():
     assert "stacked" in family_problem(model)
     assert family_support(("qwen3_moe",)) == "not yet"
     assert family_support(("llama", "mistral", "qwen2")) == "yes"
+
+
+@pytest.mark.parametrize("case", ["gemma2", "phi3"])
+def test_streamed_run_writes_the_same_tensors(case, tmp_path, tokenizer):
+    """A streamed run packs block by block with the same per-family rules (Gemma's 1 + w norms, Phi-3's fused rows)."""
+    files = {}
+    for stream in ("off", "on"):
+        export(case, tmp_path, tokenizer, options={"engine": {"stream": stream}})
+        reader = gguf.GGUFReader(tmp_path / "out" / GGUF_FILE)
+        files[stream] = [(t.name, t.tensor_type, t.data.tobytes()) for t in reader.tensors]
+        (tmp_path / "out").rename(tmp_path / f"out-{stream}")
+    assert files["on"] == files["off"]
