@@ -70,3 +70,10 @@ def test_smollm2_shaped_q4_k_m_is_mostly_legacy():
 def test_unknown_mix():
     with pytest.raises(LowbitError, match="unknown GGUF mix"):
         mix_type("q4_k_x", "attn_v", 0, 2, 1)
+
+
+def test_fused_qkv_gets_llama_cpps_types():
+    """llama-quant.cpp's attn_qkv rule (Phi-3): Q4_K under Q3_K_M, Q5_K under Q4_K_M, Q6_K under Q5_K_M."""
+    assert [mix_type(m, "attn_qkv", 0, 32, 1) for m in ("q2_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m")] == [
+        "q2_k", "q4_k", "q4_k", "q5_k", "q6_k",
+    ]  # fmt: skip

@@ -24,7 +24,10 @@ MIX_DEFAULTS = {mix: default for mix, (default, _) in GGUF_MIXES.items()}
 K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 # GGUF tensor kind (the part of `blk.N.<kind>.weight`) -> the category the rules name
-CATEGORIES = {"attn_v": "attn_v", "ffn_down": "ffn_down", "attn_output": "attn_output"}
+CATEGORIES = {"attn_v": "attn_v", "ffn_down": "ffn_down", "attn_output": "attn_output", "attn_qkv": "attn_qkv"}
+
+# a fused Q/K/V projection (Phi-3's attn_qkv) under each mix that gives it more bits
+QKV_TYPES = {"q3_k_m": "q4_k", "q4_k_m": "q5_k", "q5_k_m": "q6_k"}
 
 
 def use_more_bits(i: int, n: int) -> bool:
@@ -58,6 +61,8 @@ def mix_type(mix: str, kind: str, layer: int, n_layer: int, n_gqa: int) -> str:
             return "q5_k"
     elif category == "attn_output" and mix == "q3_k_m":
         return "q4_k"
+    elif category == "attn_qkv" and mix in QKV_TYPES:
+        return QKV_TYPES[mix]
     return MIX_DEFAULTS[mix]
 
 

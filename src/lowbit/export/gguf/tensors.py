@@ -78,7 +78,7 @@ def tensor_bytes(
     if item.quantized:
         data = pack_record(records[item.source.rsplit(".", 1)[0]])
     else:
-        t = state[item.source].detach().cpu()
+        t = arch.stored_float(item.source, state[item.source].detach().cpu())
         if item.qtype == Q.BF16:
             data = t.contiguous().view(torch.int16).numpy().view(np.uint8).reshape(t.shape[0], -1)
         else:

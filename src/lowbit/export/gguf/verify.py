@@ -31,7 +31,7 @@ def verify_file(path: Path, prepared: PreparedGguf) -> None:
         if item.quantized:
             expected = prepared.records[item.source.rsplit(".", 1)[0]].dequantize()
         else:
-            expected = state[item.source].detach().cpu().float()
+            expected = prepared.arch.stored_float(item.source, state[item.source].detach().cpu()).float()
         if not np.array_equal(decoded.reshape(expected.shape), expected.numpy()):
             diff = float(np.abs(decoded.reshape(expected.shape) - expected.numpy()).max())
             raise RuntimeError(f"{name} in {path} decodes to other weights than lowbit's (max |diff| {diff:g})")

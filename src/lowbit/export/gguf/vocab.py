@@ -20,6 +20,9 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2 / Qwen3's split: Llama 3's with single digits (llama.cpp's "qwen2" pre-tokenizer)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,8 @@ def _pre_name(pre: dict[str, Any] | None) -> str | None:
     kinds = [step.get("type") for step in steps]
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT:
-        return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"]:
+        return _SPLITS.get(steps[0].get("pattern", {}).get("Regex"))
     return None
 
 
@@ -77,7 +80,7 @@ def vocab_problem(tokenizer: Any) -> str | None:
         )
     if _pre_name(data.get("pre_tokenizer")) is None:
         return (
-            "the tokenizer's pre-tokenizer is not one lowbit can name for llama.cpp (gpt-2, smollm, llama-bpe): "
+            "the tokenizer's pre-tokenizer is not one lowbit can name for llama.cpp (gpt-2, smollm, llama-bpe, qwen2): "
             "use --format compressed-tensors"
         )
     return None

@@ -1,0 +1,178 @@
+"""lowbit's GGUF exports run in llama.cpp itself (issue 32): perplexity on lowbit's own windows, generation, sizes.
+
+For each row: quantize (RTN, GPTQ or SignRound at a `gguf:*` scheme), write `--format gguf`, evaluate lowbit's own
+perplexity of the run (its fake-quant model, whose weights are exactly what the file decodes to), then load the file
+in llama.cpp (`llama_cpp.Llama`, the llama-cpp-python binding) and compute perplexity on exactly the same token
+windows (lowbit's `cut_windows`, token ids fed directly, no text), the largest logit difference on the first window,
+greedy generation of 32 tokens, the file size and how many tensors got each GGUF type. The two perplexities differ
+only by llama.cpp's arithmetic (it quantizes activations to 8 bits for its quantized dot products, fp16 KV cache);
+a gap above 1 % would point at the writer (tokenizer, RoPE, norm eps, the Q/K row permutation).
+
+Models: SmolLM2-135M (the embedded default; widths 576/1536, so llama.cpp's mixes fall back to legacy types on most
+tensors) and a synthetic Llama with widths that are multiples of 256 (seeded random weights, SmolLM2's tokenizer)
+so the real K-quant paths run; its perplexity is meaningless (near the vocabulary size), the agreement is not.
+
+Each row runs in its own process; rows already in --out are kept (rerun with --fresh):
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_gguf_llamacpp.py \
+        --out benchmarks/results/gguf_llamacpp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, run_isolated, write_json  # noqa: E402
+
+PROMPT = "Quantization of language models to a few bits per weight"
+SMOLLM2 = [("rtn", s) for s in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k_m", "q3_k_m", "q2_k_s")] + [
+    ("gptq", "q4_0"), ("gptq", "q4_k_m"), ("signround", "q4_0"), ("signround", "q4_k_m"),
+]  # fmt: skip
+SYNTHETIC = [("rtn", s) for s in ("q4_k_m", "q3_k_m", "q2_k_s", "q5_k_m", "q6_k", "q4_k")] + [("gptq", "q4_k_m")]
+OPTIONS = {"rtn": {}, "gptq": {}, "signround": {"signround": {"iters": 20}}}
+SYNTHETIC_SHAPE = {"family": "llama", "hidden_size": 512, "intermediate_size": 1536, "num_layers": 4,
+                   "num_heads": 8, "num_kv_heads": 2, "vocab_size": 49152}  # fmt: skip
+
+
+def synthetic_dir(cache: Path) -> Path:
+    """The synthetic Llama (float32, widths multiples of 256) with SmolLM2's tokenizer, written once."""
+    import torch
+
+    from lowbit.models import load_model
+    from lowbit.synthetic import write_synthetic_checkpoint
+
+    out = cache / "gguf-synthetic-llama-h512"
+    if not (out / "config.json").is_file():
+        tokenizer_dir = Path(load_model(None).path)
+        write_synthetic_checkpoint(out, dtype=torch.float32, seed=0, tokenizer_dir=tokenizer_dir, **SYNTHETIC_SHAPE)
+    return out
+
+
+def _llama_cpp_eval(path: Path, windows: Any, threads: int) -> dict[str, Any]:
+    """llama.cpp's perplexity on `windows` (lowbit's [count, L] ids), its first window's logits, 32 greedy tokens."""
+    import llama_cpp
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    seqlen = int(windows.shape[1])
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=seqlen, n_batch=seqlen, n_ubatch=seqlen,
+                          n_threads=threads, seed=0, verbose=False)  # fmt: skip
+    try:
+        nlls, first = [], None
+        for index in range(windows.shape[0]):
+            llm.reset()
+            llm.eval(windows[index].tolist())
+            logits = torch.from_numpy(np.array(llm.scores[:seqlen], dtype=np.float32))
+            nlls.append(F.cross_entropy(logits[:-1], windows[index, 1:], reduction="mean").item())
+            first = logits if first is None else first
+        llm.reset()
+        prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
+        generated = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+            generated.append(int(token))
+            if len(generated) == 32:
+                break
+        text = llm.detokenize(generated).decode("utf-8", errors="replace")
+    finally:
+        llm.close()
+    mean = sum(nlls) / len(nlls)
+    return {"ppl": math.exp(mean), "nlls": nlls, "first_logits": first, "generated": generated, "text": text}
+
+
+def _tensor_types(path: Path) -> dict[str, int]:
+    import gguf
+
+    return dict(sorted(Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors).items()))
+
+
+def row(model: str, path: str, recipe: str, scheme: str, settings: dict) -> dict:
+    """One export: quantize, write GGUF, lowbit's perplexity, llama.cpp's on the same windows, generation."""
+    import torch
+
+    import lowbit
+    from lowbit.data import load_eval
+    from lowbit.eval.perplexity import cut_windows, perplexity
+    from lowbit.models import load_model
+
+    loaded = load_model(None if model == "smollm2" else path)
+    data = load_eval(loaded.tokenizer, "builtin")
+    started = time.perf_counter()
+    result = lowbit.quantize(loaded, recipe=recipe, scheme=f"gguf:{scheme}", dataset="builtin",
+                             nsamples=settings["nsamples"], seqlen=settings["seqlen"], seed=settings["seed"],
+                             options={"engine": {"progress": False}, **OPTIONS[recipe]})  # fmt: skip
+    quantize_seconds = time.perf_counter() - started
+    seqlen, count = settings["eval_seqlen"], settings["eval_windows"]
+    with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
+        out = Path(tmp) / "export"
+        result.save(out, format="gguf")
+        file = out / "model.gguf"
+        ours = perplexity(result.model, data.input_ids, seqlen=seqlen, max_windows=count, progress=False)
+        windows = cut_windows(result.model, data.input_ids, seqlen=seqlen, max_windows=count, bos=None).ids
+        theirs = _llama_cpp_eval(file, windows, settings["threads"])
+        with torch.inference_mode():
+            reference = result.model(input_ids=windows[:1], use_cache=False).logits[0].float()
+        size = file.stat().st_size
+        types = _tensor_types(file)
+    return {
+        "model": model, "recipe": recipe, "scheme": f"gguf:{scheme}",
+        "lowbit_ppl": round(ours.ppl, 4), "llamacpp_ppl": round(theirs["ppl"], 4),
+        "relative_gap": round(theirs["ppl"] / ours.ppl - 1, 5),
+        "first_window_max_logit_diff": round(float((reference - theirs["first_logits"]).abs().max()), 4),
+        "windows": ours.windows, "eval_seqlen": ours.seqlen, "bos_first": ours.bos_first,
+        "generated_tokens": len(theirs["generated"]), "generated_text": theirs["text"],
+        "file_bytes": size, "file_mib": round(size / 2**20, 2), "tensor_types": types,
+        "quantize_seconds": round(quantize_seconds, 1),
+    }  # fmt: skip
+
+
+def _key(entry: dict) -> tuple[str, str, str]:
+    return entry["model"], entry["recipe"], entry["scheme"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gguf_llamacpp.json"))
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "lowbit" / "models")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    parser.add_argument("--only", default="", help="comma list of model:recipe:scheme rows to run (default: all)")
+    parser.add_argument("--fresh", action="store_true", help="forget the rows already in --out")
+    args = parser.parse_args()
+    settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42, "eval_seqlen": args.eval_seqlen,
+                "eval_windows": args.eval_windows, "threads": args.threads, "eval_data": "builtin"}  # fmt: skip
+    import llama_cpp
+
+    payload = {"machine": {**machine(), "llama_cpp_python": llama_cpp.__version__}, "settings": settings,
+               "synthetic_shape": SYNTHETIC_SHAPE, "rows": []}  # fmt: skip
+    if args.out.is_file() and not args.fresh:
+        payload["rows"] = json.loads(args.out.read_text()).get("rows", [])
+    done = {_key(r) for r in payload["rows"]}
+    plan = [("smollm2", "", r, s) for r, s in SMOLLM2]
+    plan += [("synthetic-llama-h512", str(synthetic_dir(args.cache)), r, s) for r, s in SYNTHETIC]
+    only = {tuple(item.split(":")) for item in args.only.split(",") if item}
+    for model, path, recipe, scheme in plan:
+        key = (model, recipe, f"gguf:{scheme}")
+        if key in done or (only and (model, recipe, scheme) not in only):
+            continue
+        entry = run_isolated(row, model, path, recipe, scheme, settings)
+        payload["rows"].append(entry)
+        write_json(args.out, payload)
+        print(json.dumps({k: entry[k] for k in ("model", "recipe", "scheme", "lowbit_ppl", "llamacpp_ppl",
+                                                "relative_gap", "file_mib")}), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
