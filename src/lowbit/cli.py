@@ -77,6 +77,7 @@ def _quantize_rank(args: argparse.Namespace, group: Group | None = None) -> int:
         seed=args.seed,
         options=opts_to_mapping(args.opt),
         recipe_file=args.config,
+        scheme_plan=args.scheme_plan,
         export=export,
         evaluate=_eval_settings(args, args.eval_dataset) if args.eval else None,
         allow_pickle=args.allow_pickle,

@@ -213,20 +213,26 @@ def parse_gguf_scheme(text: str) -> QuantScheme:
 AUTO_PREFIX = "auto:"
 # g64 divides the in_features of nearly every model (SmolLM2's 576 included), so the default set exports everywhere
 DEFAULT_AUTO_OPTIONS = ("w2g64", "w3g64", "w4g64", "w8g-1")
+# how each linear x option is scored (lowbit/mixed/sensitivity.py): tr(E H E^T) from the block's X^T X, or
+# AutoScheme's first-order |grad * E| on the block's reconstruction loss
+ESTIMATORS = ("hessian", "gradient")
 
 
 @dataclass(frozen=True)
 class MixedBudget:
-    """`auto:<bits>[:<options>]`: at most `bits` stored bits per quantized weight on average (codes, scales, zeros
-    and g_idx as the export stores them), each linear quantized with one of `options` (weight-only schemes)."""
+    """`auto:<bits>[:<options>][:<estimator>]`: at most `bits` stored bits per quantized weight on average (codes,
+    scales, zeros and g_idx as the export stores them), each linear quantized with one of `options` (weight-only
+    schemes), chosen by the sensitivities `estimator` measures."""
 
     bits: float
     options: tuple[QuantScheme, ...]
+    estimator: str = ESTIMATORS[0]
 
     @property
     def text(self) -> str:
-        """The canonical `<bits>:<options>` string a QuantScheme's `auto` field holds."""
-        return f"{self.bits!r}:{','.join(option.name for option in self.options)}"
+        """The canonical `<bits>:<options>[:<estimator>]` string a QuantScheme's `auto` field holds."""
+        tail = "" if self.estimator == ESTIMATORS[0] else f":{self.estimator}"
+        return f"{self.bits!r}:{','.join(option.name for option in self.options)}{tail}"
 
     def option(self, name: str) -> QuantScheme:
         """The option called `name` (a plan file names its choices), or a LowbitError listing the options."""
@@ -237,8 +243,13 @@ class MixedBudget:
 
 
 def parse_budget(text: str) -> MixedBudget:
-    """`<bits>[:<option>,<option>...]` (no `auto:` prefix) -> MixedBudget; the default options when none are named."""
-    head, _, tail = text.strip().lower().partition(":")
+    """`<bits>[:<option>,...][:<estimator>]` (no `auto:` prefix) -> MixedBudget; default options and estimator
+    when none are named."""
+    head, *rest = text.strip().lower().split(":")
+    estimator = ESTIMATORS[0]
+    if rest and rest[-1] in ESTIMATORS:
+        estimator = rest.pop()
+    tail = ":".join(rest)
     try:
         bits = float(head)
     except ValueError:
@@ -258,7 +269,7 @@ def parse_budget(text: str) -> MixedBudget:
             raise LowbitError(f"auto scheme option {option.name} quantizes activations: use weight-only options")
         if option not in options:
             options.append(option)
-    return MixedBudget(bits, tuple(options))
+    return MixedBudget(bits, tuple(options), estimator)
 
 
 def _widest(options: tuple[QuantScheme, ...]) -> QuantScheme:
