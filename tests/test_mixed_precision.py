@@ -71,11 +71,12 @@ def _loaded(family: str, tokenizer):
     return LoadedModel(model, tokenizer, f"tiny-{family}", Path("."))
 
 
-def _quantize(loaded, scheme, text_file, recipe="rtn", **kwargs):
+def _quantize(loaded, scheme, text_file, recipe="rtn", options=None, **kwargs):
     import lowbit
 
+    options = options or {"engine": {"progress": False, "batch_size": 2}}
     return lowbit.quantize(loaded, recipe=recipe, scheme=scheme, dataset=str(text_file), nsamples=4, seqlen=16, seed=0,
-                           options={"engine": {"progress": False, "batch_size": 2}}, **kwargs)  # fmt: skip
+                           options=options, **kwargs)  # fmt: skip
 
 
 def _linear_bytes(directory: Path, names) -> int:
@@ -192,3 +193,23 @@ def test_a_budget_below_the_smallest_option_is_refused_before_calibration(tiny_l
 def test_an_option_the_format_cannot_store_is_refused_before_calibration(args, fragment, tiny_llama_dir, tmp_path,
                                                                          capsys, monkeypatch):  # fmt: skip
     assert fragment in _refused(capsys, tmp_path, monkeypatch, tiny_llama_dir, *args)
+
+
+@pytest.mark.parametrize("recipe", ["rtn", "gptq", "awq+rtn", "signround", "teq+rtn", "omniquant", "let+rtn"])
+def test_every_quantizer_rounds_each_linear_at_its_planned_scheme(recipe, tokenizer, text_file):
+    from families import RECIPES
+
+    options = {"engine": {"progress": False, "batch_size": 2}, **RECIPES[recipe]}
+    result = _quantize(
+        _loaded("llama", tokenizer), "auto:5.0:w2g32,w3g32,w4g32,w8g-1", text_file, recipe=recipe, options=options
+    )
+    plan = result.record["mixed_precision"]["linears"]
+    assert len(set(plan.values())) > 1
+    assert {name: record.scheme.name for name, record in result.weights.items()} == plan
+
+
+def test_a_stage_without_per_linear_schemes_is_refused():
+    from lowbit.config import build_config
+
+    with pytest.raises(LowbitError, match="per-linear schemes"):
+        build_config(recipe="desv", scheme="auto:3.0")
