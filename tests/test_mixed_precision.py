@@ -213,3 +213,23 @@ def test_a_stage_without_per_linear_schemes_is_refused():
 
     with pytest.raises(LowbitError, match="per-linear schemes"):
         build_config(recipe="desv", scheme="auto:3.0")
+
+
+def test_the_report_and_compare_show_the_plan_as_a_heat_map(tokenizer, text_file, tmp_path):
+    from lowbit.eval.compare import CompareRow, format_plans
+    from lowbit.eval.plan_map import plan_grid
+    from lowbit.eval.report import have_matplotlib, write_report
+
+    result = _quantize(_loaded("llama", tokenizer), f"auto:4.5:{SYM}", text_file)
+    plan = result.record["mixed_precision"]
+    grid = plan_grid(plan)
+    assert grid.blocks == [0, 1] and "q_proj" in grid.columns and "down_proj" in grid.columns
+    expected = float(parse_scheme(plan["linears"]["model.layers.1.mlp.down_proj"]).bits)
+    assert grid.bits[1][grid.columns.index("down_proj")] == expected
+    markdown = write_report(result.record, tmp_path, markdown=True).read_text()
+    assert "Mixed-precision plan" in markdown and "| block | " in markdown
+    if have_matplotlib():
+        assert "Mixed-precision plan" in write_report(result.record, tmp_path, markdown=False).read_text()
+    row = CompareRow("mixed", "rtn", plan["scheme"], "fake", None, None, plan=plan)
+    text = format_plans([row, CompareRow("uniform", "rtn", "w4g32", "fake", None, None)])
+    assert text.startswith("mixed: auto:4.5") and text.count("\n") == 1 + len(grid.blocks)
