@@ -233,3 +233,13 @@ def test_the_report_and_compare_show_the_plan_as_a_heat_map(tokenizer, text_file
     row = CompareRow("mixed", "rtn", plan["scheme"], "fake", None, None, plan=plan)
     text = format_plans([row, CompareRow("uniform", "rtn", "w4g32", "fake", None, None)])
     assert text.startswith("mixed: auto:4.5") and text.count("\n") == 1 + len(grid.blocks)
+
+
+def test_a_streamed_run_plans_and_writes_what_a_resident_run_does(tokenizer_dir, tmp_path):
+    """The planning pass reads each block from the checkpoint like any stage: same plan, same bytes."""
+    from test_stream_run import assert_stream_matches, checkpoint
+
+    model_dir = checkpoint(tmp_path / "model", tokenizer_dir)  # bf16: scales stored as bf16
+    assert_stream_matches(model_dir, tmp_path, "gptq", f"auto:3.8:{SYM}", "compressed-tensors", ct_packing="dense")
+    plans = [yaml.safe_load((tmp_path / run / "out" / PLAN_FILE).read_text()) for run in ("resident", "streamed")]
+    assert plans[0] == plans[1] and len(set(plans[0]["linears"].values())) > 1

@@ -151,6 +151,18 @@ def check_budget(model: nn.Module, arch: ArchSpec, scheme: QuantScheme, fmt: str
         )
 
 
+def uniform_bits(model: nn.Module, arch: ArchSpec, scheme: QuantScheme, fmt: str, ct_packing: str | None = None
+                 ) -> dict[str, float]:  # fmt: skip
+    """Each option's stored bits per weight if every linear took it: the sizes a budget sits between (a budget equal
+    to the cheapest option's gives that option everywhere)."""
+    budget = scheme.mixed
+    assert budget is not None
+    items = plan_items(model, arch, fmt)
+    costs = item_costs(items, budget, fmt, _scale_bytes(model), ct_packing)
+    weights = sum(m * k for item in items for m, k in item.shapes)
+    return {o.name: 8 * sum(row[j] for row in costs) / weights for j, o in enumerate(budget.options)}
+
+
 def _scale_bytes(model: nn.Module) -> int:
     return model.get_input_embeddings().weight.element_size()
 

@@ -14,7 +14,7 @@ from lowbit.engine.block_loop import EngineOptions, run_block_stages
 from lowbit.engine.offload import ChainStore
 from lowbit.engine.streaming import BlockSource
 from lowbit.errors import LowbitError
-from lowbit.mixed.plan import SchemePlan, make_plan
+from lowbit.mixed.plan import SchemePlan, make_plan, uniform_bits
 from lowbit.mixed.stage import SensitivityPass
 from lowbit.scheme import QuantScheme
 
@@ -48,6 +48,9 @@ def measure_and_plan(
     assert budget is not None
     started = time.perf_counter()
     arch.prepare(model)  # MoE: per-expert linears, as the stages will see them
+    sizes = uniform_bits(model, arch, scheme, fmt, ct_packing)
+    log.info("stored bits per weight of each option as %s: %s", fmt,
+             ", ".join(f"{name} {bits:.4f}" for name, bits in sizes.items()))  # fmt: skip
     measure = SensitivityPass(budget, scheme)
     run_block_stages(model, arch, [measure], scheme, calibration, options, seed, source=source, chains=chains)
     plan = make_plan(model, arch, scheme, measure.losses, fmt, ct_packing)
