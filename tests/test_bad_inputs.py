@@ -250,7 +250,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], tuple[str, ...]]] = [
     ("unknown-format", _flags("--format", "ggml"), ("unknown --format 'ggml'", "available")),
     ("gguf-with-a-non-gguf-scheme", _flags("--format", "gguf", "--scheme", "w4g32"), ("w4g32 is not one", "--scheme gguf:<type>")),
     ("gguf-with-a-w-a-scheme", _flags("--format", "gguf", "--scheme", "w8a8"), ("quantizes activations", "weight-only GGUF scheme")),
-    ("gguf-mix-with-a-stage-without-per-linear-types", _flags("--recipe", "awq+rtn", "--format", "gguf", "--scheme", "gguf:q4_k_m"), ("stage 'awq'", "per-linear types", "gguf:q4_k")),
+    ("gguf-mix-with-a-stage-without-per-linear-types", _flags("--recipe", "desv", "--format", "gguf", "--scheme", "gguf:q4_k_m"), ("stage 'desv'", "per-linear types", "gguf:q4_k")),
     ("gguf-k-quant-on-in-features-64", _flags("--format", "gguf", "--scheme", "gguf:q4_k"), ("in_features 64", "block of 256")),
     ("gguf-act-order", _flags("--recipe", "gptq", "--format", "gguf", "--scheme", "gguf:q4_0", "--opt", "gptq.act_order=true"), ("act-order", "static_groups")),
     ("resume-with-other-seed", lambda env: [*_interrupted(env), "--seed", "7", "--resume"], ("cannot resume", "config.seed", "--overwrite")),

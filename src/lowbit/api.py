@@ -31,6 +31,7 @@ def quantize(
     seed: int | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     recipe_file: str | Path | None = None,
+    scheme_plan: str | Path | None = None,
     work_dir: str | Path | None = None,
     resume: bool = False,
 ) -> QuantizedModel:
@@ -50,6 +51,7 @@ def quantize(
         seed=seed,
         options=options,
         recipe_file=recipe_file,
+        scheme_plan=scheme_plan,
     )
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     return run_quantization(loaded, config, work_dir=work_dir, resume=resume)

@@ -77,6 +77,7 @@ def _quantize_rank(args: argparse.Namespace, group: Group | None = None) -> int:
         seed=args.seed,
         options=opts_to_mapping(args.opt),
         recipe_file=args.config,
+        scheme_plan=args.scheme_plan,
         export=export,
         evaluate=_eval_settings(args, args.eval_dataset) if args.eval else None,
         allow_pickle=args.allow_pickle,
@@ -172,7 +173,7 @@ def _lm_eval_settings(args: argparse.Namespace) -> dict:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from lowbit.eval.compare import evaluate_output, format_table
+    from lowbit.eval.compare import evaluate_output, format_plans, format_table
 
     ppl = [] if args.ppl.lower() == "none" else [part.strip() for part in args.ppl.split(",") if part.strip()]
     tasks = [] if args.tasks is None else [part.strip() for part in args.tasks.split(",") if part.strip()]
@@ -188,6 +189,9 @@ def _compare(args: argparse.Namespace) -> int:
         rows.append(evaluate_output(args.float_model or None, label="float", **settings))
     rows.extend(evaluate_output(output, **settings) for output in args.outputs)
     print(format_table(rows, markdown=args.markdown))
+    plans = format_plans(rows)  # where a mixed-precision output put its bits
+    if plans:
+        print(f"\n{plans}")
     if args.json:
         Path(args.json).write_text(json.dumps([row.to_dict() for row in rows], indent=2))
     return 0

@@ -21,6 +21,7 @@ from lowbit.engine import EngineOptions, Stage
 from lowbit.engine.precision import EngineDtype, with_engine_dtype
 from lowbit.errors import LowbitError
 from lowbit.methods import RECIPE_PRESETS, STAGES
+from lowbit.mixed.plan import SchemePlan
 from lowbit.presets import expand_presets
 from lowbit.scheme import QuantScheme, parse_scheme
 
@@ -60,6 +61,8 @@ class QuantizeConfig:
     seed: int = 42
     engine: EngineOptions = field(default_factory=EngineOptions)
     dtype: str = "auto"  # engine.dtype, already applied to the stages' `autocast` options
+    # an `auto:` scheme's per-linear choices read from --scheme-plan (None: the run plans them itself)
+    scheme_plan: SchemePlan | None = None
 
     @property
     def recipe(self) -> str:
@@ -67,7 +70,8 @@ class QuantizeConfig:
 
     @property
     def needs_data(self) -> bool:
-        return any(spec.stage_class.needs_data for spec in self.stages)
+        planning = self.scheme.mixed is not None and self.scheme_plan is None  # the sensitivity pass reads data
+        return planning or any(spec.stage_class.needs_data for spec in self.stages)
 
     @property
     def act_order_groups(self) -> bool:
@@ -77,7 +81,9 @@ class QuantizeConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        plan = {} if self.scheme_plan is None else {"scheme_plan": dict(self.scheme_plan.linears)}
         return {
+            **plan,
             "recipe": self.recipe,
             "scheme": self.scheme.to_dict(),
             "dataset": self.dataset,
@@ -252,10 +258,16 @@ def _check_act_support(names: tuple[str, ...], scheme: QuantScheme) -> None:
 
 
 def _check_mix_support(names: tuple[str, ...], scheme: QuantScheme) -> None:
-    """A GGUF mix gives each linear its own type: every stage must quantize with it (`Stage.scheme_for`)."""
-    if scheme.gguf_mix is None:
+    """A GGUF mix or an `auto:` plan gives each linear its own scheme: every stage must quantize with it
+    (`Stage.scheme_for`)."""
+    if scheme.gguf_mix is None and scheme.mixed is None:
         return
     unsupported, able = _lacking(names, "supports_scheme_mix")
+    if unsupported and scheme.mixed is not None:
+        raise LowbitError(
+            f"stage '{unsupported[0]}' does not take per-linear schemes yet, which {scheme.name} needs: use a recipe "
+            f"of {able}, or a uniform scheme"
+        )
     if unsupported:
         raise LowbitError(
             f"stage '{unsupported[0]}' does not take per-linear types yet, which GGUF mix {scheme.name} needs: use a "
@@ -273,8 +285,17 @@ def build_config(
     seed: int | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     recipe_file: str | Path | None = None,
+    scheme_plan: str | Path | SchemePlan | None = None,
 ) -> QuantizeConfig:
-    """Merge defaults, an optional recipe file and explicit values into one validated config."""
+    """Merge defaults, an optional recipe file and explicit values into one validated config.
+
+    `scheme_plan`: a plan.yaml an `auto:` run wrote (or its SchemePlan); its scheme is the run's scheme."""
+    plan = SchemePlan.read(scheme_plan) if isinstance(scheme_plan, (str, Path)) else scheme_plan
+    if plan is not None:
+        if scheme is not None and _scheme_from(scheme).name != plan.scheme:
+            raise LowbitError(f"--scheme {_scheme_from(scheme).name} differs from the plan's {plan.scheme}: pass "
+                              "one of them")  # fmt: skip
+        scheme = plan.scheme
     file_values = read_recipe_file(recipe_file) if recipe_file is not None else {}
     explicit = {
         "recipe": recipe,
@@ -316,8 +337,9 @@ def build_config(
     quant_scheme = _scheme_from(merged["scheme"])
     _check_act_support(names, quant_scheme)
     _check_mix_support(names, quant_scheme)
-    for spec in stages:
-        spec.stage_class.validate(spec.options, quant_scheme)
+    for spec in stages:  # every option of an auto: scheme is one some linear may get
+        for each in quant_scheme.mixed.options if quant_scheme.mixed else (quant_scheme,):
+            spec.stage_class.validate(spec.options, each)
     return QuantizeConfig(
         stages=stages,
         scheme=quant_scheme,
@@ -327,6 +349,7 @@ def build_config(
         seed=int(merged["seed"]),
         engine=engine,
         dtype=dtype,
+        scheme_plan=plan,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lowbit.actquant import activation_record, install_activation_quant, installed_act_bits
-from lowbit.arch import arch_for, window_bos_id
+from lowbit.arch import ArchSpec, arch_for, window_bos_id
 from lowbit.config import QuantizeConfig
 from lowbit.data import load_calibration
 from lowbit.distributed.group import Group, shard_bounds
@@ -26,6 +26,8 @@ from lowbit.engine.streaming import BlockObserver, BlockSink, BlockSource
 from lowbit.engine.workdir import WorkDir, model_digest, tensor_digest
 from lowbit.errors import LowbitError
 from lowbit.formats.files import ARTIFACTS_FILE
+from lowbit.mixed.plan import PLAN_FILE, SchemePlan
+from lowbit.mixed.planning import check_plan_covers, measure_and_plan
 from lowbit.models import LoadedModel
 from lowbit.planner.plan import MemoryPlan
 from lowbit.record import determinism_record, package_versions, peak_rss_mb
@@ -71,6 +73,26 @@ def run_fingerprint(loaded: LoadedModel, config: QuantizeConfig, calibration: to
     }
 
 
+def _scheme_plan(
+    loaded: LoadedModel,
+    arch: ArchSpec,
+    config: QuantizeConfig,
+    calibration: torch.Tensor | None,
+    fmt: str,
+    ct_packing: str | None,
+    source: BlockSource | None,
+    plan: MemoryPlan | None,
+    offload_dir: str | Path | None,
+) -> SchemePlan:
+    """The plan file's choices, or the planning pass's (chains per engine.offload, in `offload_dir`)."""
+    if config.scheme_plan is not None:
+        check_plan_covers(config.scheme_plan, loaded.model, arch)
+        return config.scheme_plan
+    with ChainStore(resolve_offload(config.engine.offload, plan), offload_dir) as chains:
+        return measure_and_plan(loaded.model, arch, config.scheme, calibration, config.engine, config.seed, fmt,
+                                ct_packing=ct_packing, source=source, chains=chains)  # fmt: skip
+
+
 def run_quantization(
     loaded: LoadedModel,
     config: QuantizeConfig,
@@ -83,12 +105,15 @@ def run_quantization(
     observer: BlockObserver | None = None,
     offload_dir: str | Path | None = None,
     group: Group | None = None,
+    fmt: str = "compressed-tensors",
+    ct_packing: str | None = None,
 ) -> QuantizedModel:
     """Run a validated config on a loaded model (in place) and assemble the result with its run record; a
     streamed run passes the block `source` and the export `sink` (engine/streaming.py). Chains offloaded to disk
     (`engine.offload`) go to a private directory in the work directory, else in `offload_dir`, else in the system's
     temp directory, removed when the stages end (also on error). With a `group` of several ranks every rank loads
-    the same calibration windows (the fingerprint is theirs) and keeps its contiguous slice of them."""
+    the same calibration windows (the fingerprint is theirs) and keeps its contiguous slice of them. `fmt` and
+    `ct_packing`: the export an `auto:` scheme's budget counts stored bytes in (lowbit/mixed)."""
     group = Group() if group is None else group
     started = time.perf_counter()
     phases = MemoryPhases()
@@ -120,6 +145,11 @@ def run_quantization(
         linear_schemes = mix_schemes(loaded.model, arch, config.scheme)
         for stage in stages:
             stage.linear_schemes = linear_schemes
+    scheme_plan = None
+    if config.scheme.mixed is not None:  # each linear's option, before any rounding (lowbit/mixed)
+        scheme_plan = _scheme_plan(loaded, arch, config, calibration, fmt, ct_packing, source, plan, offload_dir)
+        for stage in stages:
+            stage.linear_schemes = scheme_plan.schemes()
     work = None
     if work_dir is not None and group.is_main:
         work = WorkDir.open(work_dir, run_fingerprint(loaded, config, calibration), resume=resume)
@@ -186,6 +216,11 @@ def run_quantization(
         record["memory"] = {"plan": plan.to_dict(), "measured_mib": {**peak_rss_phases(), "phases": phases.to_dict()}}
     if work is not None:
         record["checkpoints"] = {"work_dir": str(work.path), "resumed": resume}
+    if scheme_plan is not None:
+        record["mixed_precision"] = {**scheme_plan.to_dict(), "estimator": config.scheme.mixed.estimator,  # type: ignore[union-attr]
+                                     "from_file": config.scheme_plan is not None}  # fmt: skip
+        if work is not None and group.is_main:
+            scheme_plan.write(work.path / PLAN_FILE)
     artifacts = found.artifacts
     if artifacts:
         record["artifacts"] = {"file": ARTIFACTS_FILE, "tensors": len(artifacts)}

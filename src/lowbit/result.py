@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from torch import Tensor, nn
 
 from lowbit.actquant import ActQuantHandle, activation_quant
@@ -141,6 +142,11 @@ class QuantizedModel:
         else:
             prepared.write(directory, self.tokenizer, record, max_shard_size=max_shard_bytes, writer=writer)
         write_artifacts(directory, self.artifacts)
+        if "mixed_precision" in record:  # the editable plan an `auto:` run chose (`--scheme-plan` reruns it)
+            from lowbit.mixed.plan import PLAN_FILE
+
+            plan = {k: v for k, v in record["mixed_precision"].items() if k not in ("estimator", "from_file")}
+            (directory / PLAN_FILE).write_text(yaml.safe_dump(plan, sort_keys=False))
         write_card(directory, out, fmt, record)
         self.record["format"] = fmt
 

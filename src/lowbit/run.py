@@ -36,6 +36,7 @@ from lowbit.export.preflight import preflight_export
 from lowbit.export.shards import DEFAULT_MAX_SHARD_SIZE, parse_max_shard_size
 from lowbit.export.space import check_free_space, estimate_export_bytes
 from lowbit.export.validate import check_act_format
+from lowbit.mixed.checks import preflight_mixed
 from lowbit.models import LoadedModel, load_model, resolve_model_path
 from lowbit.planner.plan import MemoryPlan, plan_run
 from lowbit.planner.shape import ModelShape
@@ -89,6 +90,7 @@ def quantize_to(
     seed: int | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
     recipe_file: str | Path | None = None,
+    scheme_plan: str | Path | None = None,
     export: ExportSettings | None = None,
     evaluate: EvalSettings | None = None,
     allow_pickle: bool = False,
@@ -112,6 +114,7 @@ def quantize_to(
         seed=seed,
         options=options,
         recipe_file=recipe_file,
+        scheme_plan=scheme_plan,
     )
     settings = ExportSettings() if export is None else export
     settings = ExportSettings(**{**settings.__dict__, "out": out})
@@ -150,7 +153,8 @@ def run(
     group.barrier()  # every rank checked its settings before rank 0 writes anything another rank would check
     before = evaluate_perplexity(loaded.model, loaded.tokenizer, evaluate, group) if evaluate else {}
     result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
-                              offload_dir=offload_dir(export), group=group)  # fmt: skip
+                              offload_dir=offload_dir(export), group=group, fmt=export.format,
+                              ct_packing=export.ct_packing)  # fmt: skip
     if evaluate:
         after = evaluate_perplexity(result.model, result.tokenizer, evaluate, group)
         result.record["evaluation"] = {"before": before, "after": after}
@@ -287,7 +291,8 @@ def run_streamed(
         evaluation = streamed_evaluation(loaded, config, evaluate, source) if evaluate else None
         result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
                                   source=source, sink=sink, observer=evaluation,
-                                  offload_dir=offload_dir(export))  # fmt: skip
+                                  offload_dir=offload_dir(export), fmt=export.format,
+                                  ct_packing=export.ct_packing)  # fmt: skip
         if evaluation is not None:
             result.record["evaluation"] = evaluation.results()
         result.streamed = True
@@ -377,7 +382,10 @@ def preflight(
     free space for the export (and its checkpoints)."""
     arch = arch_for(model)
     check_run(config, model)
-    if export.format != AUTO_FORMAT:  # auto falls back to a format that works; an explicit one must work
+    if config.scheme.mixed is not None:  # every option storable, the budget above the cheapest plan
+        preflight_mixed(model, arch, config.scheme, export.format, export.target, export.tp, export.ct_packing,
+                        config.act_order_groups)  # fmt: skip
+    elif export.format != AUTO_FORMAT:  # auto falls back to a format that works; an explicit one must work
         preflight_export(model, arch, config.scheme, export.format, export.target, export.tp, export.ct_packing,
                          config.act_order_groups, tokenizer)  # fmt: skip
     if export.out is not None:

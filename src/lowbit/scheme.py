@@ -7,6 +7,7 @@ weight-activation scheme: dynamic per-token asymmetric activations (docs/methods
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -50,6 +51,9 @@ class QuantScheme:
     scale_dtype: str = "float16"
     act_bits: int = ACT_BITS_OFF
     gguf: str | None = None  # the GGUF block type the codes are stored as (formats/gguf_types.py), e.g. "q4_1"
+    # a budgeted mixed-precision request "<bits>:<option>,<option>..." (`auto:` stripped): each linear gets one of the
+    # options from a plan made before tuning (lowbit/mixed); the other fields are the widest option's
+    auto: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or not 1 <= self.bits <= 8:
@@ -74,6 +78,8 @@ class QuantScheme:
             )
         if self.gguf is not None:
             _check_gguf(self)
+        if self.auto is not None:
+            _check_auto(self)
 
     @property
     def quantizes_activations(self) -> bool:
@@ -104,6 +110,11 @@ class QuantScheme:
         return self.gguf if self.gguf in GGUF_MIXES else None
 
     @property
+    def mixed(self) -> MixedBudget | None:
+        """The budget and options of an `auto:` scheme (its plan is made when the model is known), else None."""
+        return None if self.auto is None else parse_budget(self.auto)
+
+    @property
     def qmax(self) -> int:
         """Largest unsigned code, 2^b - 1."""
         return 2**self.bits - 1
@@ -132,6 +143,8 @@ class QuantScheme:
         W-A schemes read `w4a4` (per channel) or `w4a4g128`; `-kind` is left out when it is `default_kind`.
         GGUF schemes read `gguf:q4_0` (`gguf:q4_0-sym_omni` for another kind than the type's default).
         """
+        if self.auto is not None:
+            return f"{AUTO_PREFIX}{self.auto}"
         if self.gguf is not None:
             suffix = "" if self.kind == base_type(self.gguf).kinds[0] else f"-{self.kind}"  # type: ignore[union-attr]
             return f"gguf:{self.gguf}{suffix}"
@@ -146,8 +159,9 @@ class QuantScheme:
         """Plain JSON-able fields, for run records and checkpoint metadata (`gguf` only when set, so the records
         and fingerprints of other schemes stay as they were)."""
         d = asdict(self)
-        if d["gguf"] is None:
-            del d["gguf"]
+        for key in ("gguf", "auto"):
+            if d[key] is None:
+                del d[key]
         return d
 
     @classmethod
@@ -196,6 +210,85 @@ def parse_gguf_scheme(text: str) -> QuantScheme:
                        gguf=name)  # fmt: skip
 
 
+AUTO_PREFIX = "auto:"
+# g64 divides the in_features of nearly every model (SmolLM2's 576 included), so the default set exports everywhere
+DEFAULT_AUTO_OPTIONS = ("w2g64", "w3g64", "w4g64", "w8g-1")
+# how each linear x option is scored (lowbit/mixed/sensitivity.py): tr(E H E^T) from the block's X^T X, or
+# AutoScheme's first-order |grad * E| on the block's reconstruction loss
+ESTIMATORS = ("hessian", "gradient")
+
+
+@dataclass(frozen=True)
+class MixedBudget:
+    """`auto:<bits>[:<options>][:<estimator>]`: at most `bits` stored bits per quantized weight on average (codes,
+    scales, zeros and g_idx as the export stores them), each linear quantized with one of `options` (weight-only
+    schemes), chosen by the sensitivities `estimator` measures."""
+
+    bits: float
+    options: tuple[QuantScheme, ...]
+    estimator: str = ESTIMATORS[0]
+
+    @property
+    def text(self) -> str:
+        """The canonical `<bits>:<options>[:<estimator>]` string a QuantScheme's `auto` field holds."""
+        tail = "" if self.estimator == ESTIMATORS[0] else f":{self.estimator}"
+        return f"{self.bits!r}:{','.join(option.name for option in self.options)}{tail}"
+
+    def option(self, name: str) -> QuantScheme:
+        """The option called `name` (a plan file names its choices), or a LowbitError listing the options."""
+        for option in self.options:
+            if option.name == name:
+                return option
+        raise LowbitError(f"scheme {name!r} is not an option of auto:{self.text}: use one of its options")
+
+
+def parse_budget(text: str) -> MixedBudget:
+    """`<bits>[:<option>,...][:<estimator>]` (no `auto:` prefix) -> MixedBudget; default options and estimator
+    when none are named."""
+    head, *rest = text.strip().lower().split(":")
+    estimator = ESTIMATORS[0]
+    if rest and rest[-1] in ESTIMATORS:
+        estimator = rest.pop()
+    tail = ":".join(rest)
+    try:
+        bits = float(head)
+    except ValueError:
+        bits = float("nan")
+    if not bits > 0 or bits == float("inf"):
+        raise LowbitError(
+            f"auto scheme budget {head!r} is not a positive number of bits per weight: use e.g. auto:3.0 or "
+            f"auto:3.0:{','.join(DEFAULT_AUTO_OPTIONS)}"
+        )
+    names = [name.strip() for name in tail.split(",")] if tail else list(DEFAULT_AUTO_OPTIONS)
+    options: list[QuantScheme] = []
+    for name in names:
+        if name.startswith((AUTO_PREFIX, "gguf:")) or not name:
+            raise LowbitError(f"auto scheme option {name!r} is not a plain weight scheme: use e.g. w3g128 or w4g64")
+        option = parse_scheme(name)
+        if option.quantizes_activations:
+            raise LowbitError(f"auto scheme option {option.name} quantizes activations: use weight-only options")
+        if option not in options:
+            options.append(option)
+    return MixedBudget(bits, tuple(options), estimator)
+
+
+def _widest(options: tuple[QuantScheme, ...]) -> QuantScheme:
+    """The option with the most bits (the first among equals): the scheme an `auto:` scheme reads as elsewhere."""
+    return max(options, key=lambda option: option.bits)
+
+
+def parse_auto_scheme(text: str) -> QuantScheme:
+    """`auto:<bits>[:<options>]` -> a QuantScheme with `auto` set; its other fields are the widest option's."""
+    budget = parse_budget(text[len(AUTO_PREFIX) :])
+    return dataclasses.replace(_widest(budget.options), auto=budget.text)
+
+
+def _check_auto(scheme: QuantScheme) -> None:
+    """An `auto` field must parse (its other fields start as the widest option's; stages may derive variants, e.g.
+    AWQ's search scheme with another include_zero, as of any scheme)."""
+    parse_budget(scheme.auto)  # type: ignore[arg-type]
+
+
 def _build_presets() -> dict[str, QuantScheme]:
     presets = {}
     for kind in ("asym", "sym", "sym_full"):
@@ -218,6 +311,8 @@ def parse_scheme(text: str) -> QuantScheme:
     `a16` means float activations, so `w2a16g128` is `w2g128`.
     """
     key = str(text).strip().lower()
+    if key.startswith(AUTO_PREFIX):
+        return parse_auto_scheme(key)
     if key.startswith("gguf:"):
         return parse_gguf_scheme(key)
     if key in PRESETS:

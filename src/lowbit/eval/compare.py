@@ -38,6 +38,7 @@ class CompareRow:
     ppl: dict[str, float] = field(default_factory=dict)
     tasks: dict[str, float] = field(default_factory=dict)  # task -> acc (or its first metric)
     lm_eval_batch_sizes: list[int] = field(default_factory=list)  # what lm-eval ran with (auto: what it detected)
+    plan: dict[str, Any] | None = None  # a mixed-precision run's plan (record `mixed_precision`): its heat map
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -130,6 +131,7 @@ def evaluate_output(
     loaded = load(model_ref, kernel=kernel) if model_ref is not None else load_model(None)
     size = weights_size_mb(loaded.path)
     row = CompareRow(label or (Path(model_ref).name if model_ref else "float"), method, scheme, fmt, size, seconds)
+    row.plan = (record or {}).get("mixed_precision")
     for name in ppl:
         data = load_eval(loaded.tokenizer, name)
         result = perplexity(loaded.model, data.input_ids, seqlen=seqlen, max_windows=windows, progress=progress)
@@ -165,6 +167,18 @@ def _columns(rows: list[CompareRow]) -> tuple[list[str], list[list[str]]]:
         line.append(cell(row.quantize_seconds, ".1f"))
         body.append(line)
     return header, body
+
+
+def format_plans(rows: list[CompareRow]) -> str:
+    """The heat map (blocks x linears, bits) of every row with a mixed-precision plan, as text; "" when none."""
+    from lowbit.eval.plan_map import plan_grid, text_heatmap
+
+    maps = []
+    for row in rows:
+        grid = plan_grid(row.plan) if row.plan else None
+        if grid is not None:
+            maps.append(f"{row.name}: {text_heatmap(grid)}")
+    return "\n\n".join(maps)
 
 
 def format_table(rows: list[CompareRow], *, markdown: bool = False) -> str:

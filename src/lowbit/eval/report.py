@@ -47,6 +47,8 @@ def _png(chart: Chart) -> str:
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
+    if chart.kind == "heatmap":
+        return _heatmap_png(chart)
     figure = Figure(figsize=(8, 3.6), dpi=90)
     axes = figure.add_subplot()
     if chart.kind == "bar":
@@ -75,6 +77,33 @@ def _png(chart: Chart) -> str:
                   ha="right", va="top", fontsize=7)  # fmt: skip
         for index, line in enumerate(axes.get_lines()):
             line.set_color(matplotlib.colormaps["viridis"](index / max(len(chart.curves) - 1, 1)))
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _heatmap_png(chart: Chart) -> str:
+    """A grid chart (a mixed-precision plan: blocks down, linears across, colour = bits), each cell labelled."""
+    from matplotlib.figure import Figure
+
+    grid = chart.grid or []
+    rows, cols = len(grid), len(chart.tick_labels or [])
+    figure = Figure(figsize=(min(2 + 0.9 * cols, 12), min(1.5 + 0.28 * rows, 14)), dpi=90)
+    axes = figure.add_subplot()
+    values = [[float("nan") if v is None else v for v in row] for row in grid]
+    image = axes.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    figure.colorbar(image, ax=axes, label="bits")
+    axes.set_xticks(range(cols), chart.tick_labels or [], rotation=30, ha="right", fontsize=8)
+    axes.set_yticks(range(rows), chart.row_labels or [], fontsize=7)
+    if rows * cols <= 600:
+        for r, row in enumerate(grid):
+            for c, v in enumerate(row):
+                if v is not None:
+                    axes.text(c, r, f"{v:g}", ha="center", va="center", fontsize=7, color="w" if v < 5 else "k")
+    axes.set_title(chart.title, fontsize=10)
+    axes.set_xlabel(chart.xlabel)
+    axes.set_ylabel(chart.ylabel)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
@@ -131,6 +160,10 @@ def render_markdown(record: dict[str, Any], sections: list[Section]) -> str:
     for section in sections:
         lines += [f"## {section.title}", ""]
         for chart in section.charts:
+            if chart.kind == "heatmap":  # the grid itself: one row per block
+                grid_rows = [[label, *row] for label, row in zip(chart.row_labels or [], chart.grid or [], strict=True)]
+                lines.append(_md_table(Table(chart.title, [chart.ylabel, *(chart.tick_labels or [])], grid_rows)))
+                continue
             rows = [[c.label, len(c.y), c.y[0], min(c.y), c.y[-1]] for c in chart.curves if c.y]
             lines.append(_md_table(Table(chart.title, ["curve", "points", "first", "min", "last"], rows)))
         lines += [*section.notes, ""]

@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lowbit.eval.plan_map import plan_grid
+
 CURVE_KEYS = ("loss_trace", "epoch_losses")
 BEFORE_AFTER = (("loss_first", "best_loss"), ("initial_loss", "final_loss"), ("err_unclipped", "err"))
 MAX_LINES = 32  # curves per chart: deeper models are subsampled evenly so a chart stays readable
@@ -33,7 +35,9 @@ class Chart:
     curves: list[Curve]
     kind: str = "line"  # line | bar (one bar per x for each curve)
     log_y: bool = False
-    tick_labels: list[str] | None = None  # names for the x positions of a bar chart
+    tick_labels: list[str] | None = None  # names for the x positions of a bar chart (a heatmap's columns)
+    grid: list[list[float | None]] | None = None  # heatmap: values[row][column] (None: no such cell)
+    row_labels: list[str] | None = None  # heatmap: the rows' names
 
 
 @dataclass
@@ -217,6 +221,24 @@ def _flat(node: Any, prefix: str = "") -> list[list[Any]]:
     return [[prefix, node if not isinstance(node, list) else ", ".join(map(str, node))]]
 
 
+def _plan_section(record: dict[str, Any]) -> Section | None:
+    """A mixed-precision run's plan: the heat map of bits (blocks x linears) and how many linears got each option."""
+    plan = record.get("mixed_precision")
+    grid = plan_grid(plan) if isinstance(plan, dict) else None
+    if grid is None:
+        return None
+    section = Section("Mixed-precision plan")
+    section.charts.append(Chart(grid.title, "linear", "block", [], kind="heatmap", tick_labels=grid.columns,
+                                grid=grid.bits, row_labels=[str(b) for b in grid.blocks]))  # fmt: skip
+    counts: dict[str, int] = {}
+    for option in (plan.get("linears") or {}).values():  # type: ignore[union-attr]
+        counts[str(option)] = counts.get(str(option), 0) + 1
+    section.tables.append(Table("Linears per option", ["option", "linears"], sorted(counts.items())))
+    section.notes.append(f"stored {plan.get('stored_bytes')} of {plan.get('budget_bytes')} budget bytes as "  # type: ignore[union-attr]
+                         f"{plan.get('format')} stores them; estimator {plan.get('estimator', '?')}")  # type: ignore[union-attr]  # fmt: skip
+    return section
+
+
 def build_sections(record: dict[str, Any]) -> list[Section]:
     """The report's sections, in reading order: overview, evaluation, stages, time, settings and versions."""
     timings = record.get("timings") or {}
@@ -229,6 +251,9 @@ def build_sections(record: dict[str, Any]) -> list[Section]:
         ])
     )  # fmt: skip
     sections = [overview]
+    plan = _plan_section(record)
+    if plan is not None:
+        sections.append(plan)
     evaluation = _evaluation_section(record)
     if evaluation is not None:
         sections.append(evaluation)

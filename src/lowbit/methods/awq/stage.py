@@ -159,6 +159,7 @@ class AWQ(BlockStage):
         "clipping are not implemented over per-expert linears that see only their routed tokens"
     )
     Options: ClassVar[type] = AWQOptions
+    supports_scheme_mix: ClassVar[bool] = True  # searches and clips each linear on its own scheme (scheme_for)
 
     def __init__(self, options: Any, scheme: QuantScheme) -> None:
         super().__init__(options, scheme)
@@ -188,6 +189,11 @@ class AWQ(BlockStage):
             for name, t in result["clips"].items():
                 out[f"awq.clip.{block}.{name}"] = t
         return out
+
+    def search_scheme_for(self, block_name: str, name: str) -> QuantScheme:
+        """The quantizer of the search and the clip for one linear: its own scheme under a per-linear plan (a mixed
+        plan or a GGUF mix), with `include_zero` from the options."""
+        return dataclasses.replace(self.scheme_for(block_name, name), include_zero=self.options.include_zero)
 
     def precision(self, ctx: BlockContext) -> str:
         """The resolved autocast mode of the grid search's forwards on this block's device."""
@@ -246,15 +252,17 @@ class AWQ(BlockStage):
             replay, used = replay_samples(x, nsamples, self.options.search_samples, call, span)
             y0 = [self._call(ctx, module, call, ctx.batch(replay, p)).cpu() for p in ctx.batches(replay.shape[0])]
         xbar = mean_abs(x, ctx.group).to(ctx.device)
-        wbar = weight_mean(linears, self.search_scheme).to(ctx.device) if self.options.duo_scaling else None
+        schemes = [self.search_scheme_for(ctx.name, name) for name in group.linears]
+        # x̄ and w̄ are per group: a group whose linears hold different schemes (a `fake` mixed plan) takes the first's
+        wbar = weight_mean(linears, schemes[0]).to(ctx.device) if self.options.duo_scaling else None
         losses: list[float] = []
         sums: list[tuple[float, int]] = []  # the replay losses' (sum, count), reduced over the ranks at the end
         candidates: list[Tensor] = []
         try:
             for i in range(self.options.n_grid):
                 s = normalised_scales(xbar, i / self.options.n_grid, wbar)
-                for linear, w in zip(linears, originals, strict=True):
-                    q = fake_quant(w.float() * s[None, :], self.search_scheme, ste="identity") / s[None, :]
+                for linear, w, scheme in zip(linears, originals, schemes, strict=True):
+                    q = fake_quant(w.float() * s[None, :], scheme, ste="identity") / s[None, :]
                     linear.weight.copy_(q.to(w.dtype))
                 if gram is None:
                     sums.append(self._loss(ctx, module, call, replay, y0))
@@ -365,15 +373,16 @@ class AWQ(BlockStage):
                 x = sampled_rows(features[keys[name]], self.options.clip_tokens, ctx.group)
             else:
                 x = sample_tokens(features[keys[name]], self.options.clip_tokens)
+            scheme = self.search_scheme_for(ctx.name, name)
             t, err, err0 = search_clip(
                 linear.weight,
                 x,
-                self.search_scheme,
+                scheme,
                 grid=self.options.clip_grid,
                 max_shrink=self.options.clip_max_shrink,
                 token_mean=token_mean(ctx.group, x.shape[0]),
             )
-            w = apply_clip(linear.weight, t, self.search_scheme.group_size)
+            w = apply_clip(linear.weight, t, scheme.group_size)
             clipped = int((w != linear.weight.float()).sum())
             linear.weight.copy_(w.to(linear.weight.dtype))
             clips[name] = t

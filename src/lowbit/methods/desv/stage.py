@@ -72,6 +72,7 @@ class DESV(OmniQuant):
     name: ClassVar[str] = "desv"
     summary: ClassVar[str] = "OmniQuant + learnable banded singular-value increments (DESV; n=0: LSI)"
     Options: ClassVar[type] = DESVOptions
+    supports_scheme_mix: ClassVar[bool] = False  # its band increments are not validated under per-linear schemes
 
     @classmethod
     def validate(cls, options: DESVOptions, scheme: QuantScheme) -> None:

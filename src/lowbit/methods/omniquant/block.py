@@ -54,8 +54,16 @@ class OmniQuantBlock:
     """
 
     def __init__(
-        self, block: nn.Module, arch: ArchSpec, scheme: QuantScheme, settings: BlockSettings, stats: Stats | None
+        self,
+        block: nn.Module,
+        arch: ArchSpec,
+        scheme: QuantScheme,
+        settings: BlockSettings,
+        stats: Stats | None,
+        schemes: dict[str, QuantScheme] | None = None,
     ) -> None:
+        """`schemes`: each linear's own scheme (relative name -> scheme) under a per-linear plan; `scheme` for the
+        others."""
         self.block = block
         self.arch = arch
         self.settings = settings
@@ -74,7 +82,9 @@ class OmniQuantBlock:
                 self.pairs.append(LetPair(group, nn.Parameter(scale), shift, arch.prev_rows(block, group)))
             self.qk = make_qk_scale(arch, block, settings.qk_tying)
         self.clips = {
-            name: LearnableClip(linear.out_features, linear.in_features, scheme, learnable=settings.lwc)
+            name: LearnableClip(
+                linear.out_features, linear.in_features, (schemes or {}).get(name, scheme), learnable=settings.lwc
+            )  # fmt: skip
             for name, linear in self.linears.items()
         }
         self.base = self._base_params()

@@ -145,6 +145,7 @@ class OmniQuant(BlockStage):
     supports_act_quant: ClassVar[bool] = True
     summary: ClassVar[str] = "learnable weight clipping + equivalent transformation, AdamW per block (OmniQuant)"
     supports_experts: ClassVar[bool] = True  # LET pairs stop at attention in a sparse block (ArchSpec.groups_for)
+    supports_scheme_mix: ClassVar[bool] = True  # each LearnableClip on its linear's scheme (make_block)
     Options: ClassVar[type] = OmniQuantOptions
 
     def __init__(self, options: OmniQuantOptions, scheme: QuantScheme) -> None:
@@ -191,7 +192,8 @@ class OmniQuant(BlockStage):
         if resolved.block.let:
             keys = [group.key_linear for group in let_groups(ctx.arch, ctx.block)]
             stats = activation_stats(ctx.block, keys, ctx.fp_inputs, ctx.device_kwargs(), ctx.device)
-        return OmniQuantBlock(ctx.block, ctx.arch, self.scheme, resolved.block, stats)
+        schemes = {name: self.scheme_for(ctx.name, name) for name in ctx.linears()}  # LWC on each linear's scheme
+        return OmniQuantBlock(ctx.block, ctx.arch, self.scheme, resolved.block, stats, schemes)
 
     def warm_state(self, ctx: BlockContext) -> dict[str, Tensor] | None:
         if self.warm is None:

@@ -129,15 +129,22 @@ def make_scale_set(arch: ArchSpec, block: nn.Module, which: str, init: str) -> S
     return ScaleSet(block, groups, scales, arch)
 
 
-def wrap_block(arch: ArchSpec, scale_set: ScaleSet, scheme: QuantScheme, quantize: bool = True) -> None:
-    """Replace every linear of the block by a TEQLinear wired to the vectors it consumes and produces."""
+def wrap_block(
+    arch: ArchSpec,
+    scale_set: ScaleSet,
+    scheme: QuantScheme,
+    quantize: bool = True,
+    schemes: dict[str, QuantScheme] | None = None,
+) -> None:
+    """Replace every linear of the block by a TEQLinear wired to the vectors it consumes and produces; each trains
+    against its own scheme from `schemes` (relative name -> scheme: a per-linear plan), else `scheme`."""
     consumes = {name: group for group in scale_set.groups for name in group.linears}
     produces = {group.prev: group for group in scale_set.groups if group.prev_kind == "linear"}
     for name, linear in arch.linears(scale_set.block).items():
         consumed, produced = consumes.get(name), produces.get(name)
         module = TEQLinear(
             linear,
-            scheme,
+            (schemes or {}).get(name, scheme),
             in_scale=scale_set.scales[consumed.prev] if consumed else None,
             divide_input=bool(consumed and consumed.prev_kind == "norm"),
             out_scale=scale_set.scales[produced.prev] if produced else None,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lowbit.arch import ArchSpec
 from lowbit.engine import BlockContext, BlockStage, ModelContext, ModelStage, call_block
 from lowbit.engine.precision import TuneAutocast, autocast, resolve_autocast
 from lowbit.errors import LowbitError
@@ -81,6 +82,7 @@ class TEQ(BlockStage, ModelStage):
         "scale groups are not implemented"
     )
     Options: ClassVar[type] = TEQOptions
+    supports_scheme_mix: ClassVar[bool] = True  # each TEQLinear trains against its linear's scheme (_schemes)
 
     def __init__(self, options: TEQOptions, scheme: QuantScheme) -> None:
         super().__init__(options, scheme)
@@ -89,6 +91,10 @@ class TEQ(BlockStage, ModelStage):
         self.steps = options.steps if options.steps is not None else (200 if options.loss == "mse" else 1000)
         self.batch_size = options.batch_size if options.batch_size is not None else (4 if options.loss == "mse" else 1)
         self.inits = INITS if options.init == "best_of_both" else (options.init,)
+
+    def _schemes(self, arch: ArchSpec, index: int) -> dict[str, QuantScheme]:
+        """Block `index`'s linears -> the scheme each trains against (its own under a per-linear plan)."""
+        return {name: self.scheme_for(arch.block_name(index), name) for name in arch.linear_names}
 
     # --- paper mode: whole-model cross-entropy --------------------------------------------------------
 
@@ -99,8 +105,8 @@ class TEQ(BlockStage, ModelStage):
         with frozen(ctx.model):  # entered before wrapping: gradients flow only into the scales
             for init in self.inits:
                 sets = [make_scale_set(ctx.arch, block, self.options.groups, init) for block in blocks]
-                for scale_set in sets:
-                    wrap_block(ctx.arch, scale_set, self.scheme)
+                for index, scale_set in enumerate(sets):
+                    wrap_block(ctx.arch, scale_set, self.scheme, schemes=self._schemes(ctx.arch, index))
                 try:
                     outcomes[init] = self._train_ce(ctx, sets, windows, init)
                 finally:
@@ -169,7 +175,7 @@ class TEQ(BlockStage, ModelStage):
         with frozen(ctx.block):  # entered before wrapping, so the scales stay trainable
             for init in self.inits:
                 scale_set = make_scale_set(ctx.arch, ctx.block, self.options.groups, init)
-                wrap_block(ctx.arch, scale_set, self.scheme)
+                wrap_block(ctx.arch, scale_set, self.scheme, schemes=self._schemes(ctx.arch, ctx.index))
                 try:
                     outcomes[init] = (self._train_block(ctx, scale_set), scale_set)
                 finally:

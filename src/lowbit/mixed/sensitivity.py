@@ -1,0 +1,80 @@
+"""How much each linear loses at each candidate scheme: the losses the mixed-precision knapsack minimises.
+
+Two estimators, both measured on the block's float calibration inputs before any rounding, with the error E = W -
+RTN(W) of each option (the quantizer that later rounds may do better, but RTN's error ranks linears and options the
+same way and costs one pass):
+
+- `hessian` (second order): tr(E H E^T) with H = X^T X / tokens from the linear's inputs, the output error GPTQ's and
+  AWQ's losses measure: the expected squared change of the linear's output per token.
+- `gradient` (first order, as auto-round's AutoScheme scores options): with every linear of the block at the option,
+  the block's reconstruction loss (MSE to the float block's outputs) is backpropagated to the dequantized weights and
+  the score is sum |grad * E|. AutoScheme takes the gradient of the model's language-model loss; lowbit uses the
+  block's own loss so the pass stays block by block (streamed models included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lowbit.quantizer import fake_quant
+from lowbit.scheme import QuantScheme
+
+
+def rtn_error(weight: Tensor, scheme: QuantScheme) -> Tensor:
+    """E = W - RTN(W) in fp32: the error the option leaves before any tuning."""
+    w32 = weight.detach().float()
+    return w32 - fake_quant(w32, scheme, ste="identity").detach()
+
+
+def hessian_losses(weight: Tensor, gram: Tensor, tokens: int, options: Sequence[QuantScheme]) -> list[float]:
+    """tr(E H E^T) per option, H = gram / tokens (0 for a linear no token reached: an unrouted MoE expert)."""
+    if tokens == 0:
+        return [0.0 for _ in options]
+    h = gram.to(torch.float64) / tokens
+    losses = []
+    for option in options:
+        e = rtn_error(weight, option).to(device=h.device, dtype=torch.float64)
+        losses.append(float(((e @ h) * e).sum()))
+    return losses
+
+
+def gradient_losses(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    options: Sequence[QuantScheme],
+    backward: Callable[[], None],
+) -> dict[str, list[float]]:
+    """sum |dL/dW_q * (W - W_q)| per linear and option, L = the block's MSE to its float outputs.
+
+    `backward()` runs the block over the calibration batches and backpropagates the loss (the caller owns the
+    batching, the devices and the target chain). Each linear's weight holds W_q = RTN(W) while it runs; the float
+    weights, and every parameter's requires_grad, are put back afterwards."""
+    scores = {name: [0.0] * len(options) for name in linears}
+    originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    trainable = {id(p): p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    try:
+        for index, option in enumerate(options):
+            errors = {}
+            for name, linear in linears.items():
+                q = fake_quant(originals[name].float(), option, ste="identity").detach()
+                errors[name] = originals[name].float() - q
+                linear.weight.data = q.to(originals[name].dtype)
+                linear.weight.grad = None
+                linear.weight.requires_grad_(True)
+            backward()
+            for name, linear in linears.items():
+                grad = linear.weight.grad
+                if grad is not None:
+                    scores[name][index] = float((grad.float() * errors[name].to(grad.device)).abs().sum())
+    finally:
+        for name, linear in linears.items():
+            linear.weight.data = originals[name]
+            linear.weight.grad = None
+        for p in block.parameters():
+            p.requires_grad_(trainable.get(id(p), False))
+    return scores
