@@ -267,3 +267,24 @@ def test_two_ranks_train_on_the_batches_of_one_process(method, tiny_llama_dir, t
     linears = [key for key in a if key.endswith("proj.weight")]
     same = sum(int((a[key] == b[key]).sum()) for key in linears) / sum(a[key].numel() for key in linears)
     assert same >= 0.999, same  # measured: 1.0 for all three
+
+
+def test_two_ranks_take_the_invarexplore_decisions_of_one_process(tiny_llama_dir, text_file, tmp_path):
+    """The search batch split over the ranks, each proposal's CE and squared errors summed before the accept/reject:
+    the same proposals are accepted as in one process with the same seed, so the folded model, and so the RTN
+    export and the invariance record, are one process's bytes."""
+    args = ("quantize", tiny_llama_dir, "--dataset", text_file, "--recipe", "invarexplore+rtn", "--scheme", "w2g32",
+            "--nsamples", 6, "--seqlen", 32, "--format", "fake", "-q", "--opt", "invarexplore.samples=5",
+            "--opt", "invarexplore.max_steps=40", "--opt", "invarexplore.log_every=10",
+            "--opt", "invarexplore.monitored_layers=2")  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main([*map(str, args), "--out", str(one)]) == 0
+    done = _lowbit(*args, "--out", two, "--nproc", 2)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads((out / "lowbit_record.json").read_text())["stages"]["invarexplore"] for out in (one, two)]
+    assert records[0]["accepts"] > 0 and records[1]["accepts"] == records[0]["accepts"]
+    assert records[1]["accepts_per_layer"] == records[0]["accepts_per_layer"]
+    assert records[1]["windows"] == [3, 32] and records[0]["windows"] == [5, 32]  # rank 0's slice of the batch
+    assert records[1]["final_objective"] == pytest.approx(records[0]["final_objective"], rel=1e-6)  # fp32 sums
+    for name in ("model.safetensors", "lowbit_artifacts.safetensors"):
+        assert (two / name).read_bytes() == (one / name).read_bytes()
