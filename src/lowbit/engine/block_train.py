@@ -1,5 +1,10 @@
 """Block training, written once: functional block forward, sampling, block MSE, snapshot/restore, and
-the epoch loop that OmniQuant and DESV share (SignRound uses the same pieces with its own SignSGD loop).
+the epoch loop that OmniQuant and DESV share (SignRound uses the same pieces with its own SignSGD loop, block-wise
+TEQ with its Adam schedule).
+
+Data-parallel, the same for all of them: batches are drawn in global sample indices (every rank draws what one
+process draws), each rank's loss is its samples' share of the batch's MSE (`share_mse`), and `sum_over_ranks` adds
+the losses and the gradients over the ranks in rank order before the optimizer step, so every rank steps alike.
 
 A method supplies a `Trainable`: its parameter groups and a function that forms the block's parameters (weights,
 norms, biases) from its trainable tensors. The loop runs the block functionally on the cached inputs, compares with
@@ -21,6 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lowbit.distributed.group import Group
 from lowbit.engine.offload import Chain
 from lowbit.engine.precision import Forward, autocast
 from lowbit.errors import LowbitError
@@ -74,6 +80,88 @@ def block_mse(output: Tensor, target: Tensor, mask_last_token: bool = False, den
     return diff.pow(2).sum() / total
 
 
+def share_mse(output: Tensor, target: Tensor, elements: int, group: Group) -> Tensor:
+    """This rank's share of a batch's mean squared error: F.mse_loss in one process (its bytes unchanged), and the
+    sum of squares over `elements` (the whole batch's count) on several ranks, so the shares add up to the MSE."""
+    if not group.distributed:
+        return torch.nn.functional.mse_loss(output.float(), target.float())
+    return block_mse(output, target, denominator=elements)
+
+
+def sum_over_ranks(
+    group: Group, loss: float, grads: Sequence[Tensor | None], like: Sequence[Tensor]
+) -> tuple[float, list[Tensor | None]]:
+    """`loss` and the gradients `grads` (of the tensors `like`) summed over the ranks in rank order, the gradients
+    in fp32 and in one collective (flattened together). A rank whose samples missed a tensor (or the whole batch)
+    adds zeros; a tensor no rank reached keeps no gradient, as in one process (AdamW and SignSGD then skip it)."""
+    gathered = group.gather_objects((loss, [grad is not None for grad in grads]))
+    total = sum(value for value, _ in gathered)
+    anywhere = [any(flags[i] for _, flags in gathered) for i in range(len(grads))]
+    parts = [
+        (torch.zeros_like(ref, dtype=torch.float32) if grad is None else grad.float()).reshape(-1)
+        for grad, ref, used in zip(grads, like, anywhere, strict=True)
+        if used
+    ]
+    if not parts:
+        return total, [None] * len(grads)
+    pieces = iter(group.sum(torch.cat(parts)).split([part.numel() for part in parts]))
+    return total, [next(pieces).view(ref.shape) if used else None for ref, used in zip(like, anywhere, strict=True)]
+
+
+def backward_over_ranks(
+    group: Group, loss: Tensor | None, params: Sequence[Tensor], scaler: torch.amp.GradScaler | None = None
+) -> float:
+    """Backward this rank's share of a batch's loss (None: it holds none of the batch) into `params`, then, on
+    several ranks, replace every gradient by its sum over the ranks; returns the batch's (summed) loss. Every rank
+    then holds the same gradients and takes the same optimizer step (fp16: the scaled gradients are summed, so the
+    GradScaler's inf check sees the same sum everywhere)."""
+    value = 0.0 if loss is None else float(loss.detach())
+    if loss is not None:
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    elif scaler is not None:
+        scaler.scale(torch.zeros((), device=params[0].device))  # the scaler's state starts on its first scale
+    if not group.distributed:
+        return value
+    value, grads = sum_over_ranks(group, value, [p.grad for p in params], params)
+    for param, grad in zip(params, grads, strict=True):
+        param.grad = None if grad is None else grad.to(param.dtype)
+    return value
+
+
+def backward_through_leaves(
+    group: Group,
+    loss: Tensor | None,
+    weights: dict[str, Tensor],
+    leaves: dict[str, Tensor],
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """Data-parallel backward of a trainer whose block forward ran on `leaves`, detached copies of `weights` (the
+    block parameters a method forms from its trainable tensors): this rank's share of the batch's loss (None: none
+    of the batch here) is backpropagated to the leaves, the leaves' gradients are summed over the ranks, and every
+    rank backpropagates the same sum from `weights` into the trainable tensors; returns the batch's loss.
+
+    Why at the leaves and not at the trainable tensors: LET-like scales are equivalences, so their gradient is a
+    near-cancellation of large terms (the exact function does not depend on them; only the quantization does), and
+    its rounding noise is of the size of the gradient itself. Summing each rank's cancelled gradient adds N such
+    noises; one process cancels once, on the summed weight gradient, and so does every rank here."""
+    value = 0.0 if loss is None else float(loss.detach())
+    if loss is not None:
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    elif scaler is not None:
+        scaler.scale(torch.zeros((), device=next(iter(weights.values())).device))  # its state starts on a first scale
+    names = [name for name, weight in weights.items() if weight.requires_grad]
+    value, grads = sum_over_ranks(group, value, [leaves[name].grad for name in names], [leaves[name] for name in names])
+    reached = [(weights[n], g.to(weights[n].dtype)) for n, g in zip(names, grads, strict=True) if g is not None]
+    if reached:
+        torch.autograd.backward(*zip(*reached, strict=True))
+    return value
+
+
+def detached_leaves(weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The block parameters a data-parallel forward runs on: detached copies of those that carry a gradient."""
+    return {name: w.detach().requires_grad_() if w.requires_grad else w for name, w in weights.items()}
+
+
 def snapshot(params: Sequence[Tensor]) -> list[Tensor]:
     """Detached copies of the trainable tensors (best-iteration or last-finite state)."""
     return [p.detach().clone() for p in params]
@@ -104,7 +192,7 @@ class Trainable(Protocol):
 
 @dataclass
 class EpochSettings:
-    """The epoch loop of OmniQuant (and DESV): samples in order, `batch_size` per AdamW step."""
+    """The epoch loop of OmniQuant (and DESV): samples in order (global indices), `batch_size` per AdamW step."""
 
     epochs: int
     batch_size: int = 1
@@ -157,30 +245,52 @@ def train_epochs(
     device: torch.device,
     quant_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     progress: Callable[[int, float], None] | None = None,
+    group: Group | None = None,
 ) -> EpochRecord:
     """MSE(block(q_in[j]), fp_out[j]) (+ MSE to `aug_targets`), AdamW, epochs over the samples in order.
 
     `quant_context` wraps every forward (activation quantization of W-A schemes). A non-finite loss stops training
     and restores the parameters of the last finite step. With fp16 autocast a GradScaler scales the loss.
+
+    Data-parallel (`group` of several ranks): `inputs`, `targets` and `aug_targets` are this rank's contiguous slice
+    of the samples; the batches are cut from all ranks' samples in order, as one process cuts them, each rank adds
+    its share of a batch's loss, and the losses and the block parameters' gradients are summed over the ranks before
+    they reach the trainable tensors (`backward_through_leaves`), so every rank steps alike and meets a non-finite
+    loss at the same step.
     """
+    group = Group() if group is None else group
     record = EpochRecord()
-    params = [p for group in trainable.parameter_groups() for p in group["params"]]
+    params = [p for g in trainable.parameter_groups() for p in g["params"]]
     if settings.epochs == 0 or not params:
         return record
     optimizer = make_optimizer(trainable, settings)
     scaler = torch.amp.GradScaler(device.type) if settings.autocast == "fp16" else None
+    count_here = inputs.shape[0]
+    start, total_samples = group.offset(count_here)
+    per_sample = math.prod(targets.shape[1:])
     started = time.perf_counter()
     last_finite = snapshot(params)
     for _ in range(settings.epochs):
         total, count = 0.0, 0
-        for part in _batches(inputs.shape[0], settings.batch_size):
-            x = inputs[part].to(device)
-            with autocast(settings.autocast, device), quant_context():
-                out = forward(trainable.block_params(), x)
-                loss = torch.nn.functional.mse_loss(out.float(), targets[part].to(device).float())
-                if aug_targets is not None:
-                    loss = loss + torch.nn.functional.mse_loss(out.float(), aug_targets[part].to(device).float())
-            value = float(loss.detach())
+        for batch in _batches(total_samples, settings.batch_size):
+            lo, hi = max(batch.start - start, 0), min(batch.stop - start, count_here)  # this rank's part of it
+            part = slice(lo, hi)
+            loss = None
+            weights = trainable.block_params()
+            leaves = detached_leaves(weights) if group.distributed else weights
+            if hi > lo:
+                x = inputs[part].to(device)
+                elements = (batch.stop - batch.start) * per_sample
+                with autocast(settings.autocast, device), quant_context():
+                    out = forward(leaves, x)
+                    loss = share_mse(out, targets[part].to(device), elements, group)
+                    if aug_targets is not None:
+                        loss = loss + share_mse(out, aug_targets[part].to(device), elements, group)
+            optimizer.zero_grad(set_to_none=True)
+            if group.distributed:
+                value = backward_through_leaves(group, loss, weights, leaves, scaler)
+            else:
+                value = backward_over_ranks(group, loss, params, scaler)
             if not math.isfinite(value) and record.steps == 0:
                 raise LowbitError(
                     "the quantized block's loss is NaN/Inf before any training step: its initial transform "
@@ -193,13 +303,10 @@ def train_epochs(
                 log.warning("non-finite block loss at step %d: restored the last finite parameters", record.steps)
                 break
             last_finite = snapshot(params)
-            optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                loss.backward()
                 optimizer.step()
             trainable.after_step()
             record.steps += 1

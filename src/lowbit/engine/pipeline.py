@@ -15,7 +15,7 @@ from lowbit.engine.block_loop import EngineOptions, run_block_stages
 from lowbit.engine.offload import ChainStore
 from lowbit.engine.stage import BlockStage, ModelContext, ModelStage, Stage
 from lowbit.engine.streaming import BlockObserver, BlockSink, BlockSource
-from lowbit.engine.workdir import WorkDir
+from lowbit.engine.workdir import GroupCheckpoint, WorkDir
 from lowbit.errors import LowbitError
 from lowbit.quantizer import QuantizedWeight
 from lowbit.scheme import QuantScheme
@@ -60,6 +60,12 @@ def check_data_parallel(stages: list[Stage], world_size: int) -> None:
             f"{', '.join(waiting)} does not run data-parallel yet ({world_size} ranks): run it in one process "
             f"(without --nproc or torchrun); data-parallel stages: {ready}"
         )
+
+
+def _model_done(checkpoint: GroupCheckpoint | None, group: Group | None) -> bool:
+    """Whether a model-scope stage finished in an earlier run: rank 0's checkpoints decide for every rank."""
+    done = checkpoint is not None and checkpoint.model_done()
+    return group.broadcast_object(done) if group is not None else done
 
 
 def run_stages(
@@ -111,16 +117,17 @@ def run_stages(
             result.checkpoint_seconds += found.checkpoint_seconds
             artifacts.update(found.artifacts)
             metrics[name] = found.metrics
-        elif checkpoint and checkpoint.model_done():
+        elif _model_done(checkpoint, group):
             saved, metrics[name] = checkpoint.load_model(model)
             artifacts.update(saved)
         else:
             stage_dir = checkpoint.stage_dir() if checkpoint else None
             device = torch.device(options.device)
-            ctx = ModelContext(model, arch, scheme, calibration, device, seed, work_dir=stage_dir, tokenizer=tokenizer)
+            ctx = ModelContext(model, arch, scheme, calibration, device, seed, work_dir=stage_dir, tokenizer=tokenizer,
+                               group=group or Group())  # fmt: skip
             stage.process_model(ctx)
             metrics[name] = ctx.metrics
-            if checkpoint:
+            if checkpoint and (group is None or group.is_main):  # rank 0 writes
                 saving = time.perf_counter()
                 checkpoint.save_model(model, stage.artifacts(), ctx.metrics)
                 result.checkpoint_seconds += time.perf_counter() - saving

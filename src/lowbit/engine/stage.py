@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lowbit.arch import ArchSpec
+from lowbit.distributed.group import Group
 from lowbit.engine.context import BlockContext
 from lowbit.scheme import QuantScheme
 
@@ -126,6 +127,9 @@ class ModelContext:
     work_dir: Path | None = None
     # the model's tokenizer, for stages that read evaluation text (InvarExplore's test curve); None when not known
     tokenizer: Any = None
+    # the ranks of a data-parallel run: `calibration` is this rank's slice; a data-parallel model stage reduces what
+    # it sums over windows through it (default: the single process)
+    group: Group = field(default_factory=Group)
 
 
 class ModelStage(Stage):

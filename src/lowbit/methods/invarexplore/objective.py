@@ -10,10 +10,15 @@ reuses the cached errors of monitored layers before l. The head is chunked: fina
 cross-entropy in fp32 over at most `ce_chunk` tokens at a time, never all logits at once. The naive path is the
 reference's procedure: one full Hugging Face forward of the student (logits included) for every proposal; it is the
 test oracle and the baseline of the speed comparison.
+
+Data-parallel (`group` of several ranks): each rank's Evaluator holds its slice of the batch; every score's sums
+(CE, each monitored layer's squared errors) are added over the ranks in rank order and the counts are global, so
+every rank computes the objective one process computes (up to the sums' rounding order) and decides alike.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.arch import ArchSpec
+from lowbit.distributed.group import Group
 from lowbit.engine import call_block, capture_block_inputs
 from lowbit.engine.context import move_to
 from lowbit.engine.head import final_head
@@ -39,6 +45,7 @@ class Score:
 
     ce_sum: float
     sse: dict[int, float]
+    local: Score | None = None  # data-parallel: this rank's own sums (what an incremental pass starts from)
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,10 @@ class Evaluator:
     head_bf16: bool = False  # lm_head matmul in bf16 (autocast): faster on CPUs with bf16 units, not exact
     streams: bool = True  # keep h_mid per layer for `incremental` (off: `full` only, no [n, L, d] x depth buffers)
     timings: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    group: Group = field(default_factory=Group)  # the ranks whose slices of the batch make the whole (default: one)
 
     def __post_init__(self) -> None:
+        self.windows = self.group.offset(self.ids.shape[0])[1]  # every rank's windows: the counts are global
         self.blocks = self.arch.blocks(self.model)
         self.depth = len(self.blocks)
         self.head = final_head(self.model, self.arch)
@@ -125,11 +134,19 @@ class Evaluator:
 
     @property
     def predictions(self) -> int:
-        return self.ids.shape[0] * (self.ids.shape[1] - 1)
+        return self.windows * (self.ids.shape[1] - 1)
 
     @property
     def elements(self) -> int:
-        return len(self.monitored) * self.inputs.numel()
+        return len(self.monitored) * self.windows * math.prod(self.inputs.shape[1:])
+
+    def _summed(self, score: Score) -> Score:
+        """`score` (this rank's sums) added over the ranks in rank order; the single process's as it is."""
+        if not self.group.distributed:
+            return score
+        parts = self.group.gather_objects((score.ce_sum, score.sse))
+        sse = {j: sum(part[1][j] for part in parts) for j in score.sse}
+        return Score(sum(part[0] for part in parts), sse, local=score)
 
     def batches(self) -> Iterator[slice]:
         total = self.ids.shape[0]
@@ -200,8 +217,8 @@ class Evaluator:
         finally:
             for handle in handles:
                 handle.remove()
-        self._check(ce_sum, "cross-entropy")
-        self.current, self.fresh = Score(ce_sum, sse), self.streams
+        self.current, self.fresh = self._summed(Score(ce_sum, sse)), self.streams
+        self._check(self.current.ce_sum, "cross-entropy")
         return self.current
 
     @torch.no_grad()
@@ -212,7 +229,8 @@ class Evaluator:
         """
         if not self.fresh or self.current is None:
             raise RuntimeError("incremental evaluation needs the caches of a full pass of the current student")
-        sse = {j: (value if j < layer else 0.0) for j, value in self.current.sse.items()}
+        mine = self.current.local or self.current  # this rank's errors of the layers before `layer`
+        sse = {j: (value if j < layer else 0.0) for j, value in mine.sse.items()}
         ce_sum = 0.0
         block, norm = self.blocks[layer], self._norm(layer)
         where: list[slice] = [slice(0)]
@@ -236,8 +254,9 @@ class Evaluator:
         finally:
             for handle in handles:
                 handle.remove()
-        self._check(ce_sum, "cross-entropy")
-        return Score(ce_sum, sse)
+        score = self._summed(Score(ce_sum, sse))
+        self._check(score.ce_sum, "cross-entropy")
+        return score
 
     @torch.no_grad()
     def naive(self) -> Score:
@@ -269,8 +288,9 @@ class Evaluator:
             for handle in handles:
                 handle.remove()
         self.timings["forward"] += time.perf_counter() - started
-        self._check(ce_sum, "cross-entropy")
-        return Score(ce_sum, sse)
+        score = self._summed(Score(ce_sum, sse))
+        self._check(score.ce_sum, "cross-entropy")
+        return score
 
     def commit(self, layer: int, score: Score, incremental: bool) -> None:
         """Make `score` (of the student now in the model) the current one; keep the new streams of an incremental

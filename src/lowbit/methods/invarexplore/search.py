@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec
+from lowbit.distributed.group import Group
 from lowbit.errors import LowbitError
 from lowbit.formats.files import ARTIFACTS_FILE
 from lowbit.methods.invarexplore.heldout import HeldoutWatch
@@ -92,9 +93,12 @@ class InvarSearch:
         device: str | torch.device,
         heldout: dict[str, Tensor] | None = None,
         holdout: Tensor | None = None,
+        group: Group | None = None,
     ) -> None:
         """`heldout`: evaluation windows per dataset for the test curve; `holdout`: calibration windows kept out of
-        `ids` for best-on-holdout selection (heldout.py). Neither changes a decision."""
+        `ids` for best-on-holdout selection (heldout.py). Neither changes a decision. `group`: the ranks of a
+        data-parallel run, `ids` this rank's slice of the batch (the scores are summed over the ranks: every rank
+        takes the same decisions and holds the same student; `heldout` and `holdout` are whole on every rank)."""
         check_model(model, arch, options.scale)
         self.model, self.arch, self.scheme, self.options, self.seed = model, arch, scheme, options, seed
         self.blocks = arch.blocks(model)
@@ -112,8 +116,9 @@ class InvarSearch:
             )
         self.evaluator = Evaluator(
             model, arch, ids, self.monitored, options.batch_size, options.ce_chunk, torch.device(device),
-            head_bf16=options.head_bf16,
+            head_bf16=options.head_bf16, group=group or Group(),
         )  # fmt: skip
+        self.is_main = group is None or group.is_main
         self.states = [LayerState.identity(self.width) for _ in range(self.depth)]
         self.counters = SearchCounters(accepts_per_layer=[0] * self.depth)
         self.teacher: list[dict[str, Tensor]] = []
@@ -231,8 +236,9 @@ class InvarSearch:
         started = time.perf_counter()
         reason = "max_steps"
         bar = tqdm(
-            total=options.max_steps, initial=start, desc="invarexplore", unit="step", disable=not options.progress
-        )
+            total=options.max_steps, initial=start, desc="invarexplore", unit="step",
+            disable=not options.progress or not self.is_main,
+        )  # fmt: skip
         self.watch.begin(self, start)
         try:
             for step in range(start, options.max_steps):
@@ -256,7 +262,7 @@ class InvarSearch:
                 if counters.steps % options.log_every == 0:
                     self._log_row(elapsed, done)
                 stop = self.watch.after_step(self, counters.steps)  # before the checkpoint: it saves the selection
-                if options.checkpoint and counters.steps % options.log_every == 0:
+                if options.checkpoint and self.is_main and counters.steps % options.log_every == 0:
                     self.save_record(options.checkpoint)
                 if options.max_seconds is not None and elapsed >= options.max_seconds:
                     reason = "max_seconds"
@@ -271,7 +277,7 @@ class InvarSearch:
             bar.close()
         if counters.window_steps:
             self._log_row(time.perf_counter() - started, counters.steps - start)
-        if options.checkpoint:
+        if options.checkpoint and self.is_main:
             self.save_record(options.checkpoint)  # the state reached, so a resume continues the straight run
         self.watch.finish(self)  # may put the best-on-holdout state back
         self.seconds = time.perf_counter() - started  # with the last held-out measurements (in the breakdown)

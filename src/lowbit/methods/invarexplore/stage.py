@@ -58,6 +58,7 @@ class InvarExplore(ModelStage):
         "block has one per expert behind a router: not implemented"
     )
     Options: ClassVar[type] = InvarExploreOptions
+    data_parallel: ClassVar[bool] = True  # the search batch split over the ranks, every score summed (objective.py)
 
     def __init__(self, options: InvarExploreOptions, scheme: QuantScheme) -> None:
         super().__init__(options, scheme)
@@ -114,13 +115,25 @@ class InvarExplore(ModelStage):
         return self.record
 
     def _windows(self, ctx: ModelContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The search batch (the first `samples` windows) and the holdout (the next `holdout`, maybe none)."""
-        o, calibration = self.options, ctx.calibration
+        """The search batch (the first `samples` windows) and the holdout (the next `holdout`, maybe none).
+
+        Data-parallel: the search batch is split evenly over the ranks (not the calibration: the batch is only its
+        first `samples` windows, which could all lie on rank 0), each rank scoring its contiguous slice; the
+        holdout is whole on every rank (it reads the student between steps and is not split)."""
+        o, calibration, group = self.options, ctx.calibration, ctx.group
         if calibration is None:
             raise LowbitError("InvarExplore needs calibration data; pass --dataset (or 'builtin')")
+        if group.distributed:  # every rank's windows, in order (token ids: small)
+            calibration = torch.cat(group.gather_objects(calibration))
         n, length = calibration.shape
         self.check_run(o, nsamples=n, seqlen=length, depth=len(ctx.arch.blocks(ctx.model)))
-        return calibration[: o.samples, : o.seqlen], calibration[o.samples : o.samples + o.holdout, : o.seqlen]
+        if o.samples < group.world_size:
+            raise LowbitError(
+                f"invarexplore.samples={o.samples} cannot be split over {group.world_size} ranks: raise it to "
+                f"{group.world_size} or use fewer ranks"
+            )
+        windows = calibration[: o.samples, : o.seqlen]
+        return windows[group.shard(o.samples)], calibration[o.samples : o.samples + o.holdout, : o.seqlen]
 
     def _heldout(self, ctx: ModelContext) -> dict[str, torch.Tensor]:
         """The test curve's windows: the first `heldout_windows` of each evaluation dataset, as `lowbit eval` cuts
@@ -140,7 +153,7 @@ class InvarExplore(ModelStage):
         o = self._with_work_dir(ctx)
         windows, holdout = self._windows(ctx)
         search = InvarSearch(
-            ctx.model, ctx.arch, self.scheme, windows, o, ctx.seed, ctx.device, self._heldout(ctx), holdout
+            ctx.model, ctx.arch, self.scheme, windows, o, ctx.seed, ctx.device, self._heldout(ctx), holdout, ctx.group
         )
         resume, start, accepts = ({}, 0, 0) if o.resume is None else search.load_record(o.resume)
         search.prepare(resume)
@@ -156,11 +169,13 @@ class InvarExplore(ModelStage):
     def _with_work_dir(self, ctx: ModelContext) -> InvarExploreOptions:
         """Options that checkpoint the record into the run's work dir (every log_every steps) and resume from it."""
         o = self.options
-        if ctx.work_dir is None or o.checkpoint is not None:
-            return o
-        record = ctx.work_dir / "invarexplore.safetensors"
-        resume = o.resume if o.resume is not None or not record.is_file() else str(record)
-        return dataclasses.replace(o, checkpoint=str(record), resume=resume)
+        checkpoint, resume = o.checkpoint, o.resume
+        if ctx.work_dir is not None and checkpoint is None:  # (only rank 0 has a work dir unless resumed)
+            record = ctx.work_dir / "invarexplore.safetensors"
+            checkpoint = str(record)
+            resume = str(record) if resume is None and record.is_file() else resume
+        resume = ctx.group.broadcast_object(resume)  # rank 0's record decides; rank 0 alone writes it
+        return dataclasses.replace(o, checkpoint=checkpoint if ctx.group.is_main else None, resume=resume)
 
     def _metrics(self, search: InvarSearch, start: int, reason: str) -> dict[str, Any]:
         counters, objective, score = search.counters, search.objective, search.evaluator.current

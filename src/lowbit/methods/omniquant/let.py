@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.arch import ArchSpec, ScaleGroup
+from lowbit.distributed.group import Group
 from lowbit.engine.context import call_block
 from lowbit.errors import LowbitError
 
@@ -88,21 +89,25 @@ def shift_possible(block: nn.Module, group: ScaleGroup) -> bool:
 
 @torch.no_grad()
 def activation_stats(
-    block: nn.Module, names: list[str], inputs: Tensor, kwargs: dict, device: torch.device
+    block: nn.Module,
+    names: list[str],
+    inputs: Tensor,
+    kwargs: dict,
+    device: torch.device,
+    group: Group | None = None,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per input channel of each named linear: max |x| over all tokens, and the shift (max + min)/2 as the
-    reference's running average 0.99 * old + 0.01 * new over samples (generate_act_scale_shift.py)."""
-    stats: dict[str, list[Tensor | None]] = {name: [None, None] for name in names}
+    reference's running average 0.99 * old + 0.01 * new over samples (generate_act_scale_shift.py).
+
+    On several ranks (`group`) each rank measures its samples and every rank folds all of them in global sample
+    order: the running average is not a sum, so one process's order gives one process's statistics, bit for bit."""
+    seen: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in names}  # per call, in sample order
 
     def hook(name: str):
         def record(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             lo, hi = torch.aminmax(x, dim=0)
-            amax, shift = stats[name]
-            new_amax = x.abs().amax(dim=0)
-            stats[name][0] = new_amax if amax is None else torch.maximum(amax, new_amax)
-            middle = (hi + lo) / 2
-            stats[name][1] = middle if shift is None else 0.99 * shift + 0.01 * middle
+            seen[name].append((x.abs().amax(dim=0), (hi + lo) / 2))
 
         return record
 
@@ -113,7 +118,17 @@ def activation_stats(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: (values[0].cpu(), values[1].cpu()) for name, values in stats.items()}
+    if group is not None and group.distributed:
+        mine = {name: [(a.cpu(), m.cpu()) for a, m in values] for name, values in seen.items()}
+        ranks = group.gather_objects(mine)
+        seen = {name: [item for rank in ranks for item in rank[name]] for name in names}
+    stats = {}
+    for name, values in seen.items():
+        amax, shift = values[0]
+        for new_amax, middle in values[1:]:
+            amax, shift = torch.maximum(amax, new_amax), 0.99 * shift + 0.01 * middle
+        stats[name] = (amax.cpu(), shift.cpu())
+    return stats
 
 
 def initial_scale(act_max: Tensor, weight: Tensor, alpha: float) -> Tensor:

@@ -146,6 +146,9 @@ class OmniQuant(BlockStage):
     summary: ClassVar[str] = "learnable weight clipping + equivalent transformation, AdamW per block (OmniQuant)"
     supports_experts: ClassVar[bool] = True  # LET pairs stop at attention in a sparse block (ArchSpec.groups_for)
     supports_scheme_mix: ClassVar[bool] = True  # each LearnableClip on its linear's scheme (make_block)
+    # global batches, losses and gradients summed over the ranks before each AdamW step (engine/block_train.py),
+    # LET's statistics folded in global sample order (let.py): OmniQuant, LET and DESV alike
+    data_parallel: ClassVar[bool] = True
     Options: ClassVar[type] = OmniQuantOptions
 
     def __init__(self, options: OmniQuantOptions, scheme: QuantScheme) -> None:
@@ -191,7 +194,7 @@ class OmniQuant(BlockStage):
         stats = None
         if resolved.block.let:
             keys = [group.key_linear for group in let_groups(ctx.arch, ctx.block)]
-            stats = activation_stats(ctx.block, keys, ctx.fp_inputs, ctx.device_kwargs(), ctx.device)
+            stats = activation_stats(ctx.block, keys, ctx.fp_inputs, ctx.device_kwargs(), ctx.device, ctx.group)
         schemes = {name: self.scheme_for(ctx.name, name) for name in ctx.linears()}  # LWC on each linear's scheme
         return OmniQuantBlock(ctx.block, ctx.arch, self.scheme, resolved.block, stats, schemes)
 
@@ -216,8 +219,10 @@ class OmniQuant(BlockStage):
             autocast=resolved.autocast,
             weight_decay=self.options.wd,
         )
-        steps = epochs * (ctx.nsamples // self.options.batch_size)
-        bar = tqdm(total=steps, desc=f"{desc} {ctx.name}", unit="step", leave=False, disable=None)
+        _, total = ctx.group.offset(ctx.nsamples)  # every rank's samples: the steps one process takes
+        steps = epochs * (total // self.options.batch_size)
+        quiet = None if ctx.group.is_main else True  # rank 0 shows the bar
+        bar = tqdm(total=steps, desc=f"{desc} {ctx.name}", unit="step", leave=False, disable=quiet)
         threads = torch.get_num_threads()
         if self.options.num_threads is not None:
             torch.set_num_threads(self.options.num_threads)
@@ -232,6 +237,7 @@ class OmniQuant(BlockStage):
                 device=ctx.device,
                 quant_context=ctx.act_quant,
                 progress=lambda _step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3g}")),
+                group=ctx.group,
             )
         finally:
             bar.close()

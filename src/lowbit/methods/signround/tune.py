@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.distributed.group import Group, local_indices
-from lowbit.engine.block_train import IndexSampler, block_mse, restore, snapshot
+from lowbit.engine.block_train import IndexSampler, block_mse, restore, snapshot, sum_over_ranks
 from lowbit.engine.offload import Chain
 from lowbit.engine.precision import Forward, autocast_dtype, autocast_forward
 from lowbit.errors import LowbitError
@@ -183,8 +183,10 @@ def tune_block(
                 loss.backward()
             loss_t += float(loss.detach())
         grads = {name: leaf.grad for name, leaf in leaves.items()}
-        if group.distributed:
-            loss_t, grads = _reduce(group, grads, leaves, loss_t)
+        if group.distributed:  # the losses and gradients of every rank, in rank order (engine/block_train.py)
+            names = list(grads)
+            loss_t, summed = sum_over_ranks(group, loss_t, [grads[n] for n in names], [leaves[n] for n in names])
+            grads = dict(zip(names, summed, strict=True))
         loss_t /= LOSS_SCALE
         result.losses.append(loss_t)
         result.nonfinite_steps += not math.isfinite(loss_t)
@@ -254,23 +256,6 @@ def _holdout_mse(
         out = forward(detached, inputs[part])
         total += float(block_mse(out, targets[part], settings.mask_last_token, elements))
     return sum(group.gather_objects(total)) if group.distributed else total
-
-
-def _reduce(
-    group: Group, grads: dict[str, Tensor | None], leaves: dict[str, Tensor], loss: float
-) -> tuple[float, dict[str, Tensor | None]]:
-    """This iteration's loss and the QDQ weights' gradients summed over the ranks in rank order (the gradients in
-    fp32, whatever the forward's precision). A rank whose samples missed a linear (or the whole batch) adds zeros;
-    a linear no rank reached keeps no gradient, as in one process."""
-    reached = group.gather_objects(sorted(name for name, grad in grads.items() if grad is not None))
-    anywhere = {name for names in reached for name in names}
-    summed = {
-        name: group.sum(torch.zeros_like(leaves[name], dtype=torch.float32) if grad is None else grad.float())
-        if name in anywhere
-        else None
-        for name, grad in grads.items()
-    }
-    return sum(group.gather_objects(loss)), summed
 
 
 def check_holdout_size(nsamples: int, holdout: int) -> None:

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lowbit.arch import ArchSpec
 from lowbit.engine import BlockContext, BlockStage, ModelContext, ModelStage, call_block
+from lowbit.engine.block_train import backward_over_ranks, share_mse
 from lowbit.engine.precision import TuneAutocast, autocast, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.common.frozen import frozen
@@ -88,6 +88,9 @@ class TEQ(BlockStage, ModelStage):
         super().__init__(options, scheme)
         _validate(options)
         self.scope = "block" if options.loss == "mse" else "model"
+        # block-wise TEQ is data-parallel (global rows, losses and gradients summed over the ranks: _train_block);
+        # the paper's whole-model cross-entropy not yet
+        self.data_parallel = options.loss == "mse"
         self.steps = options.steps if options.steps is not None else (200 if options.loss == "mse" else 1000)
         self.batch_size = options.batch_size if options.batch_size is not None else (4 if options.loss == "mse" else 1)
         self.inits = INITS if options.init == "best_of_both" else (options.init,)
@@ -146,7 +149,7 @@ class TEQ(BlockStage, ModelStage):
                 batch = windows[rows].to(ctx.device)
                 with autocast(precision, ctx.device):  # transformers computes the loss on fp32 logits
                     loss = ctx.model(input_ids=batch, labels=batch, use_cache=False).loss.float()
-                _check_finite(loss, step)
+                _check_finite(loss.item(), step)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -185,36 +188,48 @@ class TEQ(BlockStage, ModelStage):
         ctx.metrics["teq"] = {"method": "teq-blockwise", "chosen_init": best, **{k: v[0] for k, v in outcomes.items()}}
 
     def _train_block(self, ctx: BlockContext, scale_set: ScaleSet) -> dict[str, Any]:
+        """Adam on the scales against the block-output MSE. Data-parallel: the rows are drawn in global sample
+        indices (every rank draws one process's), each rank's share of a batch's loss and the gradients are summed
+        over the ranks before each step (engine/block_train.py), and the scoring losses too, so every rank keeps the
+        same initialisation."""
         params = scale_set.parameters()
         if not params:
             return {"initial_loss": 0.0, "final_loss": 0.0, "parameters": 0}
         optimizer = torch.optim.Adam(params, lr=self.options.lr, betas=(0.9, 0.9), weight_decay=0.0)
         kwargs = ctx.device_kwargs()
-        n = ctx.nsamples
+        group, here = ctx.group, ctx.nsamples
+        start, n = group.offset(here)
+        per_sample = math.prod(ctx.inputs.shape[1:])
         precision = resolve_autocast(self.options.autocast, ctx.device)
 
-        def loss_on(rows: list[int], mode: str = "off") -> torch.Tensor:
-            """fp32 MSE to the fp32 targets; `mode` is the forward's precision (the scoring losses stay fp32)."""
+        def loss_on(rows: list[int], mode: str = "off") -> torch.Tensor | None:
+            """This rank's share of the fp32 MSE to the fp32 targets on global `rows` (None: it holds none of them);
+            `mode` is the forward's precision (the scoring losses stay fp32)."""
+            mine = [row - start for row in rows if start <= row < start + here]
+            if not mine:
+                return None
             with autocast(mode, ctx.device):
-                out = call_block(ctx.block, ctx.batch(ctx.inputs, rows), kwargs)
-            return F.mse_loss(out.float(), ctx.batch(ctx.targets, rows).float())
+                out = call_block(ctx.block, ctx.batch(ctx.inputs, mine), kwargs)
+            return share_mse(out, ctx.batch(ctx.targets, mine), len(rows) * per_sample, group)
 
-        with torch.no_grad():
-            initial = loss_on(list(range(min(n, self.batch_size)))).item()
+        def score() -> float:
+            with torch.no_grad():
+                loss = loss_on(list(range(min(n, self.batch_size))))
+            return sum(group.gather_objects(0.0 if loss is None else loss.item()))
+
+        initial = score()
         losses = []  # the report's per-block curve
         for step in range(self.steps):
             lr = linear_warmup_lr(step, self.steps, self.options.lr, self.options.warmup)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
             rows = [sample_index(step * self.batch_size + i, n, ctx.seed + ctx.index) for i in range(self.batch_size)]
-            loss = loss_on(rows, precision)
-            _check_finite(loss, step)
-            loss.backward()
-            losses.append(loss.item())
+            value = backward_over_ranks(group, loss_on(rows, precision), params)
+            _check_finite(value, step)
+            losses.append(value)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            final = loss_on(list(range(min(n, self.batch_size)))).item()
+        final = score()
         return {
             "initial_loss": initial,
             "final_loss": final,
@@ -258,8 +273,8 @@ def clamped_values(p: torch.Tensor) -> torch.Tensor:
     return p.detach().clamp(min=1e-5).reshape(-1)
 
 
-def _check_finite(loss: torch.Tensor, step: int) -> None:
-    if not math.isfinite(loss.item()):
+def _check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
         raise LowbitError(f"TEQ loss became NaN/Inf at step {step}; lower --opt teq.lr or check the model")
 
 
