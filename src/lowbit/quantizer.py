@@ -18,6 +18,7 @@ from torch import Tensor
 from lowbit.errors import LowbitError
 from lowbit.formats.gguf_types import double_quant_scale, fp16_offset_scale
 from lowbit.scheme import QuantScheme
+from lowbit.weight_checks import record_problems
 
 SCALE_FLOOR = 1e-5
 ACT_SCALE_CAP = 1e4
@@ -301,7 +302,7 @@ class QuantizedWeight:
 
     def validate(self) -> None:
         """Check dtypes, shapes, the symmetric zero and group use; raise ValueError naming the first violation."""
-        for problem in _record_problems(self):
+        for problem in record_problems(self):
             raise ValueError(f"invalid QuantizedWeight ({self.scheme.name}): {problem}")
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -326,56 +327,6 @@ class QuantizedWeight:
         record = cls(state["codes"], state["scale"], state["zero"], scheme, state.get("g_idx"), state.get("bias"))
         record.validate()
         return record
-
-
-def _expected_zero(scheme: QuantScheme) -> int | None:
-    """The constant zero of a symmetric scheme; None for asym."""
-    half = 2 ** (scheme.bits - 1)
-    return {"sym": half, "sym_full": half, "sym_omni": half - 1}.get(scheme.kind)
-
-
-def _record_problems(record: QuantizedWeight) -> list[str]:
-    """All violations of the record's layout and invariants, in checking order (empty when valid)."""
-    scheme, codes, scale, zero = record.scheme, record.codes, record.scale, record.zero
-    if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.numel() == 0:
-        return [f"codes must be a non-empty uint8 [m, k] tensor, got {codes.dtype} {tuple(codes.shape)}"]
-    m, k = codes.shape
-    groups = scheme.num_groups(k)
-    if scale.dtype != scheme.torch_scale_dtype or tuple(scale.shape) != (m, groups):
-        return [f"scale must be {scheme.torch_scale_dtype} [{m}, {groups}], got {scale.dtype} {tuple(scale.shape)}"]
-    if zero.dtype != torch.int32 or tuple(zero.shape) != (m, groups):
-        return [f"zero must be int32 [{m}, {groups}], got {zero.dtype} {tuple(zero.shape)}"]
-    problems = []
-    if int(codes.max()) > scheme.qmax:
-        problems.append(f"codes exceed qmax {scheme.qmax}")
-    if int(zero.min()) < 0 or int(zero.max()) > scheme.qmax:
-        problems.append(f"zeros outside [0, {scheme.qmax}]")
-    if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
-        problems.append("scales must be finite and non-zero")
-    if scheme.kind != "sym_full" and bool((scale < 0).any()):
-        problems.append("negative scales are only allowed for sym_full")
-    expected = _expected_zero(scheme)
-    if expected is not None and bool((zero != expected).any()):
-        problems.append(f"{scheme.kind} needs a constant zero of {expected}")
-    if record.g_idx is not None:
-        problems.extend(_g_idx_problems(record.g_idx, k, groups, scheme.group_width(k)))
-    if record.bias is not None and tuple(record.bias.shape) != (m,):
-        problems.append(f"bias must have shape [{m}], got {tuple(record.bias.shape)}")
-    return problems
-
-
-def _g_idx_problems(g_idx: Tensor, k: int, groups: int, width: int) -> list[str]:
-    """Each group is used exactly g times (a partial last group by its remainder)."""
-    if g_idx.dtype != torch.int32 or tuple(g_idx.shape) != (k,):
-        return [f"g_idx must be int32 [{k}], got {g_idx.dtype} {tuple(g_idx.shape)}"]
-    if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
-        return [f"g_idx values must lie in [0, {groups})"]
-    counts = torch.bincount(g_idx.long(), minlength=groups)
-    expected = torch.full((groups,), width, dtype=counts.dtype)
-    expected[-1] = k - (groups - 1) * width
-    if not torch.equal(counts.cpu(), expected):
-        return [f"g_idx must use every group exactly {width} times (the last {int(expected[-1])})"]
-    return []
 
 
 def quantize_weight(
