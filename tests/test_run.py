@@ -5,7 +5,8 @@ import pytest
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.formats.files import RECORD_FILE
-from lowbit.run import EvalSettings, ExportSettings
+from lowbit.run import ExportSettings
+from lowbit.run_eval import EvalSettings
 
 
 def _forbid(monkeypatch, name: str) -> None:
@@ -50,7 +51,7 @@ def test_quantize_to_writes_the_export_with_its_evaluation(tiny_llama_dir, tmp_p
 def test_two_local_files_are_reported_apart(tiny_llama_dir, text_file, tmp_path):
     """Each local file's perplexity is keyed by its path as given: two files do not overwrite one 'local' entry."""
     from lowbit.models import load_model
-    from lowbit.run import evaluate_perplexity
+    from lowbit.run_eval import evaluate_perplexity
 
     other = tmp_path / "other.txt"
     other.write_text("\n\n".join(f"Another paragraph number {i} about nothing much." for i in range(300)))

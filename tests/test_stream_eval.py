@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import lowbit
-from lowbit.run import EvalSettings, ExportSettings
+from lowbit.run import ExportSettings
+from lowbit.run_eval import EvalSettings
 from test_stream_run import DATA, FAST, checkpoint, interrupt_after_block
 
 EVAL = EvalSettings("builtin", seqlen=24, windows=5, progress=False)

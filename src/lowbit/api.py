@@ -12,7 +12,8 @@ from lowbit.config import build_config
 from lowbit.models import LoadedModel, load_model
 from lowbit.quantization import run_quantization
 from lowbit.result import QuantizedModel
-from lowbit.run import EvalSettings, ExportSettings, quantize_to
+from lowbit.run import ExportSettings, quantize_to
+from lowbit.run_eval import EvalSettings
 from lowbit.scheme import QuantScheme
 
 __all__ = ["EvalSettings", "ExportSettings", "quantize", "quantize_to"]

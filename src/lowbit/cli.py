@@ -19,13 +19,13 @@ from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
     from lowbit.distributed import Group
-    from lowbit.run import EvalSettings
+    from lowbit.run_eval import EvalSettings
 
 log = logging.getLogger("lowbit")
 
 
 def _eval_settings(args: argparse.Namespace, datasets: str) -> EvalSettings:
-    from lowbit.run import EvalSettings
+    from lowbit.run_eval import EvalSettings
 
     return EvalSettings(datasets, args.eval_seqlen, args.eval_windows, progress=not args.quiet)
 
@@ -123,7 +123,7 @@ def _print_export(out: str, fmt: str, float_dir: Path) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from lowbit.actquant import act_bits_of, activation_record
     from lowbit.models import load_model
-    from lowbit.run import evaluate_perplexity
+    from lowbit.run_eval import evaluate_perplexity
     from lowbit.runtime.load import load, packed_method
 
     method = packed_method(args.model) if args.model is not None else None

@@ -20,15 +20,10 @@ import torch
 
 from lowbit.arch import arch_for
 from lowbit.config import QuantizeConfig, build_config
-from lowbit.data import eval_label, load_eval
 from lowbit.distributed.group import Group
 from lowbit.engine.pipeline import check_data_parallel
-from lowbit.engine.streaming import BlockSource
 from lowbit.engine.workdir import WorkDir, clear_work_dir, estimate_checkpoint_bytes, work_dir_for
 from lowbit.errors import LowbitError
-from lowbit.eval import perplexity
-from lowbit.eval.perplexity import cut_windows, window_count
-from lowbit.eval.streamed import EvalText, StreamedEvaluation
 from lowbit.export import AUTO_FORMAT, FORMATS, TARGETS, check_output_dir
 from lowbit.export.atomic import output_lock
 from lowbit.export.gguf import GGUF_FORMAT, check_gguf_scheme
@@ -42,6 +37,7 @@ from lowbit.planner.plan import MemoryPlan, plan_run
 from lowbit.planner.shape import ModelShape
 from lowbit.quantization import check_run, run_quantization, settings_fingerprint
 from lowbit.result import QuantizedModel
+from lowbit.run_eval import EvalSettings, count_eval_windows, evaluate_perplexity, streamed_evaluation
 from lowbit.safeload import check_model_dir
 from lowbit.scheme import QuantScheme
 
@@ -62,20 +58,6 @@ class ExportSettings:
     checkpoint: bool = True  # keep every finished block next to `out`, so an interrupted run can resume
     resume: bool = False
     report: bool = False  # also write report.html (or report.md) into `out`
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """Perplexity of the float model before and of the result after (comma-separated dataset names)."""
-
-    datasets: str = "auto"
-    seqlen: int = 2048
-    windows: int | None = None
-    progress: bool = True
-
-    def names(self) -> list[str]:
-        """The dataset names, in the order given."""
-        return [part.strip() for part in self.datasets.split(",") if part.strip()]
 
 
 def quantize_to(
@@ -393,47 +375,3 @@ def preflight(
         if checkpoints:
             needed += estimate_checkpoint_bytes(model)
         check_free_space(export.out, needed)
-
-
-def evaluate_perplexity(
-    model: torch.nn.Module, tokenizer: Any, settings: EvalSettings, group: Group | None = None
-) -> dict[str, dict]:
-    """Perplexity on each of `settings.datasets`, keyed by the dataset's own name (windows split over `group`)."""
-    results = {}
-    for name in settings.names():
-        data = load_eval(tokenizer, name)
-        result = perplexity(model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
-                            progress=settings.progress, group=group)  # fmt: skip
-        results[eval_label(name, data.meta)] = {**result.to_dict(), "data": data.meta}
-    return results
-
-
-def streamed_evaluation(
-    loaded: LoadedModel, config: QuantizeConfig, settings: EvalSettings, source: BlockSource
-) -> StreamedEvaluation:
-    """The evaluation of a streamed run: each of `settings.datasets` cut into windows as `perplexity()` cuts them."""
-    texts = []
-    for name in settings.names():
-        data = load_eval(loaded.tokenizer, name)
-        windows = cut_windows(loaded.model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
-                              bos=None)  # fmt: skip
-        texts.append(EvalText(eval_label(name, data.meta), windows, data.meta))
-    return StreamedEvaluation(loaded.model, arch_for(loaded.model), texts, device=torch.device(config.engine.device),
-                              source=source)  # fmt: skip
-
-
-def count_eval_windows(path: Path, settings: EvalSettings, *, trust_remote_code: bool = False) -> int | None:
-    """At most how many windows the evaluation cuts (every dataset together), from the tokenizer alone: the memory
-    planner counts a streamed evaluation's chains by it. None where the text cannot be read yet."""
-    from lowbit.models import load_tokenizer
-
-    try:
-        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        counts = []
-        for name in settings.names():
-            tokens = load_eval(tokenizer, name).input_ids.numel()
-            counts.append(window_count(tokens, settings.seqlen - 1, settings.windows))  # BOS-first windows: L - 1
-    except LowbitError as error:
-        log.info("evaluation windows not counted before loading (%s)", error)
-        return None
-    return sum(counts)

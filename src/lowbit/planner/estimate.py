@@ -54,7 +54,7 @@ HEAP_RETENTION = 0.7
 GLIBC_MMAP_MAX = 32 * MIB
 STATIC_TERMS = ("model_fp32", "non_block_fp32", "checkpoint_pages", "records")  # allocated once, kept
 AUTO_STREAM_FRACTION = 0.85  # stream=auto streams when the resident run needs more than this share of the memory
-DEFAULT_EVAL_SEQLEN = 2048  # run.EvalSettings.seqlen
+DEFAULT_EVAL_SEQLEN = 2048  # run_eval.EvalSettings.seqlen
 StreamOption = Literal["auto", "on", "off"]
 
 
