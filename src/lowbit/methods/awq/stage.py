@@ -23,8 +23,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +31,10 @@ from torch import Tensor, nn
 from lowbit.arch import ScaleGroup
 from lowbit.engine import BlockContext, BlockStage
 from lowbit.engine.context import move_to
-from lowbit.engine.precision import TuneAutocast, autocast, resolve_autocast
+from lowbit.engine.precision import autocast, resolve_autocast
 from lowbit.errors import LowbitError
 from lowbit.methods.awq.clip import apply_clip, clip_applies, fake_quant_rows, sample_tokens, search_clip
+from lowbit.methods.awq.options import AWQOptions
 from lowbit.methods.awq.ranks import global_tokens, mean_abs, reduce_losses, sampled_rows, token_mean
 from lowbit.methods.awq.search import (
     block_gram,
@@ -51,50 +51,6 @@ from lowbit.quantizer import fake_quant
 from lowbit.scheme import QuantScheme
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AWQOptions:
-    """AWQ's options; defaults follow mit-han-lab/llm-awq (docs/methods.md, AWQ)."""
-
-    n_grid: int = field(default=20, metadata={"help": "scale-search ratios r = i/n_grid, i < n_grid"})
-    duo_scaling: bool = field(default=False, metadata={"help": "llm-compressor's s = xbar^r / wbar^(1-r)"})
-    clip: bool = field(default=True, metadata={"help": "run the auto-clip search after scaling"})
-    clip_grid: int = field(default=20, metadata={"help": "clip candidates t0 * (1 - i/clip_grid)"})
-    clip_max_shrink: float = field(default=0.5, metadata={"help": "smallest clip is (1 - max_shrink) * max"})
-    clip_tokens: int = field(default=512, metadata={"help": "tokens sub-sampled for the clip search"})
-    include_zero: bool = field(
-        default=False, metadata={"help": "the search quantizer's include_zero (False = AWQ's raw min/max preset)"}
-    )
-    linear_loss: Literal["gram", "replay"] = field(
-        default="gram",
-        metadata={
-            "help": "v->o / up->down search loss: gram = tr(E H E^T) with H = X^T X once (exact, no per-point "
-            "replay); replay = re-run the linear on every token per grid point (the reference's way)"
-        },
-    )
-    search_inputs: Literal["float", "student"] = field(
-        default="student",
-        metadata={
-            "help": "block inputs of the search: student = the quantized chain the following quantizer sees (as "
-            "llm-compressor; benchmarks/results/gptq-awq.md), "
-            "float = the float chain (llm-awq's reference way)"
-        },
-    )
-    search_samples: int | None = field(
-        default=8,
-        metadata={
-            "help": "calibration samples (whole sequences) the attention/MLP replay searches use, evenly spaced; "
-            "None = all, as llm-awq (8: same perplexity at 0.21x the time on SmolLM2 W4G64, 128 x 512)"
-        },
-    )
-    autocast: TuneAutocast = field(
-        default="auto",
-        metadata={
-            "help": "scale-search forwards in bf16 autocast or off (fp32; the targets and the gram loss stay fp32/"
-            "fp64); auto = engine.dtype, else fp32"
-        },
-    )
 
 
 class _Inputs:
