@@ -206,3 +206,26 @@ def test_streamed_run_writes_the_same_tensors(case, tmp_path, tokenizer):
         files[stream] = [(t.name, t.tensor_type, t.data.tobytes()) for t in reader.tensors]
         (tmp_path / "out").rename(tmp_path / f"out-{stream}")
     assert files["on"] == files["off"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float_file_runs_in_llama_cpp_like_transformers(case, tmp_path, tokenizer):
+    """The writer's structure alone (names, row order, norms, keys), with llama.cpp's quantized arithmetic taken out:
+    every tensor written in float32 (lowbit's plan with no quantized linear), llama.cpp's logits within 0.01 of the
+    transformers model's (its fp16 KV cache is what is left)."""
+    from lowbit.arch import arch_for
+    from lowbit.export.gguf.tensors import plan_tensors
+    from lowbit.export.gguf.vocab import build_vocab
+    from lowbit.export.gguf.writer import PreparedGguf, write_file
+
+    pytest.importorskip("llama_cpp")
+    model = make_family(case)
+    arch_for(model).prepare(model)  # fused experts as the per-expert linears lowbit writes
+    arch = gguf_arch(model)
+    vocab = build_vocab(tokenizer, int(model.config.vocab_size))
+    prepared = PreparedGguf(model, {}, arch, vocab, plan_tensors(model, arch, {}), gguf.LlamaFileType.ALL_F32)
+    write_file(tmp_path / GGUF_FILE, prepared, {"config": {}})
+    with torch.no_grad():
+        expected = model(IDS).logits[0]
+    got = llama_cpp_logits(tmp_path / GGUF_FILE, IDS)
+    assert float((got - expected).abs().max()) < 0.01 * max(1.0, float(expected.std()))
