@@ -135,6 +135,23 @@ def row(model: str, path: str, recipe: str, scheme: str, settings: dict) -> dict
     }  # fmt: skip
 
 
+def table(rows: list[dict]) -> str:
+    """The markdown table of benchmarks/results/gguf.md."""
+    lines = [
+        "| model | recipe | scheme | lowbit ppl | llama.cpp ppl | gap | max logit diff (window 1) | 32 tokens | MiB "
+        "| tensors per type |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        types = ", ".join(f"{name} {count}" for name, count in r["tensor_types"].items())
+        lines.append(
+            f"| {r['model']} | {r['recipe']} | `{r['scheme']}` | {r['lowbit_ppl']:.4f} | {r['llamacpp_ppl']:.4f} | "
+            f"{100 * r['relative_gap']:+.2f} % | {r['first_window_max_logit_diff']:.3f} | {r['generated_tokens']} | "
+            f"{r['file_mib']:.1f} | {types} |"
+        )
+    return "\n".join(lines)
+
+
 def _key(entry: dict) -> tuple[str, str, str]:
     return entry["model"], entry["recipe"], entry["scheme"]
 
@@ -150,7 +167,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
     parser.add_argument("--only", default="", help="comma list of model:recipe:scheme rows to run (default: all)")
     parser.add_argument("--fresh", action="store_true", help="forget the rows already in --out")
+    parser.add_argument("--table", action="store_true", help="print --out's rows as a markdown table and stop")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())["rows"]))
+        return
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42, "eval_seqlen": args.eval_seqlen,
                 "eval_windows": args.eval_windows, "threads": args.threads, "eval_data": "builtin"}  # fmt: skip
     import llama_cpp

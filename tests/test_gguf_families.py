@@ -40,8 +40,10 @@ CASES = {
     "gemma2-softcap": ("gemma2", {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 8,
                                   "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
     "gemma3": ("gemma3", {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 8}),
+    "qwen3_moe": ("qwen3_moe", {"head_dim": 128, "norm_topk_prob": True}),
 }  # fmt: skip
-# transformers 5's GGUF loader does not restore Gemma 2's soft-capping values (it keeps 50 / 30)
+# transformers 5's GGUF loader does not restore Gemma 2's soft-capping values (it keeps 50 / 30), nor Qwen3-MoE's
+# moe_intermediate_size and norm_topk_prob (it keeps 768 and False, llama.cpp always renormalizes)
 TRANSFORMERS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"]
 
 
@@ -147,6 +149,7 @@ def test_every_tensor_decodes_to_what_lowbit_evaluated(case, tmp_path, tokenizer
         ("qwen2", {"use_sliding_window": True}, "sliding-window"),
         ("mistral", {"sliding_window": 16}, "sliding_window 16"),
         ("phi3", {"sliding_window": 16}, "sliding_window 16"),
+        ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
     ],
 )
 def test_what_llama_cpp_would_run_differently_is_refused_before_calibration(
@@ -166,20 +169,36 @@ def test_what_llama_cpp_would_run_differently_is_refused_before_calibration(
     assert not (tmp_path / "out").exists()
 
 
-def test_qwen3_moe_is_refused_with_its_reason():
-    from types import SimpleNamespace
+def test_qwen3_moe_experts_are_stacked_and_mixes_refused(tmp_path, tokenizer, monkeypatch):
+    """Each block's experts are one 3-D tensor per kind, expert e's rows decoding to expert e's record; llama.cpp's
+    MoE mix rules are not mirrored, so a mix is refused before calibration."""
+    from lowbit.export.gguf.arch import family_support
 
-    from lowbit.export.gguf.arch import family_problem, family_support
+    result = export("qwen3_moe", tmp_path, tokenizer, scheme="gguf:q4_0")
+    reader = gguf.GGUFReader(tmp_path / "out" / GGUF_FILE)
+    tensors = {t.name: t for t in reader.tensors}
+    down = tensors["blk.1.ffn_down_exps.weight"]
+    assert down.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    decoded = gguf.quants.dequantize(down.data, down.tensor_type)
+    assert decoded.shape == (8, 64, 128)
+    for e in range(8):
+        assert np.array_equal(decoded[e], result.weights[f"model.layers.1.mlp.experts.{e}.down_proj"].dequantize())
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert family_support(("qwen3_moe",)) == "yes"
 
-    model = SimpleNamespace(config=SimpleNamespace(model_type="qwen3_moe"))
-    assert "stacked" in family_problem(model)
-    assert family_support(("qwen3_moe",)) == "not yet"
-    assert family_support(("llama", "mistral", "qwen2")) == "yes"
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("calibration started before the export was refused")
+
+    monkeypatch.setattr("lowbit.run.run_quantization", forbidden)
+    with pytest.raises(LowbitError, match="mixture-of-experts"):
+        lowbit.quantize_to(tmp_path / "out2", model=str(tmp_path / "src"), recipe="rtn", scheme="gguf:q4_k_m",
+                           export=ExportSettings(format="gguf"))  # fmt: skip
 
 
-@pytest.mark.parametrize("case", ["gemma2", "phi3"])
+@pytest.mark.parametrize("case", ["gemma2", "phi3", "qwen3_moe"])
 def test_streamed_run_writes_the_same_tensors(case, tmp_path, tokenizer):
-    """A streamed run packs block by block with the same per-family rules (Gemma's 1 + w norms, Phi-3's fused rows)."""
+    """A streamed run packs block by block with the same per-family rules (Gemma's 1 + w norms, Phi-3's fused rows,
+    Qwen3-MoE's stacked experts)."""
     files = {}
     for stream in ("off", "on"):
         export(case, tmp_path, tokenizer, options={"engine": {"stream": stream}})
@@ -187,3 +206,26 @@ def test_streamed_run_writes_the_same_tensors(case, tmp_path, tokenizer):
         files[stream] = [(t.name, t.tensor_type, t.data.tobytes()) for t in reader.tensors]
         (tmp_path / "out").rename(tmp_path / f"out-{stream}")
     assert files["on"] == files["off"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float_file_runs_in_llama_cpp_like_transformers(case, tmp_path, tokenizer):
+    """The writer's structure alone (names, row order, norms, keys), with llama.cpp's quantized arithmetic taken out:
+    every tensor written in float32 (lowbit's plan with no quantized linear), llama.cpp's logits within 0.01 of the
+    transformers model's (its fp16 KV cache is what is left)."""
+    from lowbit.arch import arch_for
+    from lowbit.export.gguf.tensors import plan_tensors
+    from lowbit.export.gguf.vocab import build_vocab
+    from lowbit.export.gguf.writer import PreparedGguf, write_file
+
+    pytest.importorskip("llama_cpp")
+    model = make_family(case)
+    arch_for(model).prepare(model)  # fused experts as the per-expert linears lowbit writes
+    arch = gguf_arch(model)
+    vocab = build_vocab(tokenizer, int(model.config.vocab_size))
+    prepared = PreparedGguf(model, {}, arch, vocab, plan_tensors(model, arch, {}), gguf.LlamaFileType.ALL_F32)
+    write_file(tmp_path / GGUF_FILE, prepared, {"config": {}})
+    with torch.no_grad():
+        expected = model(IDS).logits[0]
+    got = llama_cpp_logits(tmp_path / GGUF_FILE, IDS)
+    assert float((got - expected).abs().max()) < 0.01 * max(1.0, float(expected.std()))

@@ -7,6 +7,7 @@ calibration with the reason (`family_problem`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import gguf
@@ -16,9 +17,19 @@ from torch import Tensor, nn
 from lowbit.errors import LowbitError
 from lowbit.export.gguf.families import FAMILIES, LATER, GgufFamily, head_dim, rope_of
 
+# one expert's linear of a sparse block, as lowbit's per-expert linears name it (arch/moe.py)
+_EXPERT = re.compile(r"(?P<prefix>.+\.experts)\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
+
+
+def expert_index(hf_name: str) -> int | None:
+    """The expert of a per-expert linear's weight (`...experts.3.up_proj.weight` -> 3), None for other tensors."""
+    match = _EXPERT.fullmatch(hf_name)
+    return None if match is None else int(match["index"])
+
+
 _NAMES = {
     "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma 2", "gemma3_text": "Gemma 3",
-    "phi3": "Phi-3", "llama": "Llama",
+    "phi3": "Phi-3", "llama": "Llama", "qwen3_moe": "Qwen3-MoE",
 }  # fmt: skip
 
 
@@ -37,7 +48,13 @@ class GgufArch:
         return gguf.MODEL_ARCH_NAMES[self.arch]
 
     def tensor_name(self, hf_name: str) -> str:
-        """`model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight`; an unknown tensor is an error."""
+        """`model.layers.0.self_attn.q_proj.weight` -> `blk.0.attn_q.weight`; an unknown tensor is an error. One
+        expert's linear (`mlp.experts.3.down_proj.weight`) names the stacked tensor of its kind (`ffn_down_exps`)."""
+        expert = _EXPERT.fullmatch(hf_name)
+        if expert is not None:
+            merged = self.names.get_name(f"{expert['prefix']}.{expert['proj']}")
+            if merged is not None:
+                return f"{merged}.weight"
         name = self.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise LowbitError(
@@ -134,6 +151,10 @@ def add_hparams(writer: gguf.GGUFWriter, model: nn.Module) -> None:
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))
     writer.add_feed_forward_length(int(config.intermediate_size))
+    if getattr(config, "num_experts", None):
+        writer.add_expert_count(int(config.num_experts))
+        writer.add_expert_used_count(int(config.num_experts_per_tok))
+        writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
     writer.add_head_count(int(config.num_attention_heads))
     writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
     writer.add_rope_freq_base(theta)

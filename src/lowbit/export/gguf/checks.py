@@ -12,8 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowbit.arch import arch_for
 from lowbit.errors import LowbitError
 from lowbit.export.gguf.arch import family_problem
+from lowbit.export.gguf.mixes import mix_schemes
 from lowbit.export.gguf.vocab import vocab_problem
 from lowbit.formats.gguf_types import GGUF_MIXES, GGUF_TYPES
 from lowbit.quantizer import QuantizedWeight
@@ -48,6 +50,8 @@ def preflight_gguf(model: nn.Module, linears: dict[str, tuple[int, int]], scheme
     problem = family_problem(model)
     if problem:
         raise LowbitError(problem)
+    if scheme.gguf_mix is not None:
+        mix_schemes(model, arch_for(model), scheme)  # refuses what no mix rule holds (MoE, widths) before calibration
     if tokenizer is not None:
         problem = vocab_problem(tokenizer)
         if problem:

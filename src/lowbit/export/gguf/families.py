@@ -93,6 +93,14 @@ def _qwen2_problem(config: Any) -> str | None:
     return None
 
 
+def _qwen3_moe_problem(config: Any) -> str | None:
+    if not getattr(config, "norm_topk_prob", False):
+        return "norm_topk_prob is off: llama.cpp's Qwen3-MoE always renormalizes the top-k routing weights"
+    if list(getattr(config, "mlp_only_layers", None) or []) or int(getattr(config, "decoder_sparse_step", 1)) != 1:
+        return "dense FFN layers (mlp_only_layers / decoder_sparse_step): llama.cpp puts experts in every layer"
+    return _qwen2_problem(config)
+
+
 def _mistral_problem(config: Any) -> str | None:
     window = getattr(config, "sliding_window", None)
     if window is not None and window < int(config.max_position_embeddings):
@@ -137,10 +145,8 @@ FAMILIES: dict[str, GgufFamily] = {
     "gemma2": GgufFamily(A.GEMMA2, norm_shift=1.0, extra_hparams=_gemma2_hparams, problem=_gemma2_problem),
     "gemma3_text": GgufFamily(A.GEMMA3, norm_shift=1.0, extra_hparams=_gemma3_hparams, problem=_gemma3_problem),
     "phi3": GgufFamily(A.PHI3, problem=_phi3_problem),
+    "qwen3_moe": GgufFamily(A.QWEN3MOE, problem=_qwen3_moe_problem),
 }
 
 # model types lowbit quantizes that llama.cpp runs but this writer does not write yet, with the reason
-LATER = {
-    "qwen3_moe": "Qwen3-MoE's experts are quantized per expert and llama.cpp stores them stacked "
-    "(ffn_*_exps); not written yet",
-}
+LATER: dict[str, str] = {}

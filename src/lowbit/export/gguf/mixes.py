@@ -101,6 +101,11 @@ def mix_schemes(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> dict[s
     mix = scheme.gguf_mix
     if mix is None:
         return {}
+    if arch.experts is not None:
+        raise LowbitError(
+            f"GGUF mix {mix} is not resolved for mixture-of-experts models yet (llama.cpp's MoE rules are not "
+            "mirrored): use a single type such as --scheme gguf:q4_k"
+        )
     names = gguf_arch(model)
     config = model.config
     n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)

@@ -14,7 +14,6 @@ from typing import Any
 
 import gguf
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from lowbit.arch import arch_for
@@ -23,7 +22,7 @@ from lowbit.errors import LowbitError
 from lowbit.export.gguf.arch import gguf_arch
 from lowbit.export.gguf.checks import GGUF_FORMAT
 from lowbit.export.gguf.mixes import mix_schemes
-from lowbit.export.gguf.tensors import PlannedTensor, plan_tensors, tensor_bytes
+from lowbit.export.gguf.tensors import PlannedTensor, expected_values, plan_tensors, tensor_bytes
 from lowbit.export.gguf.vocab import build_vocab
 from lowbit.export.gguf.writer import PreparedGguf, file_type_of, start_file
 from lowbit.formats.files import GGUF_FILE
@@ -78,11 +77,11 @@ class GgufStreamedExport:
             item = tensors[self.next]
             data = tensor_bytes(item, state, records, arch)
             if item.quantized:
-                record = records[item.source.rsplit(".", 1)[0]]
                 decoded = arch.unpermute_rows(item.name, gguf.quants.dequantize(data, item.qtype))
-                expected = record.dequantize()
-                if not np.array_equal(decoded, expected.numpy()) or not torch.equal(
-                    expected, state[item.source].detach().float().cpu()
+                expected = expected_values(item, state, records, arch)
+                evaluated = [state[key].detach().float().cpu().numpy() for key in item.sources]
+                if not np.array_equal(decoded, expected) or not np.array_equal(
+                    expected, np.stack(evaluated) if item.parts else evaluated[0]
                 ):
                     raise RuntimeError(f"{item.name}: the packed block does not decode to the block's weights")
             self.writer.write_tensor_data(data)

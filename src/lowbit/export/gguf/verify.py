@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import gguf
 import numpy as np
 
+from lowbit.export.gguf.tensors import expected_values
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -28,10 +30,7 @@ def verify_file(path: Path, prepared: PreparedGguf) -> None:
         if tensor.tensor_type != item.qtype:
             raise RuntimeError(f"{name}: written as {tensor.tensor_type.name}, planned {item.qtype.name}")
         decoded = prepared.arch.unpermute_rows(name, gguf.quants.dequantize(tensor.data, tensor.tensor_type))
-        if item.quantized:
-            expected = prepared.records[item.source.rsplit(".", 1)[0]].dequantize()
-        else:
-            expected = prepared.arch.stored_float(item.source, state[item.source].detach().cpu()).float()
-        if not np.array_equal(decoded.reshape(expected.shape), expected.numpy()):
-            diff = float(np.abs(decoded.reshape(expected.shape) - expected.numpy()).max())
+        expected = expected_values(item, state, prepared.records, prepared.arch)
+        if not np.array_equal(decoded.reshape(expected.shape), expected):
+            diff = float(np.abs(decoded.reshape(expected.shape) - expected).max())
             raise RuntimeError(f"{name} in {path} decodes to other weights than lowbit's (max |diff| {diff:g})")
