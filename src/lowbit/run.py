@@ -123,7 +123,7 @@ def run(
     plan = plan_memory(config, export, model, evaluate, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if plan is not None and plan.stream:
         check_streamable(config, export, evaluate, group)
-        return run_streamed(config, export, model, plan, evaluate)
+        return run_streamed(config, export, model, plan, evaluate, group)
     work_dir = prepare_work_dir(config, export) if group.is_main else resumed_work_dir(export)  # rank 0 writes
     loaded = (
         model
@@ -208,10 +208,15 @@ def check_streamable(
     config: QuantizeConfig, export: ExportSettings, evaluate: EvalSettings | None, group: Group | None = None
 ) -> None:
     """What a streamed run cannot do, refused before anything loads."""
-    if group is not None and group.distributed:
+    if group is not None and group.distributed and export.resume:
         raise LowbitError(
-            "a streamed run (engine.stream, or a model larger than memory) does not run data-parallel yet: run it "
-            "in one process, or with --opt engine.stream=off on machines that hold the model"
+            "a data-parallel streamed run keeps no checkpoints (each rank's activation chains would be needed): run "
+            "it again with --overwrite instead of --resume, or in one process"
+        )
+    if group is not None and group.distributed and evaluate is not None:
+        raise LowbitError(
+            "--eval in a data-parallel streamed run is not supported yet: evaluate the export afterwards "
+            "(lowbit eval DIR), or run in one process"
         )
     if export.out is None:
         raise LowbitError("a streamed run writes its export as the blocks finish: pass --out")
@@ -235,9 +240,17 @@ def run_streamed(
     model: str | None,
     plan: MemoryPlan | None = None,
     evaluate: EvalSettings | None = None,
+    group: Group | None = None,
 ) -> QuantizedModel:
     """Read each block from the checkpoint as the loop reaches it and write it to the export as it finishes;
-    `evaluate` runs the evaluation windows through each block as read and as finished (eval/streamed.py)."""
+    `evaluate` runs the evaluation windows through each block as read and as finished (eval/streamed.py).
+
+    Data-parallel (`group`): every rank streams every block from the checkpoint (the model is not split) and
+    runs the stages on its slice of the calibration; rank 0 alone writes the export, the others hand their blocks
+    to a sink that keeps nothing. No checkpoints (a resume would need every rank's chains), as for a GGUF file."""
+    group = Group() if group is None else group
+    if not group.is_main:
+        return _streamed_rank(config, export, model, plan, group)
     from lowbit.engine.stream_checkpoint import StreamCheckpoint
     from lowbit.engine.streaming import CheckpointBlocks
     from lowbit.export.atomic import atomic_output_dir, resumable_output_dir
@@ -246,9 +259,11 @@ def run_streamed(
 
     assert export.out is not None
     gguf_file = export.format == GGUF_FORMAT  # one file written as the blocks finish: no checkpoints to resume from
-    work_dir = None if gguf_file else prepare_work_dir(config, export)  # the partial export is the checkpoint
+    no_checkpoints = gguf_file or group.distributed
+    work_dir = None if no_checkpoints else prepare_work_dir(config, export)  # the partial export is the checkpoint
     loaded, streamed = load_streamed(model)
     preflight(config, export, loaded.model, checkpoints=False, tokenizer=loaded.tokenizer)
+    group.barrier()  # every rank checked its settings before rank 0 makes the output directory
     fmt = stream_format(config, export, loaded.model)
     ct_packing = export.ct_packing or ("dense" if export.format == AUTO_FORMAT else None)
     needed = estimate_export_bytes(loaded.model, config.scheme, fmt)
@@ -273,7 +288,7 @@ def run_streamed(
         evaluation = streamed_evaluation(loaded, config, evaluate, source) if evaluate else None
         result = run_quantization(loaded, config, work_dir=work_dir, resume=export.resume, plan=plan,
                                   source=source, sink=sink, observer=evaluation,
-                                  offload_dir=offload_dir(export), fmt=export.format,
+                                  offload_dir=offload_dir(export), group=group, fmt=export.format,
                                   ct_packing=export.ct_packing)  # fmt: skip
         if evaluation is not None:
             result.record["evaluation"] = evaluation.results()
@@ -288,6 +303,24 @@ def run_streamed(
         from lowbit.eval.report import report_from_dir
 
         result.report_path = report_from_dir(export.out)
+    return result
+
+
+def _streamed_rank(
+    config: QuantizeConfig, export: ExportSettings, model: str | None, plan: MemoryPlan | None, group: Group
+) -> QuantizedModel:
+    """A rank other than 0 of a data-parallel streamed run: the same blocks read and the same stages run on its
+    slice of the calibration (its reductions meet rank 0's), each finished block handed to a sink that keeps
+    nothing; it writes no file."""
+    from lowbit.engine.streaming import CheckpointBlocks, DiscardingSink
+    from lowbit.models import load_streamed
+
+    loaded, streamed = load_streamed(model)
+    preflight(config, export, loaded.model, checkpoints=False, tokenizer=loaded.tokenizer)
+    group.barrier()
+    result = run_quantization(loaded, config, plan=plan, source=CheckpointBlocks(streamed), sink=DiscardingSink(),
+                              offload_dir=offload_dir(export), group=group)  # fmt: skip
+    result.streamed = True
     return result
 
 

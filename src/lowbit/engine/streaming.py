@@ -98,6 +98,27 @@ class CheckpointBlocks:
         return_freed_memory()
 
 
+class DiscardingSink:
+    """The `BlockSink` of a data-parallel streamed run's ranks other than 0: rank 0 writes the export, these keep
+    nothing (and, with no checkpoints in such a run, are never asked to restore)."""
+
+    done = 0
+
+    def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
+        """Nothing to write: rank 0 writes the block."""
+
+    def block_done(
+        self, index: int, chains: dict[str, Chain], artifacts: dict[str, torch.Tensor], metrics: dict
+    ) -> None:
+        """Nothing to checkpoint."""
+
+    def restore(self, index: int) -> Any:
+        raise RuntimeError("a data-parallel streamed run has no checkpoints to restore from")
+
+    def chains(self, index: int, store: ChainStore) -> dict[str, Chain]:
+        raise RuntimeError("a data-parallel streamed run has no checkpoints to restore from")
+
+
 @functools.cache
 def _glibc_trim() -> Callable[[int], int] | None:
     try:
