@@ -48,6 +48,30 @@ def test_knapsack_matches_brute_force_on_small_cases():
         assert sum(losses[i][j] for i, j in enumerate(found)) == pytest.approx(best[0], abs=1e-12)
 
 
+def _dense_dp(costs, losses, capacity) -> float:
+    """The least loss by a plain DP over every capacity (the textbook multiple-choice knapsack)."""
+    best = np.zeros(capacity + 1)
+    for row_c, row_l in zip(costs, losses, strict=True):
+        new = np.full(capacity + 1, np.inf)
+        for c, v in zip(row_c, row_l, strict=True):
+            new[c:] = np.minimum(new[c:], best[: capacity + 1 - c] + v)
+        best = new
+    return float(best.min())
+
+
+def test_knapsack_matches_a_dense_dp_on_medium_cases():
+    """40 items x 4 options: the bounds prune, the answer stays the exact optimum."""
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        costs = rng.integers(1, 60, (40, 4)).tolist()
+        losses = (rng.random((40, 4)) ** 3).tolist()
+        least, most = sum(min(row) for row in costs), sum(max(row) for row in costs)
+        capacity = int(rng.integers(least, most + 1))
+        found = solve(costs, losses, capacity)
+        assert sum(costs[i][j] for i, j in enumerate(found)) <= capacity
+        assert sum(losses[i][j] for i, j in enumerate(found)) == pytest.approx(_dense_dp(costs, losses, capacity))
+
+
 def test_knapsack_is_deterministic_and_prefers_the_cheaper_tie():
     costs, losses = [[1, 2], [1, 2]], [[1.0, 1.0], [2.0, 0.5]]
     assert solve(costs, losses, 4) == (0, 1) == solve(costs, losses, 4)
