@@ -141,13 +141,11 @@ def test_fused_linears_share_a_scheme(tokenizer, text_file):
 
 
 def _uniform_bits(loaded, option: str) -> float:
-    from lowbit.mixed.plan import item_costs, plan_items
+    from lowbit.mixed.plan import uniform_bits
 
-    arch = arch_for(loaded.model)
-    items = plan_items(loaded.model, arch, "compressed-tensors")
-    stored = sum(row[0] for row in item_costs(items, parse_scheme(f"auto:1:{option}").mixed, "compressed-tensors", 4,
-                                              None))  # fmt: skip
-    return 8 * stored / sum(m * k for item in items for m, k in item.shapes)
+    return uniform_bits(loaded.model, arch_for(loaded.model), parse_scheme(f"auto:8:{SYM}"), "compressed-tensors")[
+        option
+    ]
 
 
 @pytest.mark.parametrize("option", ["w2g32-sym", "w8g-1-sym"])
@@ -267,3 +265,38 @@ def test_a_streamed_run_plans_and_writes_what_a_resident_run_does(tokenizer_dir,
     assert_stream_matches(model_dir, tmp_path, "gptq", f"auto:3.8:{SYM}", "compressed-tensors", ct_packing="dense")
     plans = [yaml.safe_load((tmp_path / run / "out" / PLAN_FILE).read_text()) for run in ("resident", "streamed")]
     assert plans[0] == plans[1] and len(set(plans[0]["linears"].values())) > 1
+
+
+def test_hessian_loss_is_the_output_error_per_token():
+    from lowbit.methods.common.gram import gram_matrix
+    from lowbit.mixed.sensitivity import hessian_losses, rtn_error
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 64, generator=g), torch.randn(50, 64, generator=g)
+    options = [parse_scheme(name) for name in ("w2g32", "w4g32", "w8g-1")]
+    losses = hessian_losses(w, gram_matrix(x), 50, options)
+    for option, loss in zip(options, losses, strict=True):
+        expected = float((x @ rtn_error(w, option).T).pow(2).sum() / 50)
+        assert loss == pytest.approx(expected, rel=1e-4)
+    assert losses[0] > losses[1] > losses[2] > 0
+    assert hessian_losses(w, gram_matrix(x), 0, options) == [0.0, 0.0, 0.0]  # an expert no token reached
+
+
+def test_the_gradient_estimator_scores_fewer_bits_as_worse_and_leaves_the_block_alone():
+    from lowbit.mixed.sensitivity import gradient_losses
+
+    g = torch.Generator().manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 64))
+    linears = {"0": block[0], "2": block[2]}
+    before = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+    x = torch.randn(40, 64, generator=g)
+    with torch.no_grad():
+        target = block(x)
+
+    def backward():
+        ((block(x) - target) ** 2).mean().backward()
+
+    scores = gradient_losses(block, linears, [parse_scheme("w2g32"), parse_scheme("w8g-1")], backward)
+    assert all(scores[name][0] > scores[name][1] >= 0 for name in linears)
+    assert all(torch.equal(linears[name].weight, before[name]) for name in linears)
+    assert all(p.grad is None for p in block.parameters())
