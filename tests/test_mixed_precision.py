@@ -300,3 +300,24 @@ def test_the_gradient_estimator_scores_fewer_bits_as_worse_and_leaves_the_block_
     assert all(scores[name][0] > scores[name][1] >= 0 for name in linears)
     assert all(torch.equal(linears[name].weight, before[name]) for name in linears)
     assert all(p.grad is None for p in block.parameters())
+
+
+def test_the_cli_plans_and_reruns_a_plan_file(tiny_llama_dir, text_file, tmp_path):
+    from lowbit.cli import main
+
+    common = ["--recipe", "rtn", "--dataset", str(text_file), "--nsamples", "4", "--seqlen", "16", "--format",
+              "compressed-tensors", "--ct-packing", "dense", "--quiet"]  # fmt: skip
+    assert (
+        main(["quantize", str(tiny_llama_dir), "--scheme", f"auto:4.5:{SYM}", *common, "--out", str(tmp_path / "a")])
+        == 0
+    )
+    plan = tmp_path / "a" / PLAN_FILE
+    assert (
+        main(["quantize", str(tiny_llama_dir), "--scheme-plan", str(plan), *common, "--out", str(tmp_path / "b")]) == 0
+    )
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    edited = yaml.safe_load(plan.read_text())
+    edited["linears"]["model.layers.0.mlp.down_proj"] = "w5g32"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(edited))
+    assert main(["quantize", str(tiny_llama_dir), "--scheme-plan", str(tmp_path / "bad.yaml"), *common, "--out",
+                 str(tmp_path / "c")]) == 2  # fmt: skip
