@@ -48,6 +48,30 @@ def test_knapsack_matches_brute_force_on_small_cases():
         assert sum(losses[i][j] for i, j in enumerate(found)) == pytest.approx(best[0], abs=1e-12)
 
 
+def _dense_dp(costs, losses, capacity) -> float:
+    """The least loss by a plain DP over every capacity (the textbook multiple-choice knapsack)."""
+    best = np.zeros(capacity + 1)
+    for row_c, row_l in zip(costs, losses, strict=True):
+        new = np.full(capacity + 1, np.inf)
+        for c, v in zip(row_c, row_l, strict=True):
+            new[c:] = np.minimum(new[c:], best[: capacity + 1 - c] + v)
+        best = new
+    return float(best.min())
+
+
+def test_knapsack_matches_a_dense_dp_on_medium_cases():
+    """40 items x 4 options: the bounds prune, the answer stays the exact optimum."""
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        costs = rng.integers(1, 60, (40, 4)).tolist()
+        losses = (rng.random((40, 4)) ** 3).tolist()
+        least, most = sum(min(row) for row in costs), sum(max(row) for row in costs)
+        capacity = int(rng.integers(least, most + 1))
+        found = solve(costs, losses, capacity)
+        assert sum(costs[i][j] for i, j in enumerate(found)) <= capacity
+        assert sum(losses[i][j] for i, j in enumerate(found)) == pytest.approx(_dense_dp(costs, losses, capacity))
+
+
 def test_knapsack_is_deterministic_and_prefers_the_cheaper_tie():
     costs, losses = [[1, 2], [1, 2]], [[1.0, 1.0], [2.0, 0.5]]
     assert solve(costs, losses, 4) == (0, 1) == solve(costs, losses, 4)
@@ -117,13 +141,11 @@ def test_fused_linears_share_a_scheme(tokenizer, text_file):
 
 
 def _uniform_bits(loaded, option: str) -> float:
-    from lowbit.mixed.plan import item_costs, plan_items
+    from lowbit.mixed.plan import uniform_bits
 
-    arch = arch_for(loaded.model)
-    items = plan_items(loaded.model, arch, "compressed-tensors")
-    stored = sum(row[0] for row in item_costs(items, parse_scheme(f"auto:1:{option}").mixed, "compressed-tensors", 4,
-                                              None))  # fmt: skip
-    return 8 * stored / sum(m * k for item in items for m, k in item.shapes)
+    return uniform_bits(loaded.model, arch_for(loaded.model), parse_scheme(f"auto:8:{SYM}"), "compressed-tensors")[
+        option
+    ]
 
 
 @pytest.mark.parametrize("option", ["w2g32-sym", "w8g-1-sym"])
@@ -243,3 +265,59 @@ def test_a_streamed_run_plans_and_writes_what_a_resident_run_does(tokenizer_dir,
     assert_stream_matches(model_dir, tmp_path, "gptq", f"auto:3.8:{SYM}", "compressed-tensors", ct_packing="dense")
     plans = [yaml.safe_load((tmp_path / run / "out" / PLAN_FILE).read_text()) for run in ("resident", "streamed")]
     assert plans[0] == plans[1] and len(set(plans[0]["linears"].values())) > 1
+
+
+def test_hessian_loss_is_the_output_error_per_token():
+    from lowbit.methods.common.gram import gram_matrix
+    from lowbit.mixed.sensitivity import hessian_losses, rtn_error
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 64, generator=g), torch.randn(50, 64, generator=g)
+    options = [parse_scheme(name) for name in ("w2g32", "w4g32", "w8g-1")]
+    losses = hessian_losses(w, gram_matrix(x), 50, options)
+    for option, loss in zip(options, losses, strict=True):
+        expected = float((x @ rtn_error(w, option).T).pow(2).sum() / 50)
+        assert loss == pytest.approx(expected, rel=1e-4)
+    assert losses[0] > losses[1] > losses[2] > 0
+    assert hessian_losses(w, gram_matrix(x), 0, options) == [0.0, 0.0, 0.0]  # an expert no token reached
+
+
+def test_the_gradient_estimator_scores_fewer_bits_as_worse_and_leaves_the_block_alone():
+    from lowbit.mixed.sensitivity import gradient_losses
+
+    g = torch.Generator().manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 64))
+    linears = {"0": block[0], "2": block[2]}
+    before = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+    x = torch.randn(40, 64, generator=g)
+    with torch.no_grad():
+        target = block(x)
+
+    def backward():
+        ((block(x) - target) ** 2).mean().backward()
+
+    scores = gradient_losses(block, linears, [parse_scheme("w2g32"), parse_scheme("w8g-1")], backward)
+    assert all(scores[name][0] > scores[name][1] >= 0 for name in linears)
+    assert all(torch.equal(linears[name].weight, before[name]) for name in linears)
+    assert all(p.grad is None for p in block.parameters())
+
+
+def test_the_cli_plans_and_reruns_a_plan_file(tiny_llama_dir, text_file, tmp_path):
+    from lowbit.cli import main
+
+    common = ["--recipe", "rtn", "--dataset", str(text_file), "--nsamples", "4", "--seqlen", "16", "--format",
+              "compressed-tensors", "--ct-packing", "dense", "--quiet"]  # fmt: skip
+    assert (
+        main(["quantize", str(tiny_llama_dir), "--scheme", f"auto:4.5:{SYM}", *common, "--out", str(tmp_path / "a")])
+        == 0
+    )
+    plan = tmp_path / "a" / PLAN_FILE
+    assert (
+        main(["quantize", str(tiny_llama_dir), "--scheme-plan", str(plan), *common, "--out", str(tmp_path / "b")]) == 0
+    )
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    edited = yaml.safe_load(plan.read_text())
+    edited["linears"]["model.layers.0.mlp.down_proj"] = "w5g32"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(edited))
+    assert main(["quantize", str(tiny_llama_dir), "--scheme-plan", str(tmp_path / "bad.yaml"), *common, "--out",
+                 str(tmp_path / "c")]) == 2  # fmt: skip

@@ -228,7 +228,7 @@ def _recipes() -> int:
     from lowbit.engine import EngineOptions
     from lowbit.export import FORMATS, TARGETS
     from lowbit.methods import STAGES
-    from lowbit.scheme import PRESETS
+    from lowbit.scheme import DEFAULT_AUTO_OPTIONS, ESTIMATORS, PRESETS
 
     print("Stages (a recipe is transforms joined by '+', ending in one quantizer):")
     for name, stage in STAGES.items():
@@ -250,6 +250,9 @@ def _recipes() -> int:
         "w<bits>a<act>[g<group>][-kind], per channel unless g is given, w8a8 = 8-bit sym weights):"
     )
     print("  " + ", ".join(PRESETS))
+    print(f"  auto:<bits>[:<options>][:{'|'.join(ESTIMATORS)}]  mixed precision: each linear one of the options "
+          f"(default {','.join(DEFAULT_AUTO_OPTIONS)}), at most <bits> stored bits per weight; --scheme-plan reruns "
+          "a plan.yaml")  # fmt: skip
     print("Formats: " + ", ".join(FORMATS))
     print("  fake               dequantized float checkpoint (research, W-A simulations; reloads with act quant)")
     print("  compressed-tensors pack-quantized weight-only INT, 1-8 bits (vLLM, transformers + compressed-tensors);")

@@ -143,9 +143,9 @@ class QuantizedModel:
             prepared.write(directory, self.tokenizer, record, max_shard_size=max_shard_bytes, writer=writer)
         write_artifacts(directory, self.artifacts)
         if "mixed_precision" in record:  # the editable plan an `auto:` run chose (`--scheme-plan` reruns it)
-            from lowbit.mixed.plan import PLAN_FILE
+            from lowbit.mixed.plan import PLAN_FILE, PLAN_KEYS
 
-            plan = {k: v for k, v in record["mixed_precision"].items() if k not in ("estimator", "from_file")}
+            plan = {k: record["mixed_precision"][k] for k in PLAN_KEYS if k in record["mixed_precision"]}
             (directory / PLAN_FILE).write_text(yaml.safe_dump(plan, sort_keys=False))
         write_card(directory, out, fmt, record)
         self.record["format"] = fmt

@@ -5,8 +5,9 @@ Why exact: a plan is compared against uniform schemes of the same size, and a he
 comparison. The solver is a dynamic programme over integer costs (stored bytes) that keeps, after each item, only
 the Pareto frontier of (cost, loss) states: a state with more cost and no less loss than another can never be
 part of a better solution, so dropping it keeps the optimum. States that cannot fit the cheapest completion of the
-remaining items, or whose loss plus the remaining items' least losses cannot beat a known feasible solution, are
-dropped too (branch-and-bound). Ties are broken by the lowest option indices, so the answer is deterministic.
+remaining items, or whose loss plus a lower bound on the remaining items' loss (their LP relaxation at the room
+left: convex hulls, upgrades by loss saved per byte) cannot beat a known feasible solution, are dropped too
+(branch-and-bound). Ties are broken by the lowest option indices, so the answer is deterministic.
 Pure numpy; `brute_force` is the reference the tests compare it with.
 """
 
@@ -32,31 +33,99 @@ def _check(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]]) ->
             raise LowbitError("knapsack losses must be finite")
 
 
-def _greedy(costs: list[np.ndarray], losses: list[np.ndarray], capacity: int) -> float:
-    """A feasible solution's loss (an upper bound for pruning): start from the cheapest options and spend the room
-    on the upgrades that save the most loss per byte; inf when even the cheapest does not fit."""
-    choice = [int(np.lexsort((l, c))[0]) for c, l in zip(costs, losses, strict=True)]
-    room = capacity - sum(int(c[j]) for c, j in zip(costs, choice, strict=True))
-    if room < 0:
-        return float("inf")
-    improved = True
-    while improved:
-        improved = False
+def _improve(costs: list[np.ndarray], losses: list[np.ndarray], choice: list[int], room: int) -> list[int]:
+    """Spend the room left on the single-item changes that save the most loss per byte, while any fits."""
+    while True:
         best, best_rate = None, 0.0
-        for i, (c, l) in enumerate(zip(costs, losses, strict=True)):
+        for i, (c, v) in enumerate(zip(costs, losses, strict=True)):
             j = choice[i]
             for k in range(len(c)):
-                extra, gain = int(c[k] - c[j]), float(l[j] - l[k])
+                extra, gain = int(c[k] - c[j]), float(v[j] - v[k])
                 if gain > 0 and extra <= room:
                     rate = gain / max(extra, 1e-9)
                     if best is None or rate > best_rate:
                         best, best_rate = (i, k, extra), rate
-        if best is not None:
-            i, k, extra = best
-            choice[i] = k
+        if best is None:
+            return choice
+        i, k, extra = best
+        choice[i] = k
+        room -= extra
+
+
+def _greedy(costs: list[np.ndarray], losses: list[np.ndarray], capacity: int) -> float:
+    """A feasible solution's loss (an upper bound for pruning); inf when even the cheapest options do not fit.
+
+    The LP relaxation's order (each item's convex-hull upgrades by loss saved per byte, an item's later upgrades
+    only after its earlier ones) taken while they fit, then single-item changes into the room left."""
+    hulls = [_hull_points(c, v) for c, v in zip(costs, losses, strict=True)]
+    position = [0] * len(hulls)
+    room = capacity - sum(int(costs[i][h[0]]) for i, h in enumerate(hulls))
+    if room < 0:
+        return float("inf")
+    steps = []
+    for i, hull in enumerate(hulls):
+        for k in range(len(hull) - 1):
+            extra = int(costs[i][hull[k + 1]] - costs[i][hull[k]])
+            saved = float(losses[i][hull[k]] - losses[i][hull[k + 1]])
+            steps.append((-saved / max(extra, 1e-12), i, k, extra))
+    blocked = set()
+    for _, i, k, extra in sorted(steps):
+        if i in blocked or position[i] != k:
+            continue
+        if extra <= room:
+            position[i] = k + 1
             room -= extra
-            improved = True
-    return float(sum(float(l[j]) for l, j in zip(losses, choice, strict=True)))
+        else:
+            blocked.add(i)  # its later upgrades need this one first
+    choice = _improve(costs, losses, [hull[p] for hull, p in zip(hulls, position, strict=True)], room)
+    return float(sum(float(v[j]) for v, j in zip(losses, choice, strict=True)))
+
+
+def _hull_points(cost: np.ndarray, loss: np.ndarray) -> list[int]:
+    """Option indices on the item's lower convex hull of (cost, loss), cheapest first (dominated ones dropped)."""
+    hull: list[int] = []
+    for j in np.lexsort((loss, cost)):
+        j = int(j)
+        if hull and loss[j] >= loss[hull[-1]]:
+            continue  # not cheaper, not better
+        while len(hull) >= 2:  # drop the middle point when it lies on or above the chord
+            a, b = hull[-2], hull[-1]
+            if (loss[b] - loss[a]) * (cost[j] - cost[a]) >= (loss[j] - loss[a]) * (cost[b] - cost[a]):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    return hull
+
+
+def _hull_segments(cost: np.ndarray, loss: np.ndarray) -> tuple[int, float, list[tuple[int, float]]]:
+    """The item's cheapest hull point (cost, loss) and its upgrades along the hull as (extra cost, loss saved)."""
+    hull = _hull_points(cost, loss)
+    steps = [(int(cost[b] - cost[a]), float(loss[a] - loss[b])) for a, b in zip(hull, hull[1:], strict=False)]
+    return int(cost[hull[0]]), float(loss[hull[0]]), steps
+
+
+def _lp_bounds(costs: list[np.ndarray], losses: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per suffix i (items i..n-1): the LP relaxation's least loss as a piecewise linear function of the room,
+    as breakpoints (room, loss) for np.interp; a lower bound on what the remaining items can reach."""
+    hulls = [_hull_segments(c, v) for c, v in zip(costs, losses, strict=True)]
+    bounds = [(np.zeros(1), np.zeros(1))]
+    base_cost, base_loss = 0, 0.0
+    steps: list[tuple[int, float]] = []
+    for start_cost, start_loss, item_steps in reversed(hulls):
+        base_cost += start_cost
+        base_loss += start_loss
+        steps += item_steps
+        if steps:
+            extra = np.array([s[0] for s in steps], dtype=np.float64)
+            saved = np.array([s[1] for s in steps], dtype=np.float64)
+            order = np.argsort(-(saved / np.maximum(extra, 1e-12)), kind="stable")
+            room = base_cost + np.concatenate(([0.0], np.cumsum(extra[order])))
+            value = base_loss - np.concatenate(([0.0], np.cumsum(saved[order])))
+        else:
+            room, value = np.array([float(base_cost)]), np.array([base_loss])
+        bounds.append((room, value))
+    return list(reversed(bounds))
 
 
 def solve(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]], capacity: int) -> tuple[int, ...] | None:
@@ -76,6 +145,7 @@ def solve(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]], cap
         return None
     bound = _greedy(c_rows, l_rows, capacity)
     slack = 1e-9 * max(1.0, abs(bound))  # keep states that tie the bound up to rounding (the exact tie-break decides)
+    lp = _lp_bounds(c_rows, l_rows)  # lp[i]: the LP relaxation of items i.. (a lower bound on their least loss)
     state_cost = np.zeros(1, dtype=np.int64)
     state_loss = np.zeros(1, dtype=np.float64)
     parents: list[np.ndarray] = []
@@ -86,7 +156,9 @@ def solve(costs: Sequence[Sequence[int]], losses: Sequence[Sequence[float]], cap
         cand_loss = (state_loss[:, None] + l_rows[i][None, :]).ravel()
         cand_parent = np.repeat(np.arange(state_cost.size), m)
         cand_option = np.tile(np.arange(m), state_cost.size)
-        keep = (cand_cost + min_cost_after[i + 1] <= capacity) & (cand_loss + min_loss_after[i + 1] <= bound + slack)
+        room, value = lp[i + 1]  # the rest's least loss at the room each candidate leaves (flat past the last step)
+        rest = np.interp((capacity - cand_cost).astype(np.float64), room, value)
+        keep = (cand_cost + min_cost_after[i + 1] <= capacity) & (cand_loss + rest <= bound + slack)
         cand_cost, cand_loss = cand_cost[keep], cand_loss[keep]
         cand_parent, cand_option = cand_parent[keep], cand_option[keep]
         # by cost, then loss, then the earlier parent (lower indices before it), then the lower option index

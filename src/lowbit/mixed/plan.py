@@ -25,6 +25,7 @@ from lowbit.mixed.knapsack import solve
 from lowbit.scheme import MixedBudget, QuantScheme, parse_scheme
 
 PLAN_FILE = "plan.yaml"
+PLAN_KEYS = ("scheme", "format", "bits_per_weight", "stored_bytes", "budget_bytes", "weights", "linears")
 PACKED_FORMATS = ("compressed-tensors", "gptq")
 COUNTED_AS = {"auto": "compressed-tensors"}  # --format auto: counted as the packed format it prefers
 
@@ -68,6 +69,17 @@ class SchemePlan:
             "budget_bytes": self.budget_bytes,
             "weights": self.weights,
             "linears": dict(self.linears),
+        }
+
+    def record_entry(self, estimator: str, from_file: bool) -> dict[str, Any]:
+        """The run record's `mixed_precision`: the plan, how it was made, and the measured loss of every linear at
+        every option (in the order of the scheme's options), so a plan can be questioned after the run."""
+        losses = {name: [float(f"{v:.6g}") for v in values] for name, values in self.losses.items()}
+        return {
+            **self.to_dict(),
+            "estimator": estimator,
+            "from_file": from_file,
+            **({"losses": losses} if losses else {}),
         }
 
     def write(self, path: str | Path) -> Path:

@@ -33,11 +33,11 @@ def hessian_losses(weight: Tensor, gram: Tensor, tokens: int, options: Sequence[
     """tr(E H E^T) per option, H = gram / tokens (0 for a linear no token reached: an unrouted MoE expert)."""
     if tokens == 0:
         return [0.0 for _ in options]
-    h = gram.to(torch.float64) / tokens
+    h = gram.float() / tokens
     losses = []
     for option in options:
-        e = rtn_error(weight, option).to(device=h.device, dtype=torch.float64)
-        losses.append(float(((e @ h) * e).sum()))
+        e = rtn_error(weight, option).to(h.device)
+        losses.append(float(((e @ h) * e).sum(dtype=torch.float64)))
     return losses
 
 

@@ -56,16 +56,27 @@ class SensitivityPass(BlockStage):
 
     @torch.no_grad()
     def _grams(self, ctx: BlockContext, linears: dict[str, nn.Linear]) -> tuple[dict[str, Any], dict[str, int]]:
-        """X^T X (fp64 sums of fp32 panels) and token counts of each linear's inputs over the float chain."""
-        grams = {name: torch.zeros(lin.in_features, lin.in_features, dtype=torch.float64, device=ctx.device)
-                 for name, lin in linears.items()}  # fmt: skip
+        """X^T X (fp32, summed batch by batch) and token counts of each linear's inputs over the float chain.
+
+        Linears that read the same tensor (q/k/v, gate/up) share one matrix, as GPTQ's Hessian pass does: a 7B block
+        then holds three Gram matrices, not seven."""
+        grams: dict[str, torch.Tensor] = {}
         tokens = dict.fromkeys(linears, 0)
+        alias: dict[str, str] = {}  # linear -> the linear whose matrix it shares (same input tensor)
+        seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, first linear that read it), per batch
 
         def hook_for(name: str):
             def hook(_module: nn.Module, args: tuple) -> None:
-                rows = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                grams[name] += gram_matrix(rows).double()
-                tokens[name] += rows.shape[0]
+                x = args[0]
+                tokens[name] += x.numel() // x.shape[-1]
+                first = seen.get(id(x))
+                if first is not None and first[0] is x:
+                    alias.setdefault(name, first[1])
+                    if alias[name] == first[1]:
+                        return  # the owner's matrix already holds this batch
+                seen[id(x)] = (x, name)
+                gram = gram_matrix(x.detach().reshape(-1, x.shape[-1]).float())
+                grams[name] = gram if name not in grams else grams[name] + gram
 
             return hook
 
@@ -73,10 +84,17 @@ class SensitivityPass(BlockStage):
         kwargs = ctx.device_kwargs()
         try:
             for part in ctx.batches():
+                seen.clear()
                 call_block(ctx.block, ctx.batch(ctx.fp_inputs, part), kwargs)  # type: ignore[arg-type]
         finally:
             for handle in handles:
                 handle.remove()
+        for name, linear in linears.items():
+            owner = alias.get(name)
+            if owner is not None and name not in grams:
+                grams[name] = grams[owner]
+            elif name not in grams:  # never called: an MoE expert no token reached
+                grams[name] = torch.zeros(linear.in_features, linear.in_features, device=ctx.device)
         return grams, tokens
 
     def _backward(self, ctx: BlockContext) -> None:
