@@ -66,7 +66,7 @@ def assert_stream_matches(model_dir: Path, tmp_path: Path, recipe: str, scheme: 
 @pytest.mark.parametrize(
     "recipe, scheme",
     [("rtn", "w4g32"), ("gptq", "w4g32"), ("awq+rtn", "w4g32"), ("signround", "w4g32"), ("omniquant", "w3g32"),
-     ("desv", "w3g32"), ("teq+rtn", "w4g32")],
+     ("desv", "w3g32"), ("teq+rtn", "w4g32"), ("hqq", "w3g32")],
 )  # fmt: skip
 def test_stream_equals_resident_for_every_block_recipe(tmp_path, tokenizer_dir, recipe, scheme):
     model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir)
@@ -154,7 +154,7 @@ def interrupt_after_block(monkeypatch, after: int | None = None) -> Callable:
     return original
 
 
-@pytest.mark.parametrize("recipe, after", [("gptq", 0), ("signround", 1), ("rtn", 1)])
+@pytest.mark.parametrize("recipe, after", [("gptq", 0), ("signround", 1), ("rtn", 1), ("hqq", 1)])
 def test_interrupted_streamed_run_resumes_to_the_same_bytes(tmp_path, tokenizer_dir, monkeypatch, recipe, after):
     from lowbit.cli import main
     from lowbit.engine.workdir import work_dir_for

@@ -182,7 +182,7 @@ def optimize_integer_grid(
     the error that is tracked is the error of what will be written. Unless `clip`, the scale never shrinks below
     `covering_scale`: the group's extremes stay on the grid, as with min-max rounding and with the library (whose
     scale is fixed). With p < 1 an unconstrained fit clips outliers freely, which lowers the weight error and, on
-    SmolLM2 at 4 bits, raised perplexity (docs/methods.md). Every group keeps the step with its lowest
+    SmolLM2 at 4 and 3 bits, raised perplexity (docs/methods.md). Every group keeps the step with its lowest
     mean |W - W_hat|; step 0 is the start, so no group ends worse than it. The loop stops when the mean error of
     the whole tensor stops falling, as the library's solver does.
     """

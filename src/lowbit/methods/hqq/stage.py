@@ -43,7 +43,7 @@ class HQQOptions:
     clip: bool = field(
         default=False,
         metadata={"help": "integer: let the scale fit clip a group's extremes (lower weight error; raised "
-                  "perplexity at W4 on SmolLM2); off keeps them on the grid as min-max and the library do"},
+                  "perplexity at W4 and W3 on SmolLM2); off keeps them on the grid as min-max and the library do"},
     )  # fmt: skip
     lp_norm: float = field(default=0.7, metadata={"help": "p of the |error|^p the solver minimizes (0 < p <= 1)"})
     beta: float = field(default=10.0, metadata={"help": "starting half-quadratic penalty"})
