@@ -32,7 +32,7 @@ def _env() -> dict[str, str]:
 
 def _lowbit(*args: object, launcher: tuple[str, ...] = ("-m", "lowbit")) -> subprocess.CompletedProcess:
     command = [sys.executable, *launcher, *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=120, check=False)
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600, check=False)  # a hang guard, not a time limit
 
 
 def _torchrun(*args: object, script: tuple[str, ...] = ("-m", "lowbit")) -> subprocess.CompletedProcess:
