@@ -32,7 +32,8 @@ def _env() -> dict[str, str]:
 
 def _lowbit(*args: object, launcher: tuple[str, ...] = ("-m", "lowbit")) -> subprocess.CompletedProcess:
     command = [sys.executable, *launcher, *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600, check=False)  # a hang guard, not a time limit
+    # the timeout guards against a hang, it is not a time limit: a tiny 2-rank run took over 120 s at load 9
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600, check=False)
 
 
 def _torchrun(*args: object, script: tuple[str, ...] = ("-m", "lowbit")) -> subprocess.CompletedProcess:
