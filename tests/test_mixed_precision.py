@@ -217,7 +217,7 @@ def test_an_option_the_format_cannot_store_is_refused_before_calibration(args, f
     assert fragment in _refused(capsys, tmp_path, monkeypatch, tiny_llama_dir, *args)
 
 
-@pytest.mark.parametrize("recipe", ["rtn", "gptq", "awq+rtn", "signround", "teq+rtn", "omniquant", "let+rtn"])
+@pytest.mark.parametrize("recipe", ["rtn", "hqq", "gptq", "awq+rtn", "signround", "teq+rtn", "omniquant", "let+rtn"])
 def test_every_quantizer_rounds_each_linear_at_its_planned_scheme(recipe, tokenizer, text_file):
     from families import RECIPES
 
