@@ -29,8 +29,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, run_isolated, write_json  # noqa: E402
 
-# w2g-1 makes 2.5 bits reachable: with the fp32 embedded model the scales are stored in fp32 and w2g64 costs 2.53
-OPTIONS = "w2g-1,w2g64,w3g64,w4g64,w8g-1"
+# lowbit's default set. With the fp32 embedded model the scales are stored in fp32, so w2g64 costs 2.53 bits and a
+# 2.5 budget is out of reach (the default budgets start at 2.6); w2g-1 would reach it, but the smoke runs showed every
+# estimator spending it on dozens of linears (per-channel 2-bit RTN breaks SmolLM2: perplexity in the millions)
+OPTIONS = "w2g64,w3g64,w4g64,w8g-1"
 RECIPES = {"gptq": ("gptq", {"gptq": {"act_order": True, "static_groups": True}}),
            "signround": ("signround-light", {})}  # fmt: skip
 LINEAR_TENSORS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
@@ -102,7 +104,7 @@ def uniform_sizes(options: str) -> dict[str, float]:
     return uniform_bits(model, arch_for(model), parse_scheme(f"auto:8:{options}"), "compressed-tensors")
 
 
-def jobs_for(budgets: list[float], methods: list[str], sizes: dict[str, float], options: str
+def jobs_for(budgets: list[float], methods: list[str], sizes: dict[str, float], options: str, estimator: str
              ) -> list[tuple[str, str, float]]:  # fmt: skip
     """(method, scheme, budget) rows: the plan, then the uniform options of the same or larger and of smaller size."""
     jobs, seen = [], set()
@@ -112,7 +114,7 @@ def jobs_for(budgets: list[float], methods: list[str], sizes: dict[str, float], 
         uniform = [min(above, key=sizes.get)] if above else []  # type: ignore[arg-type]
         uniform += [max(below, key=sizes.get)] if below else []  # type: ignore[arg-type]
         for method in methods:
-            jobs.append((method, f"auto:{budget}:{options}", budget))
+            jobs.append((method, f"auto:{budget}:{options}:{estimator}", budget))
             for name in uniform:
                 if (method, name) not in seen:
                     seen.add((method, name))
@@ -150,8 +152,8 @@ def page(payload: dict) -> str:
     return "\n".join([
         "# Budgeted mixed precision on SmolLM2-135M (issue 34)", "",
         f"`{payload['command']}` on {payload['machine']['cpu']} ({payload['machine']['cores']} cores).", "",
-        f"Options {settings['options']}, hessian estimator, fp32 model (fp32 scales), compressed-tensors (dense) "
-        f"stored bytes; calibration builtin "
+        f"Options {settings['options']}, {settings['estimator']} estimator, fp32 model (fp32 scales), "
+        f"compressed-tensors (dense) stored bytes; calibration builtin "
         f"{settings['nsamples']} x {settings['seqlen']}, perplexity on builtin text, {settings['eval_windows']} "
         f"windows of {settings['eval_seqlen']} tokens. Uniform stored bits per option: "
         + ", ".join(f"{k} {v:.4f}" for k, v in payload["uniform_bits"].items()) + ".", "",
@@ -161,13 +163,14 @@ def page(payload: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", default="2.5,3.0,3.5")
+    parser.add_argument("--budgets", default="2.6,3.0,3.5", help="2.5 needs a cheaper option than w2g64 (fp32 scales)")
     parser.add_argument("--methods", default="gptq,signround")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--options", default=OPTIONS, help="the auto: options (and the uniform comparators)")
+    parser.add_argument("--estimator", default="lm", help="hessian, gradient or lm (measured best: docs/methods.md)")
     parser.add_argument("--smoke", action="store_true", help="one budget (3.0), GPTQ only, 4 x 64 tokens, 1 window")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mixed.json"))
     parser.add_argument("--page", type=Path, default=None, help="also write the Markdown page here")
@@ -186,10 +189,11 @@ def main() -> None:
     rows: list[dict] = []
     payload = {"benchmark": "mixed", "model": "HuggingFaceTB/SmolLM2-135M-Instruct (embedded, fp32)",
                "command": " ".join(["python", *sys.argv]), "machine": machine(), "uniform_bits": sizes,
-               "settings": settings | {"options": args.options, "recipes": {k: v[0] for k, v in RECIPES.items()}},
+               "settings": settings | {"options": args.options, "estimator": args.estimator,
+                                        "recipes": {k: v[0] for k, v in RECIPES.items()}},
                "rows": rows}  # fmt: skip
     budgets = [float(b) for b in args.budgets.split(",")]
-    for method, scheme, budget in jobs_for(budgets, args.methods.split(","), sizes, args.options):
+    for method, scheme, budget in jobs_for(budgets, args.methods.split(","), sizes, args.options, args.estimator):
         try:
             found = run_isolated(row, method, scheme, args.options, settings)
         except RuntimeError as error:

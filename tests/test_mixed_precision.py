@@ -158,7 +158,7 @@ def test_a_uniform_budget_gives_that_scheme(option, tokenizer, text_file):
     assert plan["bits_per_weight"] == pytest.approx(bits)
 
 
-@pytest.mark.parametrize("estimator", ["hessian", "gradient"])
+@pytest.mark.parametrize("estimator", ["hessian", "gradient", "lm"])
 def test_plans_are_deterministic(estimator, tokenizer, text_file):
     first = _quantize(_loaded("llama", tokenizer), f"auto:4.5:{SYM}:{estimator}", text_file)
     again = _quantize(_loaded("llama", tokenizer), f"auto:4.5:{SYM}:{estimator}", text_file)
@@ -255,6 +255,14 @@ def test_the_report_and_compare_show_the_plan_as_a_heat_map(tokenizer, text_file
     row = CompareRow("mixed", "rtn", plan["scheme"], "fake", None, None, plan=plan)
     text = format_plans([row, CompareRow("uniform", "rtn", "w4g32", "fake", None, None)])
     assert text.startswith("mixed: auto:4.5") and text.count("\n") == 1 + len(grid.blocks)
+
+
+def test_the_lm_estimator_needs_the_whole_model(tokenizer_dir, tmp_path):
+    from test_stream_run import checkpoint, export
+
+    model_dir = checkpoint(tmp_path / "model", tokenizer_dir)
+    with pytest.raises(LowbitError, match="streamed run"):
+        export(model_dir, tmp_path / "out", "on", "rtn", f"auto:3.8:{SYM}:lm", "compressed-tensors", ct_packing="dense")
 
 
 def test_a_streamed_run_plans_and_writes_what_a_resident_run_does(tokenizer_dir, tmp_path):

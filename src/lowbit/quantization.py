@@ -217,8 +217,7 @@ def run_quantization(
     if work is not None:
         record["checkpoints"] = {"work_dir": str(work.path), "resumed": resume}
     if scheme_plan is not None:
-        estimator = config.scheme.mixed.estimator  # type: ignore[union-attr]
-        record["mixed_precision"] = scheme_plan.record_entry(estimator, from_file=config.scheme_plan is not None)
+        record["mixed_precision"] = scheme_plan.record_entry(from_file=config.scheme_plan is not None)
         if work is not None and group.is_main:
             scheme_plan.write(work.path / PLAN_FILE)
     artifacts = found.artifacts

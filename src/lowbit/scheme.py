@@ -213,9 +213,10 @@ def parse_gguf_scheme(text: str) -> QuantScheme:
 AUTO_PREFIX = "auto:"
 # g64 divides the in_features of nearly every model (SmolLM2's 576 included), so the default set exports everywhere
 DEFAULT_AUTO_OPTIONS = ("w2g64", "w3g64", "w4g64", "w8g-1")
-# how each linear x option is scored (lowbit/mixed/sensitivity.py): tr(E H E^T) from the block's X^T X, or
-# AutoScheme's first-order |grad * E| on the block's reconstruction loss
-ESTIMATORS = ("hessian", "gradient")
+# how each linear x option is scored (lowbit/mixed/sensitivity.py): tr(E H E^T) from the block's X^T X,
+# AutoScheme's first-order |grad * E| on the block's reconstruction loss, or on the model's language-model loss (lm:
+# resident models only, so not the default, which must plan a streamed run as it plans a resident one; see docs)
+ESTIMATORS = ("hessian", "gradient", "lm")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from lowbit.mixed.knapsack import solve
 from lowbit.scheme import MixedBudget, QuantScheme, parse_scheme
 
 PLAN_FILE = "plan.yaml"
-PLAN_KEYS = ("scheme", "format", "bits_per_weight", "stored_bytes", "budget_bytes", "weights", "linears")
+PLAN_KEYS = ("scheme", "format", "estimator", "bits_per_weight", "stored_bytes", "budget_bytes", "weights", "linears")
 PACKED_FORMATS = ("compressed-tensors", "gptq")
 COUNTED_AS = {"auto": "compressed-tensors"}  # --format auto: counted as the packed format it prefers
 
@@ -48,6 +48,7 @@ class SchemePlan:
     stored_bytes: int = 0
     budget_bytes: int = 0
     weights: int = 0
+    estimator: str = ""  # the estimator that measured the losses (auto resolved)
     losses: dict[str, list[float]] = field(default_factory=dict, compare=False)
 
     @property
@@ -64,6 +65,7 @@ class SchemePlan:
         return {
             "scheme": self.scheme,
             "format": self.format,
+            "estimator": self.estimator,
             "bits_per_weight": round(self.bits_per_weight, 6),
             "stored_bytes": self.stored_bytes,
             "budget_bytes": self.budget_bytes,
@@ -71,13 +73,12 @@ class SchemePlan:
             "linears": dict(self.linears),
         }
 
-    def record_entry(self, estimator: str, from_file: bool) -> dict[str, Any]:
+    def record_entry(self, from_file: bool) -> dict[str, Any]:
         """The run record's `mixed_precision`: the plan, how it was made, and the measured loss of every linear at
         every option (in the order of the scheme's options), so a plan can be questioned after the run."""
         losses = {name: [float(f"{v:.6g}") for v in values] for name, values in self.losses.items()}
         return {
             **self.to_dict(),
-            "estimator": estimator,
             "from_file": from_file,
             **({"losses": losses} if losses else {}),
         }
@@ -103,7 +104,7 @@ class SchemePlan:
         linears = {str(name): scheme.mixed.option(str(option)).name for name, option in data["linears"].items()}
         return cls(scheme.name, str(data.get("format", "compressed-tensors")), linears,
                    int(data.get("stored_bytes", 0)), int(data.get("budget_bytes", 0)),
-                   int(data.get("weights", 0)))  # fmt: skip
+                   int(data.get("weights", 0)), str(data.get("estimator", "")))  # fmt: skip
 
 
 def counted_format(fmt: str) -> str:
@@ -186,6 +187,7 @@ def make_plan(
     losses: dict[str, list[float]],
     fmt: str,
     ct_packing: str | None = None,
+    estimator: str = "",
 ) -> SchemePlan:
     """Solve the knapsack: least total loss with the stored bytes within the budget."""
     budget = scheme.mixed
@@ -202,4 +204,4 @@ def make_plan(
         raise LowbitError(f"no plan fits budget {budget.bits}")
     linears = {name: budget.options[j].name for item, j in zip(items, choice, strict=True) for name in item.names}
     stored = sum(row[j] for row, j in zip(costs, choice, strict=True))
-    return SchemePlan(scheme.name, counted_format(fmt), linears, stored, capacity, weights, dict(losses))
+    return SchemePlan(scheme.name, counted_format(fmt), linears, stored, capacity, weights, estimator, dict(losses))

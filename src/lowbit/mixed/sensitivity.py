@@ -78,3 +78,48 @@ def gradient_losses(
         for p in block.parameters():
             p.requires_grad_(trainable.get(id(p), False))
     return scores
+
+
+def lm_gradient_losses(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    options: Sequence[QuantScheme],
+    windows: Tensor,
+    batch_size: int,
+) -> dict[str, list[float]]:
+    """AutoScheme's score with its own loss: sum |dL/dW_q * (W - W_q)| per linear and option, L = the model's
+    language-model loss on the calibration windows, every block linear at the option at once.
+
+    Why a third estimator: the block-local ones add up errors measured in each linear's own output space, which
+    ranks linears of different depths and kinds on different scales; the model's loss is one currency for all.
+    It needs the whole model in memory (a resident run) and one forward and backward per option."""
+    scores = {name: [0.0] * len(options) for name in linears}
+    originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    count = windows.shape[0]
+    try:
+        for index, option in enumerate(options):
+            errors = {}
+            for name, linear in linears.items():
+                q = fake_quant(originals[name].float(), option, ste="identity").detach()
+                errors[name] = originals[name].float() - q
+                linear.weight.data = q.to(originals[name].dtype)
+                linear.weight.grad = None
+                linear.weight.requires_grad_(True)
+            for start in range(0, count, batch_size):
+                batch = windows[start : start + batch_size]
+                out = model(input_ids=batch, labels=batch)
+                (out.loss * (batch.shape[0] / count)).backward()
+            for name, linear in linears.items():
+                grad = linear.weight.grad
+                if grad is not None:
+                    scores[name][index] = float((grad.float() * errors[name]).abs().sum())
+    finally:
+        for name, linear in linears.items():
+            linear.weight.data = originals[name]
+            linear.weight.grad = None
+        for p in model.parameters():
+            p.requires_grad_(trainable.get(id(p), False))
+    return scores

@@ -32,9 +32,10 @@ class SensitivityPass(BlockStage):
     summary: ClassVar[str] = "sensitivity of each linear at each option of an auto: scheme (no rounding)"
     uses_float_chain: bool = True
 
-    def __init__(self, budget: MixedBudget, scheme: QuantScheme) -> None:
+    def __init__(self, budget: MixedBudget, scheme: QuantScheme, estimator: str) -> None:
         super().__init__(None, scheme)
         self.budget = budget
+        self.estimator = estimator  # hessian or gradient (block-local)
         self.losses: dict[str, list[float]] = {}
 
     def preferred_quantized_input(self) -> bool | None:
@@ -45,14 +46,14 @@ class SensitivityPass(BlockStage):
             raise LowbitError("an auto: scheme needs calibration data; pass --dataset (or 'builtin')")
         linears = ctx.linears()
         options = self.budget.options
-        if self.budget.estimator == "gradient":
+        if self.estimator == "gradient":
             found = gradient_losses(ctx.block, linears, options, lambda: self._backward(ctx))
         else:
             grams, tokens = self._grams(ctx, linears)
             found = {name: hessian_losses(linears[name].weight, grams[name], tokens[name], options) for name in linears}
         for name, losses in found.items():
             self.losses[f"{ctx.name}.{name}"] = losses
-        ctx.metrics["mixed_plan"] = {"estimator": self.budget.estimator}
+        ctx.metrics["mixed_plan"] = {"estimator": self.estimator}
 
     @torch.no_grad()
     def _grams(self, ctx: BlockContext, linears: dict[str, nn.Linear]) -> tuple[dict[str, Any], dict[str, int]]:
