@@ -299,3 +299,36 @@ def test_a_two_rank_streamed_run_writes_the_two_rank_resident_bytes(two_rank_gpt
     assert (out / "model.safetensors").read_bytes() == (two_rank_gptq / "model.safetensors").read_bytes()
     record = json.loads((out / "lowbit_record.json").read_text())
     assert "stream" in record and record["distributed"]["world_size"] == 2
+
+
+class _TwoRanks:
+    """Rank 0 of two in one process: rank 1's loss, flags and flattened gradient are given (gather, then rank order)."""
+
+    distributed, rank, world_size, is_main = True, 0, 2, True
+
+    def __init__(self, loss: float, flags: list[bool], flat: torch.Tensor) -> None:
+        self.other, self.flat = (loss, flags), flat
+
+    def gather_objects(self, value):
+        return [value, self.other]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor + self.flat
+
+
+def test_gradients_are_summed_in_rank_order_and_a_tensor_no_rank_reached_keeps_none():
+    from lowbit.engine.block_train import backward_through_leaves, detached_leaves, sum_over_ranks
+
+    a, b, c = torch.ones(2, 2), torch.ones(3), torch.ones(1)
+    other = torch.arange(7, dtype=torch.float32)  # rank 1 reached a (4) and b (3), not c
+    loss, grads = sum_over_ranks(_TwoRanks(0.5, [True, True, False], other), 0.25, [a, None, None], [a, b, c])
+    assert loss == 0.75 and grads[2] is None
+    assert torch.equal(grads[0], 1 + other[:4].view(2, 2)) and torch.equal(grads[1], other[4:])
+
+    scale = torch.full((2,), 2.0, requires_grad=True)  # the trainable tensor the block parameters are formed from
+    weights = {"w": torch.ones(2) * scale, "frozen": torch.zeros(2)}
+    leaves = detached_leaves(weights)
+    assert leaves["frozen"] is weights["frozen"] and leaves["w"].is_leaf
+    value = backward_through_leaves(_TwoRanks(1.0, [True], torch.tensor([3.0, 4.0])), leaves["w"].sum(), weights,
+                                    leaves)  # fmt: skip
+    assert value == 5.0 and torch.equal(scale.grad, torch.tensor([4.0, 5.0]))  # (1 + rank 1's) x d(w)/d(scale)
