@@ -100,8 +100,14 @@ def test_two_two_rank_runs_are_byte_identical_through_torchrun(two_rank_gptq, ti
 
 def test_a_stage_not_yet_data_parallel_is_refused_before_anything_loads(tiny_llama_dir, tmp_path):
     two = Group(rank=0, world_size=2, backend="gloo")  # refused before any collective or load
-    with pytest.raises(LowbitError, match=r"teq does not run data-parallel yet.*teq.loss=mse"):  # model-scope CE
-        quantize_to(tmp_path / "out", model=str(tiny_llama_dir), recipe="teq+rtn", group=two)
+    from lowbit.engine.pipeline import check_data_parallel
+    from lowbit.engine.stage import Stage
+
+    class Waiting(Stage):  # every stage of lowbit runs data-parallel now: the refusal stays for a new one
+        name, kind, scope, needs_data, summary = "waiting", "quantizer", "block", True, "not data-parallel"
+
+    with pytest.raises(LowbitError, match="waiting does not run data-parallel yet"):
+        check_data_parallel([Waiting(None, None)], 2)
     with pytest.raises(LowbitError, match="pass --out"):
         quantize_to(None, model=str(tiny_llama_dir), recipe="gptq", group=two)
     with pytest.raises(LowbitError, match="data-parallel streamed run keeps no checkpoints"):
@@ -234,6 +240,7 @@ TRAINED = {  # one AdamW step per epoch on all 6 samples (3 per rank): the first
     "desv": ("--recipe", "desv", "--opt", "desv.epochs=1", "--opt", "desv.batch_size=6", "--opt", "desv.n=2"),
     "teq": ("--recipe", "teq+rtn", "--opt", "teq.loss=mse", "--opt", "teq.steps=3", "--opt", "teq.batch_size=4",
             "--opt", "teq.init=ones"),
+    "teq-ce": ("--recipe", "teq+rtn", "--opt", "teq.steps=6", "--opt", "teq.eval_samples=3"),  # batch 1
 }  # fmt: skip
 
 
@@ -242,12 +249,14 @@ def _first_loss(method: str, block: dict) -> float:
         return block["omniquant"]["epoch_losses"][0]
     if method == "desv":
         return block["desv"]["omniquant"]["epoch_losses"][0]
+    if method == "teq-ce":
+        return block["inits"]["ones"]["loss_trace"][0][1]
     return block["teq"]["ones"]["loss_trace"][0][1]
 
 
 @pytest.mark.parametrize("method", sorted(TRAINED))
 def test_two_ranks_train_on_the_batches_of_one_process(method, tiny_llama_dir, text_file, tmp_path):
-    """OmniQuant (LWC+LET), DESV and block-wise TEQ through the shared trainer's reductions: the same global batches,
+    """OmniQuant (LWC+LET), DESV, block-wise TEQ and TEQ-CE through the shared reductions: the same global batches,
     so the first step's loss is one process's; two 2-rank runs write the same bytes. AdamW then steps on a sum
     rounded in another order, but the gradients are summed at the block parameters, before the chain rule into LET's
     scales cancels large terms (engine/block_train.py: backward_through_leaves), so the codes agree as GPTQ's do."""
@@ -261,8 +270,10 @@ def test_two_ranks_train_on_the_batches_of_one_process(method, tiny_llama_dir, t
     assert done.returncode == 0, done.stderr
     assert (again / "model.safetensors").read_bytes() == (two / "model.safetensors").read_bytes()
     stages = [json.loads((out / "lowbit_record.json").read_text())["stages"] for out in (one, two)]
-    name = next(iter(stages[0]))  # block 0: later blocks' inputs come from blocks trained apart
-    first = [_first_loss(method, stage[name][0]) for stage in stages]
+    if method == "teq-ce":  # model scope: one record for the whole model
+        first = [_first_loss(method, stage["teq"]) for stage in stages]
+    else:  # block 0: later blocks' inputs come from blocks trained apart
+        first = [_first_loss(method, stage[next(iter(stage))][0]) for stage in stages]
     assert first[1] == pytest.approx(first[0], rel=1e-5, abs=2e-8)  # the record rounds to 8 decimals
     a, b = _weights(one), _weights(two)
     linears = [key for key in a if key.endswith("proj.weight")]
@@ -300,3 +311,36 @@ def test_a_two_rank_streamed_run_writes_the_two_rank_resident_bytes(two_rank_gpt
     assert (out / "model.safetensors").read_bytes() == (two_rank_gptq / "model.safetensors").read_bytes()
     record = json.loads((out / "lowbit_record.json").read_text())
     assert "stream" in record and record["distributed"]["world_size"] == 2
+
+
+class _TwoRanks:
+    """Rank 0 of two in one process: rank 1's loss, flags and flattened gradient are given (gather, then rank order)."""
+
+    distributed, rank, world_size, is_main = True, 0, 2, True
+
+    def __init__(self, loss: float, flags: list[bool], flat: torch.Tensor) -> None:
+        self.other, self.flat = (loss, flags), flat
+
+    def gather_objects(self, value):
+        return [value, self.other]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor + self.flat
+
+
+def test_gradients_are_summed_in_rank_order_and_a_tensor_no_rank_reached_keeps_none():
+    from lowbit.engine.block_train import backward_through_leaves, detached_leaves, sum_over_ranks
+
+    a, b, c = torch.ones(2, 2), torch.ones(3), torch.ones(1)
+    other = torch.arange(7, dtype=torch.float32)  # rank 1 reached a (4) and b (3), not c
+    loss, grads = sum_over_ranks(_TwoRanks(0.5, [True, True, False], other), 0.25, [a, None, None], [a, b, c])
+    assert loss == 0.75 and grads[2] is None
+    assert torch.equal(grads[0], 1 + other[:4].view(2, 2)) and torch.equal(grads[1], other[4:])
+
+    scale = torch.full((2,), 2.0, requires_grad=True)  # the trainable tensor the block parameters are formed from
+    weights = {"w": torch.ones(2) * scale, "frozen": torch.zeros(2)}
+    leaves = detached_leaves(weights)
+    assert leaves["frozen"] is weights["frozen"] and leaves["w"].is_leaf
+    value = backward_through_leaves(_TwoRanks(1.0, [True], torch.tensor([3.0, 4.0])), leaves["w"].sum(), weights,
+                                    leaves)  # fmt: skip
+    assert value == 5.0 and torch.equal(scale.grad, torch.tensor([4.0, 5.0]))  # (1 + rank 1's) x d(w)/d(scale)

@@ -56,7 +56,6 @@ def check_data_parallel(stages: list[Stage], world_size: int) -> None:
         from lowbit.methods import STAGES
 
         ready = ", ".join(name for name, cls in STAGES.items() if cls.data_parallel or not cls.needs_data)
-        ready += "; block-wise teq (--opt teq.loss=mse)" if "teq" in waiting else ""  # its scope is per instance
         raise LowbitError(
             f"{', '.join(waiting)} does not run data-parallel yet ({world_size} ranks): run it in one process "
             f"(without --nproc or torchrun); data-parallel stages: {ready}"

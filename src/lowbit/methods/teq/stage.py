@@ -27,9 +27,10 @@ from lowbit.methods.teq.scales import ScaleSet, fold_scale_set, make_scale_set, 
 from lowbit.methods.teq.train import (
     CheckpointedBlocks,
     TrainingCheckpoint,
-    calibration_loss,
     linear_warmup_lr,
+    ranked_calibration_loss,
     sample_index,
+    share_state,
 )
 from lowbit.record import loss_trace
 from lowbit.scheme import QuantScheme
@@ -83,14 +84,13 @@ class TEQ(BlockStage, ModelStage):
     )
     Options: ClassVar[type] = TEQOptions
     supports_scheme_mix: ClassVar[bool] = True  # each TEQLinear trains against its linear's scheme (_schemes)
+    # global rows, each rank's share of the loss, gradients summed over the ranks before each step, in both scopes
+    data_parallel: ClassVar[bool] = True
 
     def __init__(self, options: TEQOptions, scheme: QuantScheme) -> None:
         super().__init__(options, scheme)
         _validate(options)
         self.scope = "block" if options.loss == "mse" else "model"
-        # block-wise TEQ is data-parallel (global rows, losses and gradients summed over the ranks: _train_block);
-        # the paper's whole-model cross-entropy not yet
-        self.data_parallel = options.loss == "mse"
         self.steps = options.steps if options.steps is not None else (200 if options.loss == "mse" else 1000)
         self.batch_size = options.batch_size if options.batch_size is not None else (4 if options.loss == "mse" else 1)
         self.inits = INITS if options.init == "best_of_both" else (options.init,)
@@ -103,6 +103,8 @@ class TEQ(BlockStage, ModelStage):
 
     def process_model(self, ctx: ModelContext) -> None:
         windows = self._windows(ctx.calibration)
+        if ctx.group.distributed:  # every rank's windows in order (token ids: small); each trains on its own
+            windows = torch.cat(ctx.group.gather_objects(windows))
         blocks = ctx.arch.blocks(ctx.model)
         outcomes = {}
         with frozen(ctx.model):  # entered before wrapping: gradients flow only into the scales
@@ -124,40 +126,57 @@ class TEQ(BlockStage, ModelStage):
         log.info("TEQ kept init '%s' (calibration CE %.4f)", best, outcomes[best]["final_loss"])
 
     def _train_ce(self, ctx: ModelContext, sets: list[ScaleSet], windows: torch.Tensor, init: str) -> dict[str, Any]:
+        """Adam on every block's scales against the model's cross-entropy on the calibration windows.
+
+        Data-parallel: `windows` are every rank's; a step's rows are drawn over all of them and each rank runs the
+        rows of its own contiguous slice (`group.shard`), its share of the batch's loss and the scales' gradients
+        summed over the ranks before the step. At the default batch of 1 one rank holds the row and the others add
+        zeros, so the step is one process's exactly. Rank 0 alone checkpoints; a resumed state reaches every rank."""
+        group = ctx.group
         params = [p for scale_set in sets for p in scale_set.parameters()]
         if not params:
             raise LowbitError("TEQ found no absorbable group in this model; use another recipe")
         optimizer = torch.optim.Adam(params, lr=self.options.lr, betas=(0.9, 0.9), weight_decay=0.0)
-        scored = windows[: min(self.options.eval_samples, windows.shape[0])]
-        initial = calibration_loss(ctx.model, scored, ctx.device)
+        mine = group.shard(windows.shape[0])
+        scored = range(min(self.options.eval_samples, windows.shape[0]))
+        initial = ranked_calibration_loss(ctx.model, windows, scored, mine, ctx.device, group)
         directory = self.options.checkpoint_dir or ctx.work_dir  # the run's work dir: resumable with --resume
         checkpoint = TrainingCheckpoint.at(directory, f"teq-ce-{init}", self._fingerprint(windows))
+        checkpoint = checkpoint if group.is_main else None  # rank 0 writes; its state reaches the others below
         start = checkpoint.restore(sets, optimizer) if checkpoint else 0
+        start = share_state(group, start, params, optimizer)
         use_checkpointing = self._use_gradient_checkpointing(ctx.model)
         precision = resolve_autocast(self.options.autocast, ctx.device)
         trace = []
+        quiet = None if group.is_main else True
         with CheckpointedBlocks(ctx.arch.blocks(ctx.model), enabled=use_checkpointing):
             for step in tqdm(
-                range(start, self.steps), desc=f"teq ({init})", unit="step", initial=start, total=self.steps
-            ):
+                range(start, self.steps), desc=f"teq ({init})", unit="step", initial=start, total=self.steps,
+                disable=quiet,
+            ):  # fmt: skip
                 lr = linear_warmup_lr(step, self.steps, self.options.lr, self.options.warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for group_lr in optimizer.param_groups:
+                    group_lr["lr"] = lr
                 rows = [
                     sample_index(step * self.batch_size + i, windows.shape[0], ctx.seed) for i in range(self.batch_size)
                 ]
-                batch = windows[rows].to(ctx.device)
-                with autocast(precision, ctx.device):  # transformers computes the loss on fp32 logits
-                    loss = ctx.model(input_ids=batch, labels=batch, use_cache=False).loss.float()
-                _check_finite(loss.item(), step)
-                loss.backward()
+                here = [row for row in rows if mine.start <= row < mine.stop]
+                loss = None
+                if here:
+                    batch = windows[here].to(ctx.device)
+                    with autocast(precision, ctx.device):  # transformers computes the loss on fp32 logits
+                        loss = ctx.model(input_ids=batch, labels=batch, use_cache=False).loss.float()
+                    if group.distributed:  # this rank's share of the batch's mean (windows of equal length)
+                        loss = loss * (len(here) / len(rows))
+                value = backward_over_ranks(group, loss, params)
+                _check_finite(value, step)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if step % 10 == 0 or step == self.steps - 1:
-                    trace.append((step, round(loss.item(), 5)))
+                    trace.append((step, round(value, 5)))
                 if checkpoint and ((step + 1) % self.options.checkpoint_every == 0 or step + 1 == self.steps):
                     checkpoint.save(step + 1, sets, optimizer)
-        final = calibration_loss(ctx.model, scored, ctx.device)
+        final = ranked_calibration_loss(ctx.model, windows, scored, mine, ctx.device, group)
         values = torch.cat([clamped_values(p) for p in params])
         return {
             "initial_loss": round(initial, 5),

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from lowbit.distributed.group import Group
 from lowbit.errors import LowbitError
 
 
@@ -39,6 +40,32 @@ def calibration_loss(model: nn.Module, windows: torch.Tensor, device: torch.devi
     losses = [model(input_ids=row[None].to(device), labels=row[None].to(device), use_cache=False).loss.item()
               for row in windows]  # fmt: skip
     return sum(losses) / len(losses)
+
+
+def ranked_calibration_loss(
+    model: nn.Module, windows: torch.Tensor, rows: range, mine: slice, device: torch.device, group: Group
+) -> float:
+    """`calibration_loss` of `windows[rows]` with each rank scoring the rows of its slice `mine`: the per-window
+    losses summed over the ranks in rank order, then the mean (one process: `calibration_loss` itself)."""
+    if not group.distributed:
+        return calibration_loss(model, windows[rows.start : rows.stop], device)
+    here = [row for row in rows if mine.start <= row < mine.stop]
+    total = calibration_loss(model, windows[here], device) * len(here) if here else 0.0
+    return sum(group.gather_objects(total)) / len(rows)
+
+
+def share_state(group: Group, step: int, params: list[torch.Tensor], optimizer: torch.optim.Optimizer) -> int:
+    """Rank 0's training state (the step it resumes from, the scales, the optimizer's moments) on every rank, so a
+    run resumed from rank 0's checkpoint continues alike everywhere; the step to continue from."""
+    if not group.distributed:
+        return step
+    state = group.broadcast_object((step, [p.detach().cpu() for p in params], optimizer.state_dict()))
+    if not group.is_main:
+        with torch.no_grad():
+            for param, value in zip(params, state[1], strict=True):
+                param.copy_(value)
+        optimizer.load_state_dict(state[2])
+    return state[0]
 
 
 class TrainingCheckpoint:
