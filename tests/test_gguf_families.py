@@ -40,6 +40,11 @@ CASES = {
     "gemma2-softcap": ("gemma2", {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 8,
                                   "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}),
     "gemma3": ("gemma3", {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 8}),
+    "gemma3-linear-rope": ("gemma3", {"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 8,
+                                      "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                             "rope_theta": 1e6},
+                                                          "sliding_attention": {"rope_type": "default",
+                                                                                "rope_theta": 10000.0}}}),
     "qwen3_moe": ("qwen3_moe", {"head_dim": 128, "norm_topk_prob": True}),
 }  # fmt: skip
 # transformers 5's GGUF loader does not restore Gemma 2's soft-capping values (it keeps 50 / 30), nor Qwen3-MoE's
