@@ -77,3 +77,17 @@ def test_fused_qkv_gets_llama_cpps_types():
     assert [mix_type(m, "attn_qkv", 0, 32, 1) for m in ("q2_k_s", "q3_k_m", "q4_k_s", "q4_k_m", "q5_k_m")] == [
         "q2_k", "q4_k", "q4_k", "q5_k", "q6_k",
     ]  # fmt: skip
+
+
+def test_moe_rules():
+    """Stacked experts follow their kind's rules by layer (ffn_down_exps as ffn_down); with 8 experts llama-quant.cpp
+    makes attn_v and attn_k Q8_0 and attn_output Q5_K under Q3_K_M / Q4_K_S / Q4_K_M."""
+    assert mix_type("q4_k_m", "ffn_down_exps", 0, 48, 8, n_expert=128) == "q6_k"
+    assert mix_type("q4_k_m", "ffn_down_exps", 10, 48, 8, n_expert=128) == "q4_k"
+    assert mix_type("q4_k_m", "ffn_gate_exps", 0, 48, 8, n_expert=128) == "q4_k"
+    assert mix_type("q4_k_m", "attn_v", 10, 48, 8, n_expert=128) == "q4_k"
+    assert [mix_type(m, "attn_v", 5, 32, 4, n_expert=8) for m in ("q2_k_s", "q4_k_m")] == ["q8_0", "q8_0"]
+    assert mix_type("q2_k_s", "attn_k", 5, 32, 4, n_expert=8) == "q8_0"
+    assert [mix_type(m, "attn_output", 5, 32, 4, n_expert=8) for m in ("q2_k_s", "q3_k_m", "q4_k_m", "q5_k_m")] == [
+        "q2_k", "q5_k", "q5_k", "q5_k",
+    ]  # fmt: skip

@@ -117,10 +117,10 @@ def family_problem(model: nn.Module) -> str | None:
         )
     _, rope_type = rope_of(config)
     name = _NAMES.get(model_type, model_type)
-    if rope_type != "default":
+    if rope_type not in FAMILIES[model_type].rope_types:
         return (
-            f"GGUF export writes default RoPE only, this {name} model uses {rope_type!r}: "
-            "use --format compressed-tensors"
+            f"GGUF export writes {' or '.join(FAMILIES[model_type].rope_types)} RoPE for {name}, this model uses "
+            f"{rope_type!r}: use --format compressed-tensors"
         )
     problem = FAMILIES[model_type].problem
     reason = problem(config) if problem is not None else None

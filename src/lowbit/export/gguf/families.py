@@ -27,14 +27,18 @@ class GgufFamily:
     norm_shift: float = 0.0  # Gemma scales by (1 + w); llama.cpp by w, so the converter stores w + 1
     extra_hparams: Callable[[gguf.GGUFWriter, Any], None] | None = None
     problem: Callable[[Any], str | None] | None = None
+    rope_types: tuple[str, ...] = ("default",)  # of the global layers, as transformers names them
+
+
+def _global_rope(config: Any) -> dict[str, Any]:
+    params = getattr(config, "rope_parameters", None) or {}
+    return params["full_attention"] if isinstance(params.get("full_attention"), dict) else params
 
 
 def rope_of(config: Any) -> tuple[float, str]:
     """(theta, rope type) of the global attention layers, from transformers 5's `rope_parameters` (flat, or per layer
     type as Gemma 3 holds it) or the older `rope_theta` / `rope_scaling`."""
-    params = getattr(config, "rope_parameters", None) or {}
-    if isinstance(params.get("full_attention"), dict):
-        params = params["full_attention"]
+    params = _global_rope(config)
     scaling = getattr(config, "rope_scaling", None) or {}
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -131,6 +135,12 @@ def _gemma2_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
 
 
 def _gemma3_hparams(writer: gguf.GGUFWriter, config: Any) -> None:
+    """Gemma 3 4B+ scales the global layers' positions linearly (factor 8); llama.cpp applies the file's scaling to
+    the global layers only, as transformers does."""
+    params = _global_rope(config)
+    if params.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(int(config.sliding_window))
     if getattr(config, "final_logit_softcapping", None) is not None:
@@ -143,7 +153,13 @@ FAMILIES: dict[str, GgufFamily] = {
     "qwen2": GgufFamily(A.QWEN2, problem=_qwen2_problem),
     "qwen3": GgufFamily(A.QWEN3, problem=_qwen2_problem),
     "gemma2": GgufFamily(A.GEMMA2, norm_shift=1.0, extra_hparams=_gemma2_hparams, problem=_gemma2_problem),
-    "gemma3_text": GgufFamily(A.GEMMA3, norm_shift=1.0, extra_hparams=_gemma3_hparams, problem=_gemma3_problem),
+    "gemma3_text": GgufFamily(
+        A.GEMMA3,
+        norm_shift=1.0,
+        extra_hparams=_gemma3_hparams,
+        problem=_gemma3_problem,
+        rope_types=("default", "linear"),
+    ),
     "phi3": GgufFamily(A.PHI3, problem=_phi3_problem),
     "qwen3_moe": GgufFamily(A.QWEN3MOE, problem=_qwen3_moe_problem),
 }

@@ -1,7 +1,8 @@
 """llama.cpp's quantization mixes (Q2_K_S, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M): the GGUF type of each block linear.
 
 A mirror of `llama_tensor_get_type_impl` and `tensor_type_fallback` in llama.cpp's `src/llama-quant.cpp` for dense
-models (no MoE, no Falcon, no 70B special case), as read from llama.cpp's src/llama-quant.cpp. Pure functions:
+and mixture-of-experts models (stacked experts by their kind's rules, the 8-expert attention rules; no Falcon, no
+70B special case). Pure functions:
 the run resolves a mix per linear before any tuning (`mix_schemes`, handed to the stages), so each linear is tuned on
 the grid it is stored on. The output and token embeddings, which llama.cpp makes Q6_K/Q8_0, stay in float in lowbit
 (it does not quantize them), so only block linears are typed here.
@@ -24,7 +25,11 @@ MIX_DEFAULTS = {mix: default for mix, (default, _) in GGUF_MIXES.items()}
 K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 # GGUF tensor kind (the part of `blk.N.<kind>.weight`) -> the category the rules name
-CATEGORIES = {"attn_v": "attn_v", "ffn_down": "ffn_down", "attn_output": "attn_output", "attn_qkv": "attn_qkv"}
+CATEGORIES = {"attn_v": "attn_v", "ffn_down": "ffn_down", "attn_output": "attn_output", "attn_qkv": "attn_qkv",
+              "attn_k": "attn_k", "ffn_down_exps": "ffn_down"}  # fmt: skip
+
+# llama.cpp's 8-expert special cases (Mixtral-like): attn_v and attn_k to Q8_0, attn_output to Q5_K under these
+EIGHT_EXPERT_OUTPUT_Q5_K = ("q3_k_m", "q4_k_s", "q4_k_m")
 
 # a fused Q/K/V projection (Phi-3's attn_qkv) under each mix that gives it more bits
 QKV_TYPES = {"q3_k_m": "q4_k", "q4_k_m": "q5_k", "q5_k_m": "q6_k"}
@@ -35,12 +40,17 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def mix_type(mix: str, kind: str, layer: int, n_layer: int, n_gqa: int) -> str:
-    """The type llama.cpp gives tensor `kind` (attn_q, attn_v, ffn_down, ...) of block `layer` under `mix`, before
-    the shape fallback. `n_gqa` = attention heads / KV heads."""
+def mix_type(mix: str, kind: str, layer: int, n_layer: int, n_gqa: int, n_expert: int = 0) -> str:
+    """The type llama.cpp gives tensor `kind` (attn_q, attn_v, ffn_down, ffn_down_exps, ...) of block `layer` under
+    `mix`, before the shape fallback. `n_gqa` = attention heads / KV heads; `n_expert` = experts per MoE block (the
+    stacked experts follow the dense rules of their kind, by layer; 8 experts have their own attention rules)."""
     if mix not in MIX_DEFAULTS:
         raise LowbitError(f"unknown GGUF mix {mix!r}: use one of {', '.join(MIX_DEFAULTS)}")
     category = CATEGORIES.get(kind)
+    if n_expert == 8 and category in ("attn_v", "attn_k"):
+        return "q8_0"
+    if n_expert == 8 and category == "attn_output":
+        return "q5_k" if mix in EIGHT_EXPERT_OUTPUT_Q5_K else MIX_DEFAULTS[mix]
     if category == "attn_v":
         if mix == "q2_k_s" and n_gqa >= 4:
             return "q4_k"
@@ -80,10 +90,13 @@ def fallback_type(gguf_type: str, in_features: int) -> str:
     return gguf_type
 
 
-def resolve_mix(mix: str, linears: dict[str, tuple[str, int, int]], n_layer: int, n_gqa: int) -> dict[str, str]:
+def resolve_mix(
+    mix: str, linears: dict[str, tuple[str, int, int]], n_layer: int, n_gqa: int, n_expert: int = 0
+) -> dict[str, str]:
     """Per linear: `linears` maps a module name to (GGUF tensor kind, block index, in_features); returns its type."""
     return {
-        name: fallback_type(mix_type(mix, kind, layer, n_layer, n_gqa), k) for name, (kind, layer, k) in linears.items()
+        name: fallback_type(mix_type(mix, kind, layer, n_layer, n_gqa, n_expert), k)
+        for name, (kind, layer, k) in linears.items()
     }
 
 
@@ -101,11 +114,6 @@ def mix_schemes(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> dict[s
     mix = scheme.gguf_mix
     if mix is None:
         return {}
-    if arch.experts is not None:
-        raise LowbitError(
-            f"GGUF mix {mix} is not resolved for mixture-of-experts models yet (llama.cpp's MoE rules are not "
-            "mirrored): use a single type such as --scheme gguf:q4_k"
-        )
     names = gguf_arch(model)
     config = model.config
     n_gqa = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
@@ -116,5 +124,6 @@ def mix_schemes(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> dict[s
             full = f"{arch.block_name(index)}.{name}"
             kind = names.tensor_name(f"{full}.weight").split(".")[2]
             linears[full] = (kind, index, int(linear.weight.shape[1]))
-    types = resolve_mix(mix, linears, len(blocks), n_gqa)
+    n_expert = int(getattr(config, arch.experts.count_attr, 0) or 0) if arch.experts is not None else 0
+    types = resolve_mix(mix, linears, len(blocks), n_gqa, n_expert)
     return {name: type_scheme(t) for name, t in types.items()}
