@@ -52,10 +52,45 @@ def gradient_losses(
     `backward()` runs the block over the calibration batches and backpropagates the loss (the caller owns the
     batching, the devices and the target chain). Each linear's weight holds W_q = RTN(W) while it runs; the float
     weights, and every parameter's requires_grad, are put back afterwards."""
+    return _first_order_scores(block, linears, options, backward)
+
+
+def lm_gradient_losses(
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    options: Sequence[QuantScheme],
+    windows: Tensor,
+    batch_size: int,
+) -> dict[str, list[float]]:
+    """AutoScheme's score with its own loss: sum |dL/dW_q * (W - W_q)| per linear and option, L = the model's
+    language-model loss on the calibration windows, every block linear at the option at once.
+
+    Why a third estimator: the block-local ones add up errors measured in each linear's own output space, which
+    ranks linears of different depths and kinds on different scales; the model's loss is one currency for all.
+    It needs the whole model in memory (a resident run) and one forward and backward per option."""
+    count = windows.shape[0]
+
+    def backward() -> None:
+        for start in range(0, count, batch_size):
+            batch = windows[start : start + batch_size]
+            out = model(input_ids=batch, labels=batch)
+            (out.loss * (batch.shape[0] / count)).backward()
+
+    return _first_order_scores(model, linears, options, backward)
+
+
+def _first_order_scores(
+    owner: nn.Module,
+    linears: dict[str, nn.Linear],
+    options: Sequence[QuantScheme],
+    backward: Callable[[], None],
+) -> dict[str, list[float]]:
+    """Both gradient estimators: per option, every linear at W_q = RTN(W) with only those weights trainable,
+    `backward()`, then sum |grad * (W - W_q)|; the float weights and `owner`'s requires_grad flags are restored."""
     scores = {name: [0.0] * len(options) for name in linears}
     originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
-    trainable = {id(p): p.requires_grad for p in block.parameters()}
-    for p in block.parameters():
+    trainable = {id(p): p.requires_grad for p in owner.parameters()}
+    for p in owner.parameters():
         p.requires_grad_(False)
     try:
         for index, option in enumerate(options):
@@ -75,51 +110,6 @@ def gradient_losses(
         for name, linear in linears.items():
             linear.weight.data = originals[name]
             linear.weight.grad = None
-        for p in block.parameters():
-            p.requires_grad_(trainable.get(id(p), False))
-    return scores
-
-
-def lm_gradient_losses(
-    model: nn.Module,
-    linears: dict[str, nn.Linear],
-    options: Sequence[QuantScheme],
-    windows: Tensor,
-    batch_size: int,
-) -> dict[str, list[float]]:
-    """AutoScheme's score with its own loss: sum |dL/dW_q * (W - W_q)| per linear and option, L = the model's
-    language-model loss on the calibration windows, every block linear at the option at once.
-
-    Why a third estimator: the block-local ones add up errors measured in each linear's own output space, which
-    ranks linears of different depths and kinds on different scales; the model's loss is one currency for all.
-    It needs the whole model in memory (a resident run) and one forward and backward per option."""
-    scores = {name: [0.0] * len(options) for name in linears}
-    originals = {name: linear.weight.detach().clone() for name, linear in linears.items()}
-    trainable = {id(p): p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    count = windows.shape[0]
-    try:
-        for index, option in enumerate(options):
-            errors = {}
-            for name, linear in linears.items():
-                q = fake_quant(originals[name].float(), option, ste="identity").detach()
-                errors[name] = originals[name].float() - q
-                linear.weight.data = q.to(originals[name].dtype)
-                linear.weight.grad = None
-                linear.weight.requires_grad_(True)
-            for start in range(0, count, batch_size):
-                batch = windows[start : start + batch_size]
-                out = model(input_ids=batch, labels=batch)
-                (out.loss * (batch.shape[0] / count)).backward()
-            for name, linear in linears.items():
-                grad = linear.weight.grad
-                if grad is not None:
-                    scores[name][index] = float((grad.float() * errors[name]).abs().sum())
-    finally:
-        for name, linear in linears.items():
-            linear.weight.data = originals[name]
-            linear.weight.grad = None
-        for p in model.parameters():
+        for p in owner.parameters():
             p.requires_grad_(trainable.get(id(p), False))
     return scores
