@@ -240,6 +240,7 @@ CASES: list[tuple[str, Callable[[Env], list[str]], tuple[str, ...]]] = [
     ("output-parent-read-only", _read_only_parent, ("not writable", "directory you can write")),
     ("disk-full", _full_disk, ("not enough free space", "free some space")),
     ("output-locked-by-another-run", _locked_out, ("another lowbit run is writing", "wait for it")),
+    ("hqq-with-a-w-a-scheme", _flags("--recipe", "hqq", "--format", "fake", "--scheme", "w4a4"), ("stage 'hqq' does not support weight-activation", "weight-only scheme")),
     ("gptq-3-bit", _flags("--format", "gptq", "--scheme", "w3g32"), ("GPTQ v1 cannot hold 3-bit", "--format compressed-tensors")),
     ("w4a4-as-compressed-tensors", _flags("--format", "compressed-tensors", "--scheme", "w4a4"), ("simulation", "--format fake")),
     ("ct-group-does-not-divide", _flags("--format", "compressed-tensors", "--scheme", "w4g128"), ("group size 128 does not divide in_features 64", "re-run with a group size")),
