@@ -37,7 +37,13 @@ from common import machine, write_json  # noqa: E402
 log = logging.getLogger("bench_distributed")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
-METHODS = {"gptq": "gptq", "signround-light": "signround-light"}  # row name -> lowbit recipe
+# row name -> lowbit recipe and options; gptq-exact sums X^T X in fp64 (gptq.exact_hessian), so a split of the
+# calibration over ranks or threads leaves H, and with it the codes, as one process's
+METHODS = {
+    "gptq": ("gptq",),
+    "gptq-exact": ("gptq", "--opt", "gptq.exact_hessian=true"),
+    "signround-light": ("signround-light",),
+}
 SETUPS = {"1r1t": (1, 1), "2r1t": (2, 1), "1r2t": (1, 2)}  # set-up -> (ranks, threads per rank)
 REFERENCE = "1r1t"
 
@@ -45,7 +51,7 @@ REFERENCE = "1r1t"
 def command(args: argparse.Namespace, method: str, ranks: int, out: Path) -> list[str]:
     """The `lowbit quantize` command of one row (the embedded SmolLM2 unless --model)."""
     model = [str(args.model)] if args.model else []
-    cmd = [sys.executable, "-m", "lowbit", "quantize", *model, "--recipe", METHODS[method], "--scheme", args.scheme,
+    cmd = [sys.executable, "-m", "lowbit", "quantize", *model, "--recipe", *METHODS[method], "--scheme", args.scheme,
            "--dataset", "builtin", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0",
            "--format", args.format, "--out", str(out), "--overwrite", "--no-checkpoint", "-q",
            "--eval", "--eval-dataset", "builtin", "--eval-seqlen", str(args.eval_seqlen)]  # fmt: skip

@@ -47,6 +47,26 @@ def test_running_hessian_equals_two_over_n_xtx():
     torch.testing.assert_close(acc.H.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
 
 
+def test_exact_hessian_does_not_depend_on_how_the_samples_are_batched_or_split():
+    gen = torch.Generator().manual_seed(2)
+    samples = torch.randn(8, 33, 600, generator=gen) * torch.logspace(-2, 2, 600)  # k > one Gram panel
+    one = HessianAccumulator(600, exact=True)
+    for batch in samples.split(3):  # one process: batches of 3, 3, 2
+        one.add_batch(batch)
+    ranks = [HessianAccumulator(600, exact=True) for _ in range(2)]  # two ranks: 4 + 4 samples, other batches
+    for rank, shard in zip(ranks, samples.split(4), strict=True):
+        for batch in shard.split(1):
+            rank.add_batch(batch)
+    merged = HessianAccumulator(600, exact=True)
+    merged.sum, merged.nsamples = ranks[0].sum + ranks[1].sum, 8  # what reduce_hessians adds, in rank order
+    assert torch.equal(merged.H, one.H)
+    running = HessianAccumulator(600)
+    for batch in samples.split(3):
+        running.add_batch(batch)
+    assert not torch.equal(running.H, one.H)  # the reference's running fp32 average rounds differently ...
+    torch.testing.assert_close(running.H, one.H, rtol=1e-4, atol=1e-4 * float(one.H.abs().max()))  # ... but is H
+
+
 @pytest.mark.parametrize("k", [7, 16, 40])  # one panel, whole panels, a partial last panel
 def test_panelled_gram_is_the_symmetric_full_product(k):
     rows = torch.randn(300, k, generator=torch.Generator().manual_seed(k))
@@ -246,9 +266,9 @@ def test_passes_started_at_a_recorded_module_give_the_whole_block_hessians(make_
     starts = []
     real_collect = gptq_module.collect_hessians
 
-    def spy(ctx, names, precision="off", *, start=None, record=None):
+    def spy(ctx, names, precision="off", *, start=None, record=None, exact=False):
         starts.append(start.path if start is not None else None)
-        return real_collect(ctx, names, precision, start=start, record=record)
+        return real_collect(ctx, names, precision, start=start, record=record, exact=exact)
 
     monkeypatch.setattr(gptq_module, "collect_hessians", spy)
     make = getattr(conftest, make_name)

@@ -147,6 +147,18 @@ def test_estimate_grows_with_nsamples_and_seqlen():
     assert rtn[0] == rtn[1]  # no calibration data, no chains
 
 
+def test_exact_gptq_hessians_are_counted_in_fp64():
+    shape = ModelShape.from_config(_llama(8))
+
+    def hessian_terms(exact: bool) -> int:
+        config = build_config(recipe="gptq", nsamples=4, seqlen=64, options={"gptq": {"exact_hessian": exact}})
+        phases = estimate(shape, config, stream=True).phases.values()
+        return sum(terms.get("gptq_hessians_and_solve", 0) for terms in phases)
+
+    k = _llama(8)["intermediate_size"]  # the largest subset: down_proj alone, k = intermediate size
+    assert hessian_terms(True) - hessian_terms(False) == k * k * 4  # the fp64 sum holds 4 more bytes per entry
+
+
 @pytest.mark.parametrize("recipe", ["rtn", "gptq", "signround"])
 def test_streamed_estimate_does_not_grow_with_depth(recipe):
     config = build_config(recipe=recipe, nsamples=16, seqlen=64)

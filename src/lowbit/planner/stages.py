@@ -142,11 +142,11 @@ def _rtn(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, int]]:
     return {"rtn_temporaries": temp}, {"rtn_temporaries": temp}
 
 
-def gptq_solve(facts: RunFacts, subset: list[LinearShape]) -> tuple[int, int]:
+def gptq_solve(facts: RunFacts, subset: list[LinearShape], exact: bool = False) -> tuple[int, int]:
     """(accumulated Hessians + the solve's workspace, the Hessians alone) of one true-sequential subset: one k x k
-    fp32 H per linear of the subset (HessianAccumulator), all alive when the first is solved; the solve factors the H
-    it is handed on CPU (solve.py)."""
-    hessians = sum(linear.count * linear.in_features**2 * F32 for linear in subset)
+    H per linear of the subset (HessianAccumulator: fp32, or an fp64 sum with `exact`), all alive when the first is
+    solved; the solve factors the fp32 H it is handed on CPU (solve.py)."""
+    hessians = sum(linear.count * linear.in_features**2 * (2 * F32 if exact else F32) for linear in subset)
     k = max(linear.in_features for linear in subset)
     weights = max(_weights_bytes(linear, SOLVE_WEIGHT_COPIES) for linear in subset)
     return hessians + SOLVE_COPIES * k * k * F32 + weights, hessians + k * k * F32
@@ -158,7 +158,8 @@ def _gptq(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, int]]:
     in a quarter of the free memory, the last linear's input (a chain at intermediate width); the quantized chain
     is then rebuilt from those records (a new chain, filled per batch) while they are alive."""
     host: dict[str, int] = {}
-    solve, device_hessians = max(gptq_solve(facts, subset) for subset in facts.block.subsets())
+    exact = bool(getattr(stage.options, "exact_hessian", False))
+    solve, device_hessians = max(gptq_solve(facts, subset, exact) for subset in facts.block.subsets())
     records = 0
     if facts.shape.model_type != "opt" and not facts.chains_on_disk:  # on disk: the passes replay, nothing kept
         records = facts.chain

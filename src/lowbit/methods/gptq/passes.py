@@ -89,6 +89,7 @@ def collect_hessians(
     *,
     start: ModuleCalls | None = None,
     record: tuple[ModuleCalls, ...] = (),
+    exact: bool = False,
 ) -> dict[str, HessianAccumulator]:
     """Run the block (current weights) on `ctx.inputs` and accumulate the input Hessian of each named linear.
 
@@ -97,13 +98,16 @@ def collect_hessians(
     Each batch stops as soon as every named linear has been called, before the last one computes (the
     true-sequential subsets of the early linears then cost a fraction of a block forward); the Hessians are those
     of a full forward. Linears called on the same input tensor in a batch (q/k/v, gate/up) share one X^T X
-    product. With `start`, each batch runs that submodule on its recorded call instead of the whole block. Each of
-    `record` gets its submodule's calls, for a later pass (left empty unless it ran exactly once per batch).
+    product (in fp64 with `exact`: HessianAccumulator). With `start`, each batch runs that submodule on its
+    recorded call instead of the whole block. Each of `record` gets its submodule's calls, for a later pass (left
+    empty unless it ran exactly once per batch).
     """
     if ctx.inputs is None:
         raise LowbitError("GPTQ needs calibration data; pass --dataset (or 'builtin' for the offline default)")
     linears = ctx.linears()
-    accumulators = {name: HessianAccumulator(linears[name].in_features, device=ctx.device) for name in names}
+    accumulators = {
+        name: HessianAccumulator(linears[name].in_features, device=ctx.device, exact=exact) for name in names
+    }
     pending: set[str] = set()
     grams: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id(input) -> (input, X^T X, n), per batch
 
@@ -112,7 +116,7 @@ def collect_hessians(
             x = args[0]
             cached = grams.get(id(x))
             if cached is None or cached[0] is not x:  # the identity check guards against a reused id
-                cached = grams[id(x)] = (x, *input_gram(x.detach()))
+                cached = grams[id(x)] = (x, *input_gram(x.detach(), exact))
             accumulators[name].add_gram(cached[1], cached[2])
             accumulators[name].tokens += x.numel() // x.shape[-1]
             pending.discard(name)
@@ -149,20 +153,21 @@ def collect_hessians(
 def reduce_hessians(accumulators: dict[str, HessianAccumulator], group: Group) -> dict[str, HessianAccumulator]:
     """The Hessians of every rank's samples together (a data-parallel run; the single process's are returned as is).
 
-    Each rank's H is (2/n_r) * sum of its Gram matrices; the global H is sum_r (n_r / N) H_r = (2/N) * sum of all
-    of them, normalized by the global count N. The weighted sum runs in fp64 in rank order (deterministic), then
-    back to fp32 as the solver takes it; token counts are summed, so `min_tokens` sees every rank's tokens.
+    Exact accumulators hold fp64 Gram sums: those are added in rank order, and H is normalized by the global count
+    once, as one process does. Running ones hold each rank's H_r = (2/n_r) * its Gram sum: the global
+    H = sum_r (n_r / N) H_r is weighted in fp64 in rank order (deterministic), then back to fp32 as the solver takes
+    it. Token counts are summed, so `min_tokens` sees every rank's tokens.
     """
     if not group.distributed:
         return accumulators
     counts = group.gather_objects({name: (acc.nsamples, acc.tokens) for name, acc in accumulators.items()})
     for name, accumulator in accumulators.items():
         total = sum(rank_counts[name][0] for rank_counts in counts)
-        merged = torch.zeros_like(accumulator.H, dtype=torch.float64)
-        for rank_counts, part in zip(counts, group.gather(accumulator.H), strict=True):
+        merged = torch.zeros_like(accumulator.sum, dtype=torch.float64)
+        for rank_counts, part in zip(counts, group.gather(accumulator.sum), strict=True):
             if rank_counts[name][0]:
-                merged.add_(part.double(), alpha=rank_counts[name][0] / total)
-        accumulator.H = merged.to(torch.float32)
+                merged.add_(part.double(), alpha=1.0 if accumulator.exact else rank_counts[name][0] / total)
+        accumulator.sum = merged if accumulator.exact else merged.to(torch.float32)
         accumulator.nsamples = total
         accumulator.tokens = sum(rank_counts[name][1] for rank_counts in counts)
     return accumulators

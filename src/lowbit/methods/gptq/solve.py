@@ -27,37 +27,55 @@ MSE_MAX_SHRINK = 0.8
 MSE_NORM = 2.4
 
 
-def input_gram(x: Tensor) -> tuple[Tensor, int]:
-    """(X^T X in fp32 over every token of a batch of layer inputs [batch, ..., k], sequences in the batch).
+def input_gram(x: Tensor, exact: bool = False) -> tuple[Tensor, int]:
+    """(X^T X over every token of a batch of layer inputs [batch, ..., k], sequences in the batch).
 
-    A 2-D input counts as one sequence per row. Linears fed the same tensor (q/k/v, gate/up) can share it.
+    A 2-D input counts as one sequence per row. Linears fed the same tensor (q/k/v, gate/up) can share it. fp32 by
+    default; with `exact`, the products and sums run in fp64 (a product of two fp32 values is exact there), so the
+    matrix barely depends on how the tokens were batched: what a data-parallel run needs to sum one process's H.
     """
     n = x.shape[0] if x.dim() > 2 else 1 if x.dim() == 1 else x.shape[0]
-    return gram_matrix(x.reshape(-1, x.shape[-1]).to(torch.float32)), n
+    dtype = torch.float64 if exact else torch.float32
+    return gram_matrix(x.reshape(-1, x.shape[-1]).to(dtype)), n
 
 
 class HessianAccumulator:
-    """H = (2/N) * sum_t x_t^T x_t over N sequences, accumulated batch by batch in fp32.
+    """H = (2/N) * sum_t x_t^T x_t over N sequences, accumulated batch by batch.
 
-    Each batch rescales the old H by N/(N + n) and adds its Gram matrix times 2/N_new, as the reference's
-    `GPTQ.add_batch` (which scales the rows by sqrt(2/N_new) first), so the damping (relative to mean(diag H))
-    behaves identically.
+    By default in fp32 as the reference: each batch rescales the old H by N/(N + n) and adds its Gram matrix times
+    2/N_new, as `GPTQ.add_batch` (which scales the rows by sqrt(2/N_new) first), so the damping (relative to
+    mean(diag H)) behaves identically. With `exact`, the Gram matrices (fp64, `input_gram(exact=True)`) are summed
+    in fp64 and normalized once when H is read: the sum no longer depends on the batch order or split, so N ranks
+    reduce to the H of one process up to fp64 rounding.
     """
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+    def __init__(self, columns: int, device: torch.device | str = "cpu", exact: bool = False) -> None:
+        self.exact = exact
+        dtype = torch.float64 if exact else torch.float32
+        self.sum = torch.zeros(columns, columns, dtype=dtype, device=device)  # the running H, or the fp64 Gram sum
         self.nsamples = 0
         self.tokens = 0  # rows (tokens) seen, counted by the caller: an MoE expert may see none
 
+    @property
+    def H(self) -> Tensor:
+        """The fp32 Hessian the solver takes."""
+        if not self.exact:
+            return self.sum
+        return (self.sum * (2.0 / max(self.nsamples, 1))).to(torch.float32)
+
     def add_batch(self, x: Tensor) -> None:
         """Add one batch of layer inputs [batch, ..., k]; a 2-D input counts as one sequence per row."""
-        self.add_gram(*input_gram(x))
+        self.add_gram(*input_gram(x, self.exact))
 
     def add_gram(self, gram: Tensor, n: int) -> None:
         """Add a batch given as its Gram matrix X^T X and its number of sequences `n`."""
-        self.H *= self.nsamples / (self.nsamples + n)
+        if self.exact:
+            self.nsamples += n
+            self.sum.add_(gram.to(self.sum.device, torch.float64))
+            return
+        self.sum *= self.nsamples / (self.nsamples + n)
         self.nsamples += n
-        self.H.add_(gram.to(self.H.device), alpha=2.0 / self.nsamples)
+        self.sum.add_(gram.to(self.sum.device), alpha=2.0 / self.nsamples)
 
 
 @dataclass

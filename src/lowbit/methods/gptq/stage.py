@@ -49,6 +49,12 @@ class GPTQOptions:
         default=True, metadata={"help": "collect each subset's Hessians after quantizing the earlier subsets"}
     )
     mse: bool = field(default=False, metadata={"help": "shrink-grid search of the group range (|err|^2.4)"})
+    exact_hessian: bool = field(
+        default=False,
+        metadata={"help": "X^T X in fp64 and summed in fp64, normalized once: H no longer depends on how samples are "
+                  "batched or split over ranks, so N ranks solve one process's H (fp64 Gram products; off = the "
+                  "reference's running fp32 average)"},
+    )  # fmt: skip
     autocast: TuneAutocast = field(
         default="auto",
         metadata={"help": "block forwards that collect the Hessians (and the engine's chain) in bf16 autocast or off "
@@ -177,8 +183,9 @@ class GPTQ(BlockStage):
         for index, subset in enumerate(subsets):
             records = self._records_for(ctx, subsets, index, chain is not None)
             hessians = collect_hessians(
-                ctx, subset, self.precision(ctx.device), start=start, record=tuple(records.values())
-            )
+                ctx, subset, self.precision(ctx.device), start=start, record=tuple(records.values()),
+                exact=opts.exact_hessian,
+            )  # fmt: skip
             hessians = reduce_hessians(hessians, ctx.group)  # every rank solves the same H: the same codes
             start = records["entry"] if "entry" in records and records["entry"].calls else None
             if "residual" in records and start is not None and records["residual"].calls:
