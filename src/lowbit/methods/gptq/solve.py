@@ -31,12 +31,21 @@ def input_gram(x: Tensor, exact: bool = False) -> tuple[Tensor, int]:
     """(X^T X over every token of a batch of layer inputs [batch, ..., k], sequences in the batch).
 
     A 2-D input counts as one sequence per row. Linears fed the same tensor (q/k/v, gate/up) can share it. fp32 by
-    default; with `exact`, the products and sums run in fp64 (a product of two fp32 values is exact there), so the
-    matrix barely depends on how the tokens were batched: what a data-parallel run needs to sum one process's H.
+    default. With `exact`, an fp64 sum that does not depend on how the sequences were batched or split over ranks
+    (what a data-parallel run needs to solve one process's H): each sequence's own fp32 product, always computed
+    alone, added in fp64; rows of a 2-D input (tokens routed to an MoE expert) are multiplied in fp64, where a
+    product of two fp32 values is exact.
     """
     n = x.shape[0] if x.dim() > 2 else 1 if x.dim() == 1 else x.shape[0]
-    dtype = torch.float64 if exact else torch.float32
-    return gram_matrix(x.reshape(-1, x.shape[-1]).to(dtype)), n
+    if not exact:
+        return gram_matrix(x.reshape(-1, x.shape[-1]).to(torch.float32)), n
+    if x.dim() <= 2:
+        return gram_matrix(x.reshape(-1, x.shape[-1]).to(torch.float64)), n
+    sequences = x.reshape(x.shape[0], -1, x.shape[-1])
+    total = gram_matrix(sequences[0].to(torch.float32)).double()
+    for sequence in sequences[1:]:
+        total += gram_matrix(sequence.to(torch.float32))
+    return total, n
 
 
 class HessianAccumulator:
