@@ -1,9 +1,10 @@
 """Tokenizer metadata for GGUF from a Hugging Face fast tokenizer: vocabulary, merges, token types, special ids,
 pre-tokenizer name and chat template (the keys llama.cpp's `llama-vocab.cpp` and transformers' GGUF loader read).
 
-Only byte-level BPE vocabularies (GPT-2 style: SmolLM2, Llama 3, most small Llama-like models) are written; the
-pre-tokenizer name is recognised from the tokenizer's own pre-tokenizer settings (llama.cpp refuses an unknown
-name), and anything else is refused before calibration (`vocab_problem`).
+Byte-level BPE vocabularies (GPT-2 style: SmolLM2, Llama 3, most small Llama-like models) are written here, with
+the pre-tokenizer name recognised from the tokenizer's own pre-tokenizer settings (llama.cpp refuses an unknown
+name); SentencePiece BPE vocabularies (Gemma, Llama 2) in `vocab_spm`. Anything else is refused before calibration
+(`vocab_problem`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import gguf
 
 from lowbit.errors import LowbitError
+from lowbit.export.gguf.vocab_spm import build_spm_vocab, is_spm_json, spm_problem
 
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -27,16 +29,20 @@ _SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
 @dataclass(frozen=True)
 class GgufVocab:
-    """Everything the writer adds under `tokenizer.*`."""
+    """Everything the writer adds under `tokenizer.*`: `model` "gpt2" (byte-level BPE, with merges) or "llama"
+    (SentencePiece, with scores and add_space_prefix)."""
 
     pre: str
     tokens: list[str]
     token_types: list[int]
     merges: list[str]
-    special_ids: dict[str, int]  # bos / eos / unk / pad -> id
+    special_ids: dict[str, int]  # bos / eos / unk / pad / mask -> id
     add_bos: bool
     add_eos: bool
     chat_template: str | None
+    model: str = "gpt2"
+    scores: list[float] | None = None
+    add_space_prefix: bool | None = None
 
 
 def _backend(tokenizer: Any) -> dict[str, Any]:
@@ -72,10 +78,13 @@ def vocab_problem(tokenizer: Any) -> str | None:
         data = _backend(tokenizer)
     except LowbitError as error:
         return str(error)
+    if is_spm_json(data):
+        return spm_problem(tokenizer, data)
     model = data.get("model", {})
     if model.get("type") != "BPE" or data.get("decoder", {}) is None or data["decoder"].get("type") != "ByteLevel":
         return (
-            f"GGUF export writes byte-level BPE tokenizers only, not {model.get('type')} with decoder "
+            f"GGUF export writes byte-level BPE and SentencePiece BPE tokenizers only, not {model.get('type')} "
+            f"(byte fallback {bool(model.get('byte_fallback'))}) with decoder "
             f"{(data.get('decoder') or {}).get('type')}: use --format compressed-tensors"
         )
     if _pre_name(data.get("pre_tokenizer")) is None:
@@ -92,12 +101,38 @@ def _adds(tokenizer: Any) -> tuple[bool, bool]:
     return (bool(ids) and ids[0] == tokenizer.bos_token_id, bool(ids) and ids[-1] == tokenizer.eos_token_id)
 
 
+def _special_ids(tokenizer: Any) -> dict[str, int]:
+    ids = {key: getattr(tokenizer, f"{key}_token_id", None) for key in ("bos", "eos", "unk", "pad", "mask")}
+    return {key: int(value) for key, value in ids.items() if isinstance(value, int)}
+
+
+def _chat_template(tokenizer: Any) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
 def build_vocab(tokenizer: Any, vocab_size: int) -> GgufVocab:
     """The tokenizer metadata, padded with `[PAD<i>]` (UNUSED) tokens up to the model's embedding rows."""
     problem = vocab_problem(tokenizer)
     if problem:
         raise LowbitError(problem)
     data = _backend(tokenizer)
+    add_bos, add_eos = _adds(tokenizer)
+    if is_spm_json(data):
+        spm = build_spm_vocab(tokenizer, data, vocab_size)
+        return GgufVocab(
+            pre="default",
+            tokens=spm.tokens,
+            token_types=spm.token_types,
+            merges=[],
+            special_ids=_special_ids(tokenizer),
+            add_bos=add_bos,
+            add_eos=add_eos,
+            chat_template=_chat_template(tokenizer),
+            model="llama",
+            scores=spm.scores,
+            add_space_prefix=spm.add_space_prefix,
+        )
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
     size = max(vocab_size, max(by_id) + 1)
     added = {entry["id"]: entry for entry in data.get("added_tokens", [])}
@@ -114,42 +149,36 @@ def build_vocab(tokenizer: Any, vocab_size: int) -> GgufVocab:
         else:
             types.append(gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"].get("merges", [])]
-    special_ids = {
-        key: value
-        for key, value in (
-            ("bos", tokenizer.bos_token_id),
-            ("eos", tokenizer.eos_token_id),
-            ("unk", tokenizer.unk_token_id),
-            ("pad", tokenizer.pad_token_id),
-        )
-        if value is not None
-    }
-    add_bos, add_eos = _adds(tokenizer)
-    template = getattr(tokenizer, "chat_template", None)
     return GgufVocab(
         pre=_pre_name(data.get("pre_tokenizer")) or "default",
         tokens=tokens,
         token_types=[int(t) for t in types],
         merges=merges,
-        special_ids=special_ids,
+        special_ids=_special_ids(tokenizer),
         add_bos=add_bos,
         add_eos=add_eos,
-        chat_template=template if isinstance(template, str) else None,
+        chat_template=_chat_template(tokenizer),
     )
 
 
 def add_vocab(writer: gguf.GGUFWriter, vocab: GgufVocab) -> None:
     """Write the `tokenizer.*` keys."""
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.model == "gpt2":
+        writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     adders = {
         "bos": writer.add_bos_token_id,
         "eos": writer.add_eos_token_id,
         "unk": writer.add_unk_token_id,
         "pad": writer.add_pad_token_id,
+        "mask": writer.add_mask_token_id,
     }
     for key, token_id in vocab.special_ids.items():
         adders[key](int(token_id))
