@@ -129,7 +129,7 @@ def _looks_special(token: str) -> bool:
 def _from_model(spm: SpmModel, by_id: dict[int, str], added: set[int]) -> dict[int, tuple[str, float, int]]:
     """Piece, score and type per id from `tokenizer.model`, checked against the tokenizer lowbit evaluated."""
     entries = {}
-    for index, (piece, score, kind) in enumerate(zip(spm.pieces, spm.scores, spm.types)):
+    for index, (piece, score, kind) in enumerate(zip(spm.pieces, spm.scores, spm.types, strict=True)):
         if index not in added and by_id.get(index, piece) != piece:
             raise LowbitError(
                 f"tokenizer.model's piece {index} is {piece!r}, the tokenizer's token {index} is {by_id[index]!r}: "
