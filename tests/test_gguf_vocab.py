@@ -228,3 +228,26 @@ def test_gemma3_vocab_matches_its_published_gguf(tmp_path):
     assert sorted(merged, key=lambda i: -scores[i]) == sorted(merged, key=lambda i: -gguf_scores[i])
     for text in [*TEXTS, GEMMA_CHAT, "a   b    c\n\n\n  d"]:
         assert _llama_cpp_tokens(path, text) == _llama_cpp_tokens(source, text) == tokenizer(text).input_ids, text
+
+
+def test_quantize_to_gguf_with_a_sentencepiece_tokenizer(spm_dirs, tmp_path):
+    """A whole run (preflight, calibration-free RTN, the writer) on a tiny Gemma 3 with the SentencePiece tokenizer:
+    the file's vocabulary is the "llama" one and llama.cpp tokenizes as the tokenizer lowbit loaded."""
+    from transformers import AutoTokenizer
+
+    import lowbit
+    from conftest import save_model_dir
+    from lowbit.formats.files import GGUF_FILE
+    from lowbit.run import ExportSettings
+    from test_gguf_families import make_family
+
+    tokenizer = AutoTokenizer.from_pretrained(spm_dirs[1])
+    source = save_model_dir(tmp_path / "src", make_family("gemma3"), tokenizer)
+    lowbit.quantize_to(tmp_path / "out", model=str(source), recipe="rtn", scheme="gguf:q8_0",
+                       export=ExportSettings(format="gguf"))  # fmt: skip
+    path = tmp_path / "out" / GGUF_FILE
+    fields = gguf.GGUFReader(path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert len(fields["tokenizer.ggml.tokens"].contents()) == EMBEDDING_ROWS
+    for text in TEXTS:
+        assert _llama_cpp_tokens(path, text) == tokenizer(text).input_ids, text
