@@ -212,6 +212,8 @@ def run_quantization(
                                  "samples_per_rank": sizes if config.needs_data else None}  # fmt: skip
     if config.needs_data:
         record["chains"] = {"offload": offload, "option": config.engine.offload}
+        if group.distributed:  # every rank's share of the chains (a collective: every rank builds its record)
+            record["chains"]["peak_bytes_per_rank"] = group.gather_objects(chains.peak_bytes)
     if plan is not None:  # the planner's estimate next to what this process measured (quantization done)
         record["memory"] = {"plan": plan.to_dict(), "measured_mib": {**peak_rss_phases(), "phases": phases.to_dict()}}
     if work is not None:

@@ -147,7 +147,11 @@ Chain = Tensor | DiskChain
 
 class ChainStore:
     """Makes the block loop's chains: fp32 CPU tensors (`ram`), or DiskChains in a private directory under `base`
-    (the run's work directory, else the system's temp directory) that `close` removes with every file in it."""
+    (the run's work directory, else the system's temp directory) that `close` removes with every file in it.
+
+    `peak_bytes` is the most bytes its chains held at once (a chain counts from `new` until it is garbage
+    collected): what the chains cost a process, measured rather than estimated, so a data-parallel run can show
+    that each rank holds its share of the samples (the run record's `chains.peak_bytes_per_rank`)."""
 
     def __init__(self, offload: Offload = "ram", base: str | Path | None = None) -> None:
         if offload not in ("ram", "disk"):
@@ -157,6 +161,8 @@ class ChainStore:
         self._directory: Path | None = None
         self._count = 0
         self._live: weakref.WeakSet[DiskChain] = weakref.WeakSet()
+        self.live_bytes = 0
+        self.peak_bytes = 0
 
     @property
     def on_disk(self) -> bool:
@@ -170,7 +176,7 @@ class ChainStore:
     def new(self, shape: Sequence[int]) -> Chain:
         """An uninitialised fp32 chain of `shape`, to be filled batch by batch."""
         if not self.on_disk:
-            return torch.empty(tuple(shape), dtype=torch.float32)
+            return self._counted(torch.empty(tuple(shape), dtype=torch.float32))
         if self._directory is None:
             base = self.base if self.base is not None and self.base.is_dir() else None
             self._directory = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=base))
@@ -178,7 +184,18 @@ class ChainStore:
         self._count += 1
         chain = DiskChain(self._directory / f"chain-{self._count:05d}.f32", shape)
         self._live.add(chain)
+        return self._counted(chain)
+
+    def _counted(self, chain: Chain) -> Chain:
+        """`chain`, its bytes added to the live count until it is collected (a weak reference: no chain is kept)."""
+        nbytes = chain.numel() * _ITEMSIZE
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        weakref.finalize(chain, self._release, nbytes)
         return chain
+
+    def _release(self, nbytes: int) -> None:
+        self.live_bytes -= nbytes
 
     def close(self) -> None:
         """Close and remove every chain file and the directory."""
