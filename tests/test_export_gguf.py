@@ -15,8 +15,9 @@ from conftest import make_llama, make_opt, save_model_dir
 from lowbit.errors import LowbitError
 from lowbit.export.gguf.arch import gguf_arch
 from lowbit.export.gguf.blocks import pack_record
+from lowbit.export.gguf.embeddings import output_type, outside_types, shape_fallback
 from lowbit.formats.files import GGUF_FILE
-from lowbit.formats.gguf_types import GGUF_TYPES, fp16_offset_scale, split_double_quant
+from lowbit.formats.gguf_types import GGUF_TYPES, base_type, fp16_offset_scale, split_double_quant
 from lowbit.quantizer import fake_quant, quantize_weight
 from lowbit.run import ExportSettings
 from lowbit.scheme import QuantScheme, parse_scheme
@@ -191,14 +192,20 @@ def _check_file_decodes_to_the_records(result, path):
     arch = gguf_arch(result.model)
     tensors = {t.name: t for t in reader.tensors}
     state = result.model.state_dict()
-    for module, record in result.weights.items():
+    assert set(result.outside) == set(outside_types(result.model, result.config.scheme)) == {
+        "model.embed_tokens", "lm_head"}  # fmt: skip
+    for module, record in {**result.weights, **result.outside}.items():
         name = arch.tensor_name(f"{module}.weight")
         t = tensors[name]
         assert t.tensor_type == gguf.GGMLQuantizationType[record.scheme.gguf.upper()]
         decoded = arch.unpermute_rows(name, gguf.quants.dequantize(t.data, t.tensor_type))
         assert np.array_equal(decoded, record.dequantize().numpy()), name
         assert np.array_equal(decoded, state[f"{module}.weight"].float().numpy()), name  # the evaluated weight
-    for key in ("token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight"):
+    default = base_type(result.config.scheme.gguf).name
+    row = result.model.config.hidden_size  # untied: token_embd has the scheme's type, output Q6_K (or Q8_0)
+    assert result.outside["model.embed_tokens"].scheme.gguf == shape_fallback(default, row)
+    assert result.outside["lm_head"].scheme.gguf == output_type(default, row)
+    for key in ("output_norm.weight", "blk.0.attn_norm.weight"):
         assert tensors[key].tensor_type == gguf.GGMLQuantizationType.F32
 
 
@@ -260,7 +267,9 @@ def test_metadata_and_tokenizer(tmp_path, tokenizer):
 
     record = json.loads((tmp_path / "out" / "lowbit_record.json").read_text())
     types = record["export"]["gguf_tensor_types"]
-    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["token_embd.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == types["output.weight"] == "Q8_0"
+    assert types["output_norm.weight"] == "F32" and record["gguf_outside"] == {"model.embed_tokens": "q8_0",
+                                                                               "lm_head": "q8_0"}  # fmt: skip
 
 
 def test_chat_template_is_written(tmp_path, tokenizer):

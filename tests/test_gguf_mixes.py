@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from conftest import make_llama
 from lowbit.errors import LowbitError
 from lowbit.export.gguf.mixes import fallback_type, mix_type, resolve_mix, use_more_bits
+from lowbit.scheme import parse_scheme
 
 
 def test_use_more_bits_layers():
@@ -91,3 +94,35 @@ def test_moe_rules():
     assert [mix_type(m, "attn_output", 5, 32, 4, n_expert=8) for m in ("q2_k_s", "q3_k_m", "q4_k_m", "q5_k_m")] == [
         "q2_k", "q5_k", "q5_k", "q5_k",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "default, row, output, embedding",
+    [("q4_1", 576, "q8_0", "q4_1"),  # SmolLM2's shipped Q4_1 file: tied token_embd Q6_K -> Q8_0 (576 % 256)
+     ("q4_k", 4096, "q6_k", "q4_k"),  # a Llama Q4_K_M: output Q6_K, untied token_embd Q4_K
+     ("q4_k", 640, "q8_0", "q5_0"),  # 640 % 256: the output rule's Q8_0, the embedding's Q4_K falls back to Q5_0
+     ("q8_0", 4096, "q8_0", "q8_0"),  # a Q8_0 file keeps Q8_0 for the output
+     ("q2_k", 4096, "q6_k", "q2_k"),
+     ("q4_0", 100, None, None)],  # no block type holds the row: float
+)  # fmt: skip
+def test_output_and_embedding_types_follow_llama_cpp(default, row, output, embedding):
+    from lowbit.export.gguf.embeddings import output_type, shape_fallback
+
+    assert output_type(default, row) == output
+    assert shape_fallback(default, row) == embedding
+
+
+def test_a_tied_embedding_gets_the_output_type_and_is_rounded_in_place():
+    from lowbit.export.gguf.embeddings import outside_types, round_outside
+
+    model = make_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    scheme = parse_scheme("gguf:q4_k_m")
+    assert outside_types(model, scheme) == {"model.embed_tokens": "q8_0"}  # hidden 64: Q6_K falls back to Q8_0
+    float_weight = model.get_input_embeddings().weight.detach().clone()
+    records = round_outside(model, scheme)
+    rounded = model.get_input_embeddings().weight
+    assert torch.equal(rounded, records["model.embed_tokens"].dequantize()) and not torch.equal(rounded, float_weight)
+    assert model.get_output_embeddings().weight is rounded  # the tie holds
+    assert (rounded - float_weight).abs().max() <= float_weight.abs().amax(-1, keepdim=True).max() / 127

@@ -70,3 +70,25 @@ def test_resuming_with_other_eval_settings_is_refused(tmp_path, tokenizer_dir, m
     monkeypatch.undo()
     with pytest.raises(LowbitError, match="same --eval"):
         evaluation(model_dir, tmp_path / "out", "on", "rtn", "w4g32", resume=True)
+
+
+@pytest.mark.parametrize("recipe, scheme, tie", [("rtn", "gguf:q4_0", False), ("gptq", "gguf:q8_0", True)])
+def test_a_gguf_runs_streamed_eval_keeps_the_float_embedding_for_before(tmp_path, tokenizer_dir, recipe, scheme, tie):
+    """A GGUF scheme rounds the token embedding and output before the loop: a streamed --eval still reports the float
+    model's perplexity before and the rounded model's after, as a resident run does, and writes the same tensors."""
+    import gguf
+
+    from lowbit.formats.files import GGUF_FILE
+
+    model_dir = checkpoint(tmp_path / "ckpt", tokenizer_dir, tie=tie)
+    resident = evaluation(model_dir, tmp_path / "resident", "off", recipe, scheme, format="gguf")
+    streamed = evaluation(model_dir, tmp_path / "streamed", "on", recipe, scheme, format="gguf")
+    assert ppl(streamed) == ppl(resident)
+    files = {}
+    for run in ("resident", "streamed"):
+        reader = gguf.GGUFReader(tmp_path / run / GGUF_FILE)
+        files[run] = [(t.name, t.tensor_type.name, t.data.tobytes()) for t in reader.tensors]
+    assert files["streamed"] == files["resident"]
+    types = {name: t for name, t, _ in files["streamed"]}
+    assert types["token_embd.weight"] == scheme.removeprefix("gguf:").upper()  # untied: the scheme's; tied: Q8_0
+    assert ("output.weight" in types) == (not tie)

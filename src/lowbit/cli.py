@@ -112,7 +112,7 @@ def _print_export(out: str, fmt: str, float_dir: Path) -> None:
     from lowbit.export.space import format_bytes
     from lowbit.formats.files import CARD_FILE, RECORD_FILE
 
-    size = sum(p.stat().st_size for p in Path(out).glob("model*.safetensors"))
+    size = sum(p.stat().st_size for p in Path(out).glob("model*") if p.suffix in (".safetensors", ".gguf"))
     float_size = sum(p.stat().st_size for p in float_dir.iterdir() if p.suffix in (".safetensors", ".gguf"))
     print(f"wrote {fmt} export to {out}: {format_bytes(size)} of weights (float model {format_bytes(float_size)})")
     record = json.loads((Path(out) / RECORD_FILE).read_text())

@@ -145,6 +145,13 @@ def run_quantization(
         linear_schemes = mix_schemes(loaded.model, arch, config.scheme)
         for stage in stages:
             stage.linear_schemes = linear_schemes
+    outside = {}
+    if config.scheme.gguf is not None:  # token embedding / output on llama.cpp's grids, before calibration sees them
+        from lowbit.export.gguf.embeddings import round_outside
+
+        outside = round_outside(loaded.model, config.scheme)
+        if sink is not None:
+            sink.add_outside(outside)
     scheme_plan = None
     if config.scheme.mixed is not None:  # each linear's option, before any rounding (lowbit/mixed)
         scheme_plan = _scheme_plan(loaded, arch, config, calibration, fmt, ct_packing, source, plan, offload_dir)
@@ -225,4 +232,7 @@ def run_quantization(
     artifacts = found.artifacts
     if artifacts:
         record["artifacts"] = {"file": ARTIFACTS_FILE, "tensors": len(artifacts)}
-    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts, act_handle, work)
+    if outside:
+        record["gguf_outside"] = {name: r.scheme.gguf for name, r in outside.items()}
+    return QuantizedModel(loaded.model, loaded.tokenizer, records, config, record, artifacts, act_handle, work,
+                          outside=outside)  # fmt: skip

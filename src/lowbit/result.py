@@ -65,6 +65,7 @@ class QuantizedModel:
     work: WorkDir | None = None  # the run's checkpoints, removed once an export is written
     report_path: Path | None = None  # the run report written into the export (`quantize_to(..., report=True)`)
     streamed: bool = False  # the blocks went to the export as they finished (the model's blocks are meta)
+    outside: dict[str, QuantizedWeight] = field(default_factory=dict)  # a GGUF scheme's embedding/output records
 
     def perplexity(
         self, dataset: str | None = "auto", *, seqlen: int = 2048, max_windows: int | None = None
@@ -83,7 +84,7 @@ class QuantizedModel:
         if fmt == GGUF_FORMAT:
             if streamed:
                 raise LowbitError("GGUF export of a streamed run is not supported yet: use --opt engine.stream=off")
-            return prepare_gguf(self.model, self.weights, self.tokenizer, self.config.scheme)
+            return prepare_gguf(self.model, self.weights, self.tokenizer, self.config.scheme, self.outside)
         if fmt not in PACKED_FORMATS:
             return None
         return prepare_packed(

@@ -61,8 +61,14 @@ def streamed_evaluation(
         windows = cut_windows(loaded.model, data.input_ids, seqlen=settings.seqlen, max_windows=settings.windows,
                               bos=None)  # fmt: skip
         texts.append(EvalText(eval_label(name, data.meta), windows, data.meta))
+    float_weights = {}  # a GGUF scheme rounds the embedding/output before the loop: "before" keeps float copies
+    if config.scheme.gguf is not None:
+        from lowbit.export.gguf.embeddings import outside_types
+
+        for name in outside_types(loaded.model, config.scheme):
+            float_weights[name] = loaded.model.get_submodule(name).weight.detach().clone()
     return StreamedEvaluation(loaded.model, arch_for(loaded.model), texts, device=torch.device(config.engine.device),
-                              source=source)  # fmt: skip
+                              source=source, float_weights=float_weights)  # fmt: skip
 
 
 def count_eval_windows(path: Path, settings: EvalSettings, *, trust_remote_code: bool = False) -> int | None:

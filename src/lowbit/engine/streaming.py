@@ -41,6 +41,9 @@ class BlockSink(Protocol):
 
     done: int
 
+    def add_outside(self, records: dict[str, QuantizedWeight]) -> None:
+        """Records of matrices outside the blocks (a GGUF scheme's embedding/output), before the first block."""
+
     def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
         """`records` are keyed by full module name."""
 
@@ -103,6 +106,9 @@ class DiscardingSink:
     nothing (and, with no checkpoints in such a run, are never asked to restore)."""
 
     done = 0
+
+    def add_outside(self, records: dict[str, QuantizedWeight]) -> None:
+        """Nothing to write: rank 0 writes them."""
 
     def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
         """Nothing to write: rank 0 writes the block."""

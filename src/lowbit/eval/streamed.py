@@ -5,12 +5,15 @@ through the final quantized block ("after"), each time with the kwargs the model
 one window at a time as `perplexity()` runs them; the model's head then gives each window's NLL. So a streamed
 `--eval` reports the numbers a resident `--eval` reports, without a second read of the model (the GPTQ reference
 evaluates layer by layer the same way). The chains are saved beside the calibration chains after every block, so
-a resumed run continues them.
+a resumed run continues them. A GGUF scheme rounds the token embedding and output in place before the loop starts
+(export/gguf/embeddings.py): "before" runs on copies of their float weights, swapped in where it reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +42,19 @@ class EvalText:
     meta: dict[str, Any]
 
 
+@contextlib.contextmanager
+def swapped_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Run with these modules' weights replaced (module name -> weight), then put the model's back."""
+    saved = {name: model.get_submodule(name).weight.data for name in weights}
+    try:
+        for name, weight in weights.items():
+            model.get_submodule(name).weight.data = weight
+        yield
+    finally:
+        for name, weight in saved.items():
+            model.get_submodule(name).weight.data = weight
+
+
 def in_memory(chain: Any) -> torch.Tensor:
     """A restored chain as a tensor in RAM (with engine.offload=disk the loop's store reads it into a file)."""
     return chain if isinstance(chain, torch.Tensor) else chain[0 : chain.shape[0]]
@@ -56,19 +72,26 @@ class StreamedEvaluation:
         *,
         device: torch.device,
         source: BlockSource,
+        float_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """`float_weights`: float copies of the weights the run rounds outside the blocks (module name -> weight)."""
         self.model, self.arch, self.texts, self.device, self.source = model, arch, texts, device, source
+        self.float_weights = float_weights or {}
         self.kwargs: dict[str, list[dict[str, Any]]] = {}
         self.hidden: dict[str, torch.Tensor] = {}
 
     def begin(self) -> None:
         """Block 0's input and every block's kwargs for each text's windows (the blocks stay unread)."""
         for text in self.texts:
-            captured = capture_block_inputs(self.model, self.arch, text.windows.ids, batch_size=1, device=self.device,
-                                            source=self.source)  # fmt: skip
+            with swapped_weights(self.model, self.float_weights):
+                captured = self._capture(text)
             self.kwargs[text.name] = captured.per_block
-            self.hidden[f"{BEFORE}:{text.name}"] = captured.hidden  # before and after start from the same input
-            self.hidden[f"{AFTER}:{text.name}"] = captured.hidden
+            self.hidden[f"{BEFORE}:{text.name}"] = captured.hidden  # the same input unless the embedding was rounded
+            self.hidden[f"{AFTER}:{text.name}"] = self._capture(text).hidden if self.float_weights else captured.hidden
+
+    def _capture(self, text: EvalText) -> Any:
+        return capture_block_inputs(self.model, self.arch, text.windows.ids, batch_size=1, device=self.device,
+                                    source=self.source)  # fmt: skip
 
     def chain_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in {id(t): t for t in self.hidden.values()}.values())
@@ -111,9 +134,10 @@ class StreamedEvaluation:
         head = final_head(self.model, self.arch)
         report: dict[str, dict[str, dict]] = {"before": {}, "after": {}}
         for key, prefix in (("before", BEFORE), ("after", AFTER)):
-            for text in self.texts:
-                result = self._perplexity(head, self.hidden[f"{prefix}:{text.name}"], text.windows)
-                report[key][text.name] = {**result.to_dict(), "data": text.meta}
+            with swapped_weights(self.model, self.float_weights if key == "before" else {}):
+                for text in self.texts:
+                    result = self._perplexity(head, self.hidden[f"{prefix}:{text.name}"], text.windows)
+                    report[key][text.name] = {**result.to_dict(), "data": text.meta}
         return report
 
     def _perplexity(self, head: nn.Module, hidden: torch.Tensor, windows: Windows) -> PerplexityResult:

@@ -53,6 +53,9 @@ class StreamedExport:
                                       keep_merged=checkpoint is not None)  # fmt: skip
         self._records: dict[str, QuantizedWeight] = {}
 
+    def add_outside(self, records: dict[str, QuantizedWeight]) -> None:
+        """Nothing to pack: these formats store the rounded embedding/output as float, from the model at the end."""
+
     def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
         """Check block `index`'s records against its weights and write its export tensors."""
         if self.fmt != "fake":

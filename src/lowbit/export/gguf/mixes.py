@@ -4,8 +4,8 @@ A mirror of `llama_tensor_get_type_impl` and `tensor_type_fallback` in llama.cpp
 and mixture-of-experts models (stacked experts by their kind's rules, the 8-expert attention rules; no Falcon, no
 70B special case). Pure functions:
 the run resolves a mix per linear before any tuning (`mix_schemes`, handed to the stages), so each linear is tuned on
-the grid it is stored on. The output and token embeddings, which llama.cpp makes Q6_K/Q8_0, stay in float in lowbit
-(it does not quantize them), so only block linears are typed here.
+the grid it is stored on. Only block linears are typed here; the output and token embeddings are typed and rounded
+by embeddings.py.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from lowbit.engine.offload import Chain, ChainStore
 from lowbit.errors import LowbitError
 from lowbit.export.gguf.arch import gguf_arch
 from lowbit.export.gguf.checks import GGUF_FORMAT
-from lowbit.export.gguf.mixes import mix_schemes
+from lowbit.export.gguf.embeddings import outside_types
+from lowbit.export.gguf.mixes import mix_schemes, type_scheme
 from lowbit.export.gguf.tensors import PlannedTensor, expected_values, plan_tensors, tensor_bytes
 from lowbit.export.gguf.vocab import build_vocab
 from lowbit.export.gguf.writer import PreparedGguf, file_type_of, start_file
@@ -50,13 +51,19 @@ class GgufStreamedExport:
             for i, block in enumerate(spec.blocks(model))
             for name in spec.linears(block)
         }
+        schemes.update({name: type_scheme(t) for name, t in outside_types(model, scheme).items()})
         tensors = plan_tensors(model, arch, schemes)
         vocab = build_vocab(tokenizer, int(model.config.vocab_size))
         self.prepared = PreparedGguf(model, {}, arch, vocab, tensors, file_type_of(scheme, {}))
         self.path = self.directory / GGUF_FILE
         self.writer = start_file(self.path, self.prepared, header)
         self.next = 0  # index of the next planned tensor to write
-        self._write_outside_blocks(model.state_dict())
+        self.outside: dict[str, QuantizedWeight] = {}  # the embedding/output records, once the run has rounded them
+
+    def add_outside(self, records: dict[str, QuantizedWeight]) -> None:
+        """The run rounded the embedding (and an untied output): write what precedes the first block."""
+        self.outside = dict(records)
+        self._write_outside_blocks(self.prepared.model.state_dict())
 
     def _in_block(self, item: PlannedTensor) -> bool:
         return item.name.startswith("blk.")
@@ -65,11 +72,13 @@ class GgufStreamedExport:
         """Write planned tensors up to the next block tensor (token_embd first; output_norm / output at the end)."""
         tensors = self.prepared.tensors
         while self.next < len(tensors) and not self._in_block(tensors[self.next]):
-            self.writer.write_tensor_data(tensor_bytes(tensors[self.next], state, {}, self.prepared.arch))
+            self.writer.write_tensor_data(tensor_bytes(tensors[self.next], state, self.outside, self.prepared.arch))
             self.next += 1
 
     def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
         """Pack, check and write block `index`'s tensors (records keyed by full module name)."""
+        if index == 0 and self.next == 0:  # a scheme with nothing outside the blocks to round: no add_outside
+            self._write_outside_blocks(self.prepared.model.state_dict())
         state = {f"{prefix}.{key}": value for key, value in block.state_dict().items()}
         tensors, arch = self.prepared.tensors, self.prepared.arch
         first = self.next

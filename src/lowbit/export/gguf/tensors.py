@@ -1,9 +1,10 @@
 """Which tensors a GGUF export holds, in file order, with their GGUF names, types and byte sizes, and their data.
 
 The plan needs only shapes and the records' schemes, so a writer can put every tensor info in the header before
-any data (gguf-py's `add_tensor_info`, then `write_tensor_data` per tensor). Quantized linears are packed from
-their records (blocks.py); everything else is written as the model holds it: 1-D tensors (norms) as F32, 2-D float
-tensors (embeddings, an untied lm_head, linears a recipe left in float) at the model's dtype (F32, F16 or BF16),
+any data (gguf-py's `add_tensor_info`, then `write_tensor_data` per tensor). Quantized linears, and the embedding and
+output a GGUF scheme rounded (embeddings.py), are packed from their records (blocks.py); everything else is written as
+the model holds it: 1-D tensors (norms) as F32, 2-D float tensors (linears a recipe left in float, an embedding no
+block type holds) at the model's dtype (F32, F16 or BF16),
 so the file decodes to exactly the weights lowbit evaluated. A sparse block's experts, which lowbit quantizes as
 per-expert linears, are one stacked 3-D tensor per kind (`ffn_gate_exps` [E, I, H]): each expert's packed rows in
 expert order, all of one type.

@@ -72,15 +72,21 @@ def file_type_of(scheme: QuantScheme, records: dict[str, QuantizedWeight]) -> in
 
 
 def prepare_gguf(
-    model: nn.Module, records: dict[str, QuantizedWeight], tokenizer: Any, scheme: QuantScheme
+    model: nn.Module,
+    records: dict[str, QuantizedWeight],
+    tokenizer: Any,
+    scheme: QuantScheme,
+    outside: dict[str, QuantizedWeight] | None = None,
 ) -> PreparedGguf:
     """Validate the records, the family and the tokenizer, and plan the file; nothing is written. `scheme` is the
-    run's (a mix names the file type)."""
+    run's (a mix names the file type); `outside` holds the embedding/output records the run rounded
+    (embeddings.py)."""
     arch = gguf_arch(model)
     check_gguf_records(records)
     vocab = build_vocab(tokenizer, int(model.config.vocab_size))
-    tensors = plan_tensors(model, arch, {name: r.scheme for name, r in records.items()})
-    return PreparedGguf(model, records, arch, vocab, tensors, file_type_of(scheme, records))
+    every = {**records, **(outside or {})}
+    tensors = plan_tensors(model, arch, {name: r.scheme for name, r in every.items()})
+    return PreparedGguf(model, every, arch, vocab, tensors, file_type_of(scheme, records))
 
 
 def _model_name(model: nn.Module, record: dict[str, Any]) -> str:
