@@ -126,3 +126,18 @@ def test_a_tied_embedding_gets_the_output_type_and_is_rounded_in_place():
     assert torch.equal(rounded, records["model.embed_tokens"].dequantize()) and not torch.equal(rounded, float_weight)
     assert model.get_output_embeddings().weight is rounded  # the tie holds
     assert (rounded - float_weight).abs().max() <= float_weight.abs().amax(-1, keepdim=True).max() / 127
+
+
+@pytest.mark.parametrize("gguf_type", ["q8_0", "q6_k"])
+def test_rounding_by_row_chunks_equals_one_pass(monkeypatch, gguf_type):
+    from lowbit.export.gguf import embeddings
+    from lowbit.export.gguf.mixes import type_scheme
+    from lowbit.quantizer import quantize_weight
+
+    weight = torch.randn(10, 512, generator=torch.Generator().manual_seed(0))
+    scheme = type_scheme(gguf_type)
+    whole = quantize_weight(weight, scheme)
+    monkeypatch.setattr(embeddings, "ROWS_PER_CHUNK", 3)
+    chunked = embeddings.round_rows(weight, scheme)
+    for key in ("codes", "scale", "zero"):
+        assert torch.equal(getattr(chunked, key), getattr(whole, key)), key
