@@ -12,10 +12,15 @@ Models: SmolLM2-135M (the embedded default; widths 576/1536, so llama.cpp's mixe
 tensors) and a synthetic Llama with widths that are multiples of 256 (seeded random weights, SmolLM2's tokenizer)
 so the real K-quant paths run; its perplexity is meaningless (near the vocabulary size), the agreement is not.
 
+With `--autoround-python` (the python of a venv holding auto-round 0.16.1) the SmolLM2 plan adds auto-round's own
+GGUF files at the same types (benchmarks/peers/peer_autoround_gguf.py: same calibration windows; iters=0, its
+imatrix-weighted RTN, and its light recipe), run in llama.cpp on the same windows, beside lowbit's RTN, GPTQ, AWQ+RTN
+and SignRound at auto-round's light settings.
+
 Each row runs in its own process; rows already in --out are kept (rerun with --fresh):
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_gguf_llamacpp.py \
-        --out benchmarks/results/gguf_llamacpp.json
+        --out benchmarks/results/gguf_llamacpp.json [--autoround-python VENV/bin/python] [--only model:recipe:type,...]
 """
 
 from __future__ import annotations
