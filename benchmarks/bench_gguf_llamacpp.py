@@ -204,10 +204,10 @@ def table(rows: list[dict]) -> str:
     ]
     for r in rows:
         types = ", ".join(f"{name} {count}" for name, count in r["tensor_types"].items())
-        gap = None if r["relative_gap"] is None else 100 * r["relative_gap"]
+        gap = "-" if r["relative_gap"] is None else f"{100 * r['relative_gap']:+.2f} %"
         lines.append(
             f"| {r['model']} | {r['recipe']} | `{r['scheme']}` | {_cell(r['lowbit_ppl'], '.4f')} | "
-            f"{r['llamacpp_ppl']:.4f} | {_cell(gap, '+.2f')} % | {_cell(r['first_window_max_logit_diff'], '.3f')} | "
+            f"{r['llamacpp_ppl']:.4f} | {gap} | {_cell(r['first_window_max_logit_diff'], '.3f')} | "
             f"{r['generated_tokens']} | {r['file_mib']:.1f} | {types} |"
         )
     return "\n".join(lines)
