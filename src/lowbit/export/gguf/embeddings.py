@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from lowbit.export.gguf.mixes import K_FALLBACK, type_scheme
+from lowbit.export.gguf.mixes import shape_fallback, type_scheme
 from lowbit.formats.gguf_types import GGUF_TYPES, base_type
 from lowbit.quantizer import QuantizedWeight, quantize_weight
 from lowbit.scheme import QuantScheme
@@ -22,13 +22,6 @@ from lowbit.scheme import QuantScheme
 log = logging.getLogger(__name__)
 
 ROWS_PER_CHUNK = 16384  # rows rounded at a time: a 128k-token embedding never needs several float copies at once
-
-
-def shape_fallback(gguf_type: str, row: int) -> str | None:
-    """The type a row of `row` values can hold (llama.cpp's `tensor_type_fallback`); None: no block type (float)."""
-    if GGUF_TYPES[gguf_type].block == 256 and row % 256:
-        gguf_type = K_FALLBACK[gguf_type]
-    return None if row % GGUF_TYPES[gguf_type].block else gguf_type
 
 
 def output_type(default: str, row: int) -> str | None:

@@ -76,18 +76,24 @@ def mix_type(mix: str, kind: str, layer: int, n_layer: int, n_gqa: int, n_expert
     return MIX_DEFAULTS[mix]
 
 
-def fallback_type(gguf_type: str, in_features: int) -> str:
-    """The type a row of `in_features` values can hold: a K type falls back to a legacy one when the row is not a
-    multiple of 256; a row that is not a multiple of 32 holds no block type (llama.cpp writes F16: refused here,
-    since lowbit quantizes every block linear)."""
-    if GGUF_TYPES[gguf_type].block == 256 and in_features % 256:
+def shape_fallback(gguf_type: str, row: int) -> str | None:
+    """The type a row of `row` values can hold (llama.cpp's `tensor_type_fallback`): a K type falls back to a legacy
+    one when the row is not a multiple of 256; None when no block type holds the row (llama.cpp writes F16)."""
+    if GGUF_TYPES[gguf_type].block == 256 and row % 256:
         gguf_type = K_FALLBACK[gguf_type]
-    if in_features % GGUF_TYPES[gguf_type].block:
+    return None if row % GGUF_TYPES[gguf_type].block else gguf_type
+
+
+def fallback_type(gguf_type: str, in_features: int) -> str:
+    """`shape_fallback` for a block linear, where a row no block type holds is refused (lowbit quantizes every block
+    linear)."""
+    fallback = shape_fallback(gguf_type, in_features)
+    if fallback is None:
         raise LowbitError(
             f"a row of {in_features} values is not a multiple of 32, so no GGUF block type holds it: use "
             "--format compressed-tensors"
         )
-    return gguf_type
+    return fallback
 
 
 def resolve_mix(

@@ -77,8 +77,6 @@ class GgufStreamedExport:
 
     def add_block(self, index: int, prefix: str, block: nn.Module, records: dict[str, QuantizedWeight]) -> None:
         """Pack, check and write block `index`'s tensors (records keyed by full module name)."""
-        if index == 0 and self.next == 0:  # a scheme with nothing outside the blocks to round: no add_outside
-            self._write_outside_blocks(self.prepared.model.state_dict())
         state = {f"{prefix}.{key}": value for key, value in block.state_dict().items()}
         tensors, arch = self.prepared.tensors, self.prepared.arch
         first = self.next
