@@ -3,11 +3,11 @@
 from types import ModuleType
 
 from lowbit.engine import Stage
-from lowbit.methods import awq, desv, gptq, hqq, invarexplore, omniquant, rtn, signround, teq
+from lowbit.methods import awq, desv, gptq, hqq, imatrix, invarexplore, omniquant, rtn, signround, teq
 from lowbit.presets import RecipePreset
 
 # The order is the order `lowbit recipes` lists them in.
-METHODS: tuple[ModuleType, ...] = (rtn, signround, gptq, teq, awq, omniquant, desv, invarexplore, hqq)
+METHODS: tuple[ModuleType, ...] = (rtn, imatrix, signround, gptq, teq, awq, omniquant, desv, invarexplore, hqq)
 
 STAGES: dict[str, type[Stage]] = {stage.name: stage for method in METHODS for stage in method.STAGES}
 

@@ -1,0 +1,85 @@
+"""The importance-weighted grid search behind llama.cpp's imatrix quantization, as pure tensor functions.
+
+llama.cpp (`make_qx_quants`, `make_qkx2_quants` in ggml-quants.c) does not take a group's min-max scale as it is: it
+tries a few scales around it and keeps the one with the least squared error, each element weighted by how much its
+input column matters (`imatrix`: the mean square of the column's calibration inputs) times `sqrt(sigma2 + w^2)`
+(`sigma2`: the group's mean square weight). Here the candidates are clipping factors on lowbit's own range rule
+(`compute_qparams`), so every candidate, and the result, lies on the scheme's grid (GGUF fp16 offsets and K-quant
+double quantization included) and any quantizer can start from it. The default factors are llama.cpp's:
+`nmax / (nmax + 0.1 i)` for i in -9..9, nmax = 2^(bits-1); auto-round's `search_scales` tries a wider, finer
+set (i in -150..150, step 0.08 at 4 and 5 bits), which the stage's options can ask for. An asymmetric grid also searches its low side alone.
+Factor 1 (min-max) is tried first and a candidate replaces the best only when strictly better, so the weighted error
+never exceeds min-max rounding's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowbit.quantizer import _grouped, fake_quant
+from lowbit.scheme import QuantScheme
+
+STEPS = 9  # llama.cpp tries i in -9..9 ...
+STEP = 0.1  # ... in steps of 0.1
+
+
+def candidate_factors(bits: int, steps: int = STEPS, step: float = STEP) -> list[float]:
+    """Clipping factors nmax / (nmax + step * i), i = -steps..steps (positive denominators only), 1.0 first."""
+    nmax = 2 ** (bits - 1)
+    return [1.0] + [nmax / (nmax + step * i) for i in range(-steps, steps + 1) if i != 0 and nmax + step * i > step]
+
+
+def element_weights(w: Tensor, energy: Tensor, scheme: QuantScheme) -> Tensor:
+    """llama.cpp's per-element weights [m, G, g]: column energy times sqrt(group mean square + w^2).
+
+    `energy` [k] is the mean square input of each column; a zero (a column no calibration token reached, an expert
+    no token was routed to) is replaced by the mean of the others, or 1 when all are zero.
+    """
+    k = w.shape[1]
+    e = energy.float().clamp(min=0)
+    if bool((e == 0).any()):
+        fill = e[e > 0].mean() if bool((e > 0).any()) else torch.tensor(1.0)
+        e = torch.where(e > 0, e, fill)
+    g = scheme.group_width(k)
+    wg = _grouped(w.float(), g)
+    eg = _grouped(e.expand_as(w).contiguous(), g)
+    sigma2 = (wg * wg).mean(dim=-1, keepdim=True)
+    return eg * torch.sqrt(sigma2 + wg * wg)
+
+
+def _group_error(w: Tensor, weights: Tensor, scheme: QuantScheme, hi: Tensor, lo: Tensor) -> Tensor:
+    """Weighted squared error [m, G] of rounding w with clipping factors (hi, lo) [m, G]."""
+    q = fake_quant(w, scheme, gamma_hi=hi, gamma_lo=lo, ste="identity")
+    g = scheme.group_width(w.shape[1])
+    return (weights * (_grouped(q, g) - _grouped(w.float(), g)) ** 2).sum(dim=-1)
+
+
+@torch.no_grad()
+def search_factors(
+    w: Tensor, energy: Tensor, scheme: QuantScheme, steps: int = STEPS, step: float = STEP
+) -> tuple[Tensor, Tensor]:
+    """Per-group clipping factors (gamma_hi, gamma_lo) [m, G] that minimize the importance-weighted error of
+    rounding `w` [m, k] on `scheme`'s grid, for `quantize_weight(..., gamma_hi=, gamma_lo=)`."""
+    weights = element_weights(w, energy, scheme)
+    m, groups = w.shape[0], scheme.num_groups(w.shape[1])
+    best_hi = torch.ones(m, groups)
+    best_lo = torch.ones(m, groups)
+    best = _group_error(w, weights, scheme, best_hi, best_lo)
+    factors = candidate_factors(scheme.bits, steps, step)[1:]
+
+    def improve(hi_of, lo_of) -> None:
+        nonlocal best
+        for f in factors:
+            hi, lo = hi_of(f), lo_of(f)
+            err = _group_error(w, weights, scheme, hi, lo)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_hi.copy_(torch.where(better, hi, best_hi))
+            best_lo.copy_(torch.where(better, lo, best_lo))
+
+    improve(lambda f: torch.full((m, groups), f), lambda f: torch.full((m, groups), f))
+    if scheme.kind == "asym":  # the low side alone, from the best common factor
+        start_hi = best_hi.clone()
+        improve(lambda f: start_hi, lambda f: torch.full((m, groups), f))
+    return best_hi, best_lo

@@ -1,0 +1,101 @@
+"""imatrix RTN: llama.cpp's importance-weighted range search on lowbit's grids, and the stage end to end."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+from conftest import make_llama, save_model_dir
+from lowbit.errors import LowbitError
+from lowbit.formats.files import GGUF_FILE
+from lowbit.methods.imatrix.search import _group_error, candidate_factors, element_weights, search_factors
+from lowbit.quantizer import quantize_weight
+from lowbit.run import ExportSettings
+from lowbit.scheme import parse_scheme
+
+SCHEMES = ["w4g32", "w3g128-sym", "w2g64", "gguf:q4_0", "gguf:q5_1", "gguf:q4_k", "gguf:q6_k", "gguf:q2_k"]
+
+
+def _weight_and_energy(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(24, 512, generator=g) * torch.rand(1, 512, generator=g)
+    energy = torch.rand(512, generator=g) ** 4 * 10  # a few columns matter much more than the rest
+    return w, energy
+
+
+def test_candidates_are_llama_cpp_factors_with_min_max_first():
+    factors = candidate_factors(5)
+    assert factors[0] == 1.0 and len(factors) == 19
+    assert min(factors) == pytest.approx(16 / 16.9) and max(factors) == pytest.approx(16 / 15.1)
+    assert all(f > 0 for f in candidate_factors(2, steps=150, step=0.08))  # only positive denominators
+
+
+@pytest.mark.parametrize("scheme_name", SCHEMES)
+def test_search_is_never_worse_than_min_max_and_usually_better(scheme_name):
+    scheme = parse_scheme(scheme_name)
+    w, energy = _weight_and_energy()
+    hi, lo = search_factors(w, energy, scheme)
+    weights = element_weights(w, energy, scheme)
+    ones = torch.ones_like(hi)
+    searched, minmax = _group_error(w, weights, scheme, hi, lo), _group_error(w, weights, scheme, ones, ones)
+    if scheme.double_quant is None:  # groups are independent: every group at most min-max's error
+        assert bool((searched <= minmax).all())
+    assert float(searched.sum()) < 0.97 * float(minmax.sum())
+    record = quantize_weight(w, scheme, gamma_hi=hi, gamma_lo=lo)
+    record.validate()  # on the scheme's grid (GGUF offsets and double quantization included)
+
+
+def test_importance_decides_which_columns_round_well():
+    scheme = parse_scheme("w3g128-sym")
+    w, _ = _weight_and_energy(1)
+    even = torch.tensor([100.0, 1e-3]).repeat(256)  # within every group, the even columns matter
+    errors = []
+    for energy in (even, even.roll(1)):
+        hi, lo = search_factors(w, energy, scheme)
+        err = (quantize_weight(w, scheme, gamma_hi=hi, gamma_lo=lo).dequantize() - w) ** 2
+        errors.append((float(err[:, 0::2].sum()), float(err[:, 1::2].sum())))
+    assert errors[0][0] < errors[1][0] and errors[1][1] < errors[0][1]
+
+
+def test_columns_no_token_reached_get_the_mean_importance():
+    scheme = parse_scheme("w4g32")
+    w, energy = _weight_and_energy()
+    energy[:100] = 0
+    weights = element_weights(w, energy, scheme)
+    assert bool(torch.isfinite(weights).all()) and bool((weights > 0).all())
+    assert bool((element_weights(w, torch.zeros(512), scheme) > 0).all())
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("imatrix") / "src"
+    save_model_dir(path, make_llama(), tokenizer)
+    return path
+
+
+def test_stage_lowers_the_block_output_error_against_rtn(source, text_file, tmp_path):
+    data = {"dataset": str(text_file), "nsamples": 4, "seqlen": 32}
+    runs = {r: lowbit.quantize(model=str(source), recipe=r, scheme="w3g32", **data) for r in ("rtn", "imatrix")}
+    loss = {r: result.perplexity(str(text_file), seqlen=32, max_windows=4).ppl for r, result in runs.items()}
+    changed = [n for n in runs["rtn"].weights if not torch.equal(runs["rtn"].weights[n].scale,
+                                                                   runs["imatrix"].weights[n].scale)]  # fmt: skip
+    assert changed, "the search moved no group's range"
+    assert loss["imatrix"] < loss["rtn"] * 1.05  # a tiny random model: no worse than RTN, beyond noise
+
+
+def test_gguf_export_decodes_to_the_records(source, text_file, tmp_path):
+    result = lowbit.quantize_to(tmp_path / "out", model=str(source), recipe="imatrix", scheme="gguf:q4_1",
+                                dataset=str(text_file), nsamples=4, seqlen=32,
+                                export=ExportSettings(format="gguf"))  # fmt: skip
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "out" / GGUF_FILE).tensors}
+    record = result.weights["model.layers.0.mlp.down_proj"]
+    t = tensors["blk.0.ffn_down.weight"]
+    assert np.array_equal(gguf.quants.dequantize(t.data, t.tensor_type), record.dequantize().numpy())
+
+
+def test_bad_options_are_refused_before_loading():
+    with pytest.raises(LowbitError, match="steps"):
+        lowbit.quantize(model="/nonexistent", recipe="imatrix", options={"imatrix": {"step": 0}})
