@@ -7,9 +7,9 @@ input column matters (`imatrix`: the mean square of the column's calibration inp
 (`compute_qparams`), so every candidate, and the result, lies on the scheme's grid (GGUF fp16 offsets and K-quant
 double quantization included) and any quantizer can start from it. The default factors are llama.cpp's:
 `nmax / (nmax + 0.1 i)` for i in -9..9, nmax = 2^(bits-1); auto-round's `search_scales` tries a wider, finer
-set (i in -150..150, step 0.08 at 4 and 5 bits), which the stage's options can ask for. An asymmetric grid also searches its low side alone.
-Factor 1 (min-max) is tried first and a candidate replaces the best only when strictly better, so the weighted error
-never exceeds min-max rounding's.
+set (i in -150..150, step 0.08 at 4 and 5 bits), which the stage's options can ask for. An asymmetric grid also
+searches its low side alone. Factor 1 (min-max) is tried first and a candidate replaces the best only when strictly
+better, so the weighted error never exceeds min-max rounding's.
 """
 
 from __future__ import annotations
