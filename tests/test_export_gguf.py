@@ -151,9 +151,13 @@ def test_pack_refuses_records_off_the_grid():
     w = torch.randn(4, 64)
     with pytest.raises(LowbitError, match="not a GGUF type"):
         pack_record(quantize_weight(w, parse_scheme("w4g32")))
-    record = quantize_weight(w, parse_scheme("gguf:q4_1"))
+    record = quantize_weight(w, parse_scheme("gguf:q4_1-asym"))
     record.scale = (record.scale.float() * 1.0009765625).half()  # an off-grid scale: s*z no longer fp16
     record.zero[:] = 7
+    with pytest.raises(LowbitError, match="offset"):
+        pack_record(record)
+    record = quantize_weight(w, parse_scheme("gguf:q4_1"))  # the offset grid: -z is the stored fp16 m
+    record.zero[0, 0] = 0.1  # not an fp16 value
     with pytest.raises(LowbitError, match="offset"):
         pack_record(record)
 
@@ -227,7 +231,9 @@ def test_rtn_export_decodes_exactly_and_loads_in_transformers(scheme, tmp_path, 
 
 TUNED = [("gptq", "gguf:q4_0"), ("gptq", "gguf:q4_1"), ("awq+rtn", "gguf:q5_1"), ("signround", "gguf:q4_1"),
          ("omniquant", "gguf:q4_0-sym_omni"), ("gptq", "gguf:q4_k"), ("gptq", "gguf:q6_k"), ("signround", "gguf:q3_k"),
-         ("awq+rtn", "gguf:q2_k"), ("teq+rtn", "gguf:q5_k")]  # fmt: skip
+         ("awq+rtn", "gguf:q2_k"), ("teq+rtn", "gguf:q5_k"), ("signround", "gguf:q4_k"), ("imatrix", "gguf:q2_k"),
+         ("gptq", "gguf:q5_k-sym"), ("omniquant", "gguf:q4_1"), ("gptq", "gguf:q5_1-asym"),
+         ("signround", "gguf:q5_1-asym")]  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe,scheme", TUNED)

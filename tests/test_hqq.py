@@ -141,7 +141,7 @@ def test_partial_last_group_and_gguf_grids_stay_valid():
     for name in ("w4g32", "w2g-1"):
         hqq_integer(w, parse_scheme(name), ProximalParams())[0].validate()
     w = _gaussian((8, 512), 7)
-    for name in ("gguf:q4_1", "gguf:q5_1", "gguf:q4_0", "gguf:q4_k", "gguf:q2_k"):
+    for name in ("gguf:q4_1-asym", "gguf:q5_1-asym", "gguf:q4_0", "gguf:q4_k-sym", "gguf:q2_k-sym"):
         hqq_integer(w, parse_scheme(name), ProximalParams())[0].validate()
 
 
@@ -222,7 +222,9 @@ def test_gptq_export_round_trips(source, tmp_path, scheme):
         assert torch.equal(lowbit.load(out, kernel="reference").model(IDS).logits, result.model(IDS).logits)
 
 
-@pytest.mark.parametrize("scheme", ["gguf:q4_1", "gguf:q5_1", "gguf:q4_0", "gguf:q8_0", "gguf:q4_k", "gguf:q3_k"])
+@pytest.mark.parametrize(
+    "scheme", ["gguf:q4_1-asym", "gguf:q5_1-asym", "gguf:q4_0", "gguf:q8_0", "gguf:q4_k-sym", "gguf:q3_k"]
+)
 def test_gguf_export_decodes_exactly(tmp_path, tokenizer, scheme):
     pytest.importorskip("gguf")
     from test_export_gguf import GGUF_FILE, _check_file_decodes_to_the_records, _run

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import LowbitError
-from lowbit.formats.gguf_types import double_quant_scale, fp16_offset_scale
+from lowbit.formats.gguf_types import double_quant_min, double_quant_scale, fp16_offset_scale
 from lowbit.scheme import QuantScheme
 from lowbit.weight_checks import record_problems
 
@@ -99,6 +99,13 @@ def _round_zero(x: Tensor, zero_grad: str) -> Tensor:
 def _qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme, zero_grad: str) -> tuple[Tensor, Tensor]:
     """Scale and zero from the (clipped) group range lo' <= hi', per scheme kind."""
     bits, qmax = scheme.bits, scheme.qmax
+    if scheme.min_offset:  # GGUF's own asymmetric grids: the "zero" is the offset, in weight units (w = s*c - z)
+        if scheme.double_quant is None:  # Q4_1/Q5_1: w = d*q + m, fp16 d and fp16 m = -z
+            scale = _cast_scale(((hi - lo) / qmax).clamp(min=SCALE_FLOOR), scheme)
+            return scale, _cast_scale(-lo, scheme)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # K-quants: w = d*sc*q - dmin*m, the min m is unsigned
+        scale = _cast_scale(((hi - lo) / qmax).clamp(min=SCALE_FLOOR), scheme)
+        return double_quant_scale(scale, *scheme.double_quant), double_quant_min(-lo, *scheme.double_quant)
     if scheme.kind == "asym":
         scale = _cast_scale(((hi - lo) / qmax).clamp(min=SCALE_FLOOR), scheme)
         zero = _round_zero(-lo / scale, zero_grad).clamp(0, qmax)
@@ -155,12 +162,22 @@ def compute_qparams(
 # codes and dequantization
 
 
-def _codes(x: Tensor, scale: Tensor, zero: Tensor, v: Tensor | None, qmax: int, ste: bool) -> Tensor:
-    """c = clamp(round(x / s + v) + z, 0, qmax) on broadcast-compatible tensors."""
-    t = x / scale
+def _codes(
+    x: Tensor, scale: Tensor, zero: Tensor, v: Tensor | None, qmax: int, ste: bool, offset: bool = False
+) -> Tensor:
+    """c = clamp(round(x / s + v) + z, 0, qmax) on broadcast-compatible tensors; with `offset` (the zero is a
+    weight-unit offset, QuantScheme.min_offset) c = clamp(round((x + z) / s + v), 0, qmax)."""
+    t = (x + zero) / scale if offset else x / scale
     if v is not None:
         t = t + v
-    return ((round_ste(t) if ste else torch.round(t)) + zero).clamp(0, qmax)
+    r = round_ste(t) if ste else torch.round(t)
+    return (r if offset else r + zero).clamp(0, qmax)
+
+
+def decode(codes: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
+    """The weights of codes on broadcast-compatible qparams: s * (c - z), or s * c - z for an offset zero (K-quants'
+    `d*sc*q - dmin*m`, which llama.cpp computes the same way, so the two agree bit for bit)."""
+    return scale * codes - zero if scheme.min_offset else scale * (codes - zero)
 
 
 def _check_v(v: Tensor | None, shape: torch.Size) -> None:
@@ -210,14 +227,19 @@ def quantize_codes(
     w32, v32 = w.float(), None if v is None else v.float()
     if g_idx is not None:
         idx = _g_idx_long(g_idx, k, scale)
-        return _codes(w32, scale.index_select(1, idx), zero.index_select(1, idx), v32, scheme.qmax, ste)
+        s, z = scale.index_select(1, idx), zero.index_select(1, idx)
+        return _codes(w32, s, z, v32, scheme.qmax, ste, scheme.min_offset)
     g = _width(k, scale.shape[1], scheme.group_size)
     vg = None if v32 is None else _grouped(v32, g)
-    return _ungrouped(_codes(_grouped(w32, g), scale[..., None], zero[..., None], vg, scheme.qmax, ste), k)
+    codes = _codes(_grouped(w32, g), scale[..., None], zero[..., None], vg, scheme.qmax, ste, scheme.min_offset)
+    return _ungrouped(codes, k)
 
 
-def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, g_idx: Tensor | None = None) -> Tensor:
-    """fp32 W_hat[o, i] = scale[o, G(i)] * (codes[o, i] - zero[o, G(i)]), any input dtypes."""
+def dequantize(
+    codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, g_idx: Tensor | None = None, *, offset: bool = False
+) -> Tensor:
+    """fp32 W_hat[o, i] = scale[o, G(i)] * (codes[o, i] - zero[o, G(i)]), any input dtypes; with `offset`
+    (QuantScheme.min_offset) scale[o, G(i)] * codes[o, i] - zero[o, G(i)]."""
     if codes.dim() != 2 or codes.numel() == 0:
         raise LowbitError(f"codes have shape {tuple(codes.shape)}: pass a non-empty [out_features, in_features] matrix")
     m, k = codes.shape
@@ -225,9 +247,11 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, g_id
     c32, s32, z32 = codes.to(torch.float32), scale.to(torch.float32), zero.to(torch.float32)
     if g_idx is not None:
         idx = _g_idx_long(g_idx, k, scale)
-        return s32.index_select(1, idx) * (c32 - z32.index_select(1, idx))
+        s_i, z_i = s32.index_select(1, idx), z32.index_select(1, idx)
+        return s_i * c32 - z_i if offset else s_i * (c32 - z_i)
     g = _width(k, scale.shape[1], group_size)
-    return _ungrouped(s32[..., None] * (_grouped(c32, g) - z32[..., None]), k)
+    s_g, z_g, c_g = s32[..., None], z32[..., None], _grouped(c32, g)
+    return _ungrouped(s_g * c_g - z_g if offset else s_g * (c_g - z_g), k)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,8 +271,8 @@ def _fake_quant_clamp_aware(
     g = _width(k, scale.shape[1], scheme.group_size)
     s, z = scale[..., None], zero[..., None]
     vg = None if v is None else _grouped(v.float(), g)
-    codes = _codes(_grouped(w32, g), s, z, vg, scheme.qmax, ste=True)
-    return _ungrouped(s * (codes - z), k)
+    codes = _codes(_grouped(w32, g), s, z, vg, scheme.qmax, True, scheme.min_offset)
+    return _ungrouped(decode(codes, s, z, scheme), k)
 
 
 def fake_quant(
@@ -298,7 +322,9 @@ class QuantizedWeight:
 
     def dequantize(self) -> Tensor:
         """The fp32 weight a loader reconstructs; equals the method's last fake-quant weight."""
-        return dequantize(self.codes, self.scale, self.zero, self.scheme.group_size, self.g_idx)
+        return dequantize(
+            self.codes, self.scale, self.zero, self.scheme.group_size, self.g_idx, offset=self.scheme.min_offset
+        )
 
     def validate(self) -> None:
         """Check dtypes, shapes, the symmetric zero and group use; raise ValueError naming the first violation."""
@@ -354,7 +380,7 @@ def quantize_weight(
         return QuantizedWeight(
             codes=codes.to(torch.uint8),
             scale=stored,
-            zero=zero.to(torch.int32),
+            zero=zero.to(torch.float32 if scheme.min_offset else torch.int32),
             scheme=scheme,
             bias=None if bias is None else bias.detach(),
         )

@@ -18,6 +18,7 @@ from lowbit.errors import LowbitError
 from lowbit.formats.gguf_types import GGUF_MIXES, GGUF_TYPES, GgufType, base_type
 
 SCHEME_KINDS = ("asym", "sym", "sym_full", "sym_omni")
+GGUF_ONLY_KINDS = ("asym_min",)  # GGUF's offset grids, Q4_1/Q5_1 and K-quants with mins (formats/gguf_types.py)
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # g accepts any signed integer so that QuantScheme names a bad group (w4g-2) instead of "unknown scheme"
@@ -63,7 +64,7 @@ class QuantScheme:
                 f"group_size={self.group_size!r} is not valid: use a positive group size (e.g. 128) "
                 "or -1 for one group per output channel"
             )
-        if self.kind not in SCHEME_KINDS:
+        if self.kind not in (*SCHEME_KINDS, *GGUF_ONLY_KINDS):
             raise LowbitError(f"unknown scheme kind {self.kind!r}: use one of {', '.join(SCHEME_KINDS)}")
         if self.kind != "asym" and self.bits < 2:
             raise LowbitError(f"kind={self.kind!r} needs bits >= 2: use bits >= 2, or kind='asym' for 1-bit weights")
@@ -75,6 +76,11 @@ class QuantScheme:
             raise LowbitError(
                 f"act_bits={self.act_bits!r} is not supported: use 2 to 8 for quantized activations, or 16 to keep "
                 "them in float"
+            )
+        if self.kind == "asym_min" and self.gguf is None:
+            raise LowbitError(
+                "kind 'asym_min' is the offset grid of GGUF types (gguf:q4_1, q5_1, q2_k, q4_k, q5_k and their mixes): "
+                "use kind 'asym' for other schemes"
             )
         if self.gguf is not None:
             _check_gguf(self)
@@ -90,6 +96,12 @@ class QuantScheme:
     def fp16_offset(self) -> bool:
         """Whether the offset s*z must be an fp16 value too (GGUF Q4_1/Q5_1 store it as one, formats/gguf_types)."""
         return self.gguf_type is not None and self.gguf_type.asymmetric
+
+    @property
+    def min_offset(self) -> bool:
+        """Whether the zero is an offset in weight units, `w = s*c - z` (GGUF Q4_1/Q5_1: z = -m; K-quants with mins:
+        z = dmin*m), not an integer code, `w = s*(c - z)`."""
+        return self.kind == "asym_min"
 
     @property
     def double_quant(self) -> tuple[int, int] | None:
@@ -205,9 +217,16 @@ def parse_gguf_scheme(text: str) -> QuantScheme:
     if gguf_type is None:
         names = ", ".join(f"gguf:{t}" for t in (*GGUF_TYPES, *GGUF_MIXES))
         raise LowbitError(f"unknown GGUF type {name!r} in scheme {text!r}: use one of {names}")
+    return gguf_type_scheme(gguf_type, kind or None, name)
+
+
+def gguf_type_scheme(gguf_type: GgufType, kind: str | None = None, name: str | None = None) -> QuantScheme:
+    """The exact scheme of a GGUF type (`name`: the type or a mix of it): `kind` (default: the type's first) on the
+    type's grid. Q4_1/Q5_1's offsets grid takes the raw block range, as llama.cpp does (include_zero off)."""
     kind = kind or gguf_type.kinds[0]
+    raw_range = kind == "asym_min" and not gguf_type.double_quant
     return QuantScheme(bits=gguf_type.bits, group_size=gguf_type.group, kind=kind, scale_dtype=gguf_type.scale_dtype,
-                       gguf=name)  # fmt: skip
+                       include_zero=not raw_range, gguf=name or gguf_type.name)  # fmt: skip
 
 
 AUTO_PREFIX = "auto:"

@@ -33,12 +33,16 @@ def record_problems(record: QuantizedWeight) -> list[str]:
     groups = scheme.num_groups(k)
     if scale.dtype != scheme.torch_scale_dtype or tuple(scale.shape) != (m, groups):
         return [f"scale must be {scheme.torch_scale_dtype} [{m}, {groups}], got {scale.dtype} {tuple(scale.shape)}"]
-    if zero.dtype != torch.int32 or tuple(zero.shape) != (m, groups):
-        return [f"zero must be int32 [{m}, {groups}], got {zero.dtype} {tuple(zero.shape)}"]
+    zero_dtype = torch.float32 if scheme.min_offset else torch.int32  # an offset in weight units, or a code
+    if zero.dtype != zero_dtype or tuple(zero.shape) != (m, groups):
+        return [f"zero must be {zero_dtype} [{m}, {groups}], got {zero.dtype} {tuple(zero.shape)}"]
     problems = []
     if int(codes.max()) > scheme.qmax:
         problems.append(f"codes exceed qmax {scheme.qmax}")
-    if int(zero.min()) < 0 or int(zero.max()) > scheme.qmax:
+    if scheme.min_offset:  # K-quant mins are unsigned; a Q4_1/Q5_1 offset has either sign
+        if not bool(torch.isfinite(zero).all()) or (scheme.double_quant is not None and float(zero.min()) < 0):
+            problems.append("offsets must be finite (and >= 0 for K-quants)")
+    elif int(zero.min()) < 0 or int(zero.max()) > scheme.qmax:
         problems.append(f"zeros outside [0, {scheme.qmax}]")
     if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
         problems.append("scales must be finite and non-zero")

@@ -2,9 +2,11 @@
 
 Each GGUF weight type is a lowbit integer scheme whose codes and scales the file stores as they are (no code is
 re-derived at export): Q4_0/Q5_0/Q8_0 are symmetric g32 (`w = d * (q - 2^(b-1))`, fp16 `d`), Q4_1/Q5_1 asymmetric
-g32 (`w = d * q + m`, fp16 `d` and fp16 `m`). lowbit's asymmetric weight is `s * (c - z)` with an integer zero, so
-`m = -s * z` must itself be an fp16 value for the file to hold the tuned weight exactly: `fp16_offset_scale`
-rounds the scale (before any code is chosen) to the nearest value that makes it so. The K-quants (Q2_K ... Q6_K)
+g32 (`w = d * q + m`, fp16 `d` and fp16 `m`). Their default kind, `asym_min`, is that grid itself: lowbit's zero
+holds the offset -m in weight units (`w = s*c - z`, QuantScheme.min_offset) and the range is the block's raw min and
+max, as llama.cpp's. Their `asym` kind is lowbit's integer-zero weight `s * (c - z)`, for which `m = -s * z` must
+itself be an fp16 value: `fp16_offset_scale` rounds the scale (before any code is chosen) to the nearest value that
+makes it so. The K-quants (Q2_K ... Q6_K)
 are double-quantized: each group scale is an fp16 super-scale `d` (one per 256 values) times a small integer
 (`double_quant_scale`), which the writer splits back exactly (`split_double_quant`).
 
@@ -35,8 +37,9 @@ class GgufType:
 
     @property
     def asymmetric(self) -> bool:
-        """Whether the type stores an offset m (Q4_1/Q5_1): lowbit's asym kind with an fp16 offset s*z."""
-        return self.kinds[0] == "asym"
+        """Whether the type stores an fp16 offset m per block (Q4_1/Q5_1): lowbit's `asym_min` kind (m = -z), or its
+        `asym` kind with the offset -s*z kept an fp16 value."""
+        return "asym" in self.kinds
 
     @property
     def double_quant(self) -> bool:
@@ -50,20 +53,21 @@ class GgufType:
 
 
 # ids from gguf.constants (GGMLQuantizationType, LlamaFileType, GGML_QUANT_SIZES); tests check them against gguf-py.
-# K-quants are written from lowbit's symmetric kind: sc > 0, and the asymmetric layouts (Q2_K, Q4_K, Q5_K) store
-# dmin = z * d and m_j = sc_j, so `(d*sc)*q - dmin*m = d*sc*(q - z)` exactly (the type's float minimum is unused).
+# The layouts with mins (Q2_K, Q4_K, Q5_K) default to lowbit's `asym_min` kind, their own grid: `w = (d*sc)*q - dmin*m`
+# with the offset dmin*m a second double-quantized value per group (`double_quant_min`). Their `sym` kind (and Q3_K,
+# Q6_K) writes dmin = z * d and m_j = sc_j, so `(d*sc)*q - dmin*m = d*sc*(q - z)` exactly.
 GGUF_TYPES: dict[str, GgufType] = {
     t.name: t
     for t in (
         GgufType("q4_0", 4, 32, ("sym_full", "sym", "sym_omni"), 2, 2, 18),
-        GgufType("q4_1", 4, 32, ("asym",), 3, 3, 20),
+        GgufType("q4_1", 4, 32, ("asym_min", "asym"), 3, 3, 20),
         GgufType("q5_0", 5, 32, ("sym_full", "sym", "sym_omni"), 6, 8, 22),
-        GgufType("q5_1", 5, 32, ("asym",), 7, 9, 24),
+        GgufType("q5_1", 5, 32, ("asym_min", "asym"), 7, 9, 24),
         GgufType("q8_0", 8, 32, ("sym_full", "sym", "sym_omni"), 8, 7, 34),
-        GgufType("q2_k", 2, 16, ("sym",), 10, 10, 84, 256, 15),
+        GgufType("q2_k", 2, 16, ("asym_min", "sym"), 10, 10, 84, 256, 15),
         GgufType("q3_k", 3, 16, ("sym",), 11, 11, 110, 256, 31),  # file type Q3_K_S: all Q3_K
-        GgufType("q4_k", 4, 32, ("sym",), 12, 14, 144, 256, 63),  # file type Q4_K_S
-        GgufType("q5_k", 5, 32, ("sym",), 13, 16, 176, 256, 63),  # file type Q5_K_S
+        GgufType("q4_k", 4, 32, ("asym_min", "sym"), 12, 14, 144, 256, 63),  # file type Q4_K_S
+        GgufType("q5_k", 5, 32, ("asym_min", "sym"), 13, 16, 176, 256, 63),  # file type Q5_K_S
         GgufType("q6_k", 6, 16, ("sym",), 14, 18, 210, 256, 127),
     )
 }
@@ -144,30 +148,61 @@ def double_quant_scale(scale: Tensor, per: int, sub_max: int) -> Tensor:
     return (d * sc).reshape(m, groups)
 
 
-def split_double_quant(scale: Tensor, sub_max: int) -> tuple[Tensor, Tensor]:
-    """Inverse of `double_quant_scale` for one row of super-blocks [n, per]: (fp16 d [n], integer sc [n, per]) with
-    d * sc == scale exactly, or ValueError. Any exact pair decodes the same; the search tries the largest sc first.
-    """
-    s = scale.to(torch.float32)
-    top = s.amax(dim=-1)
+def double_quant_min(offset: Tensor, per: int, sub_max: int) -> Tensor:
+    """K-quant mins: each run of `per` group offsets (>= 0) becomes dmin * m, dmin = fp16(max / sub_max), m =
+    round(offset / dmin) in [0, sub_max]; exact in fp32, 0 where the super-block has no offset. Gradients pass the
+    rounding straight through (dmin fixed). Fewer columns than a super-block: returned as they are (see above)."""
+    m, groups = offset.shape
+    if groups % per:
+        return offset
+    o = offset.reshape(m, groups // per, per)
+    dmin = (o.detach().amax(dim=-1, keepdim=True) / sub_max).to(torch.float16).to(torch.float32)
+    safe = torch.where(dmin > 0, dmin, torch.ones_like(dmin))
+    ratio = o / safe
+    q = (ratio + (torch.round(ratio) - ratio).detach()).clamp(0, sub_max)
+    return torch.where(dmin > 0, dmin * q, torch.zeros_like(o)).reshape(m, groups)
+
+
+def _split(values: Tensor, sub_max: int, smallest: int) -> tuple[Tensor, Tensor] | None:
+    """(fp16 d [n], integers [n, per] in [smallest, sub_max]) with d * ints == values exactly, largest ints first;
+    None when some super-block has no such pair. An all-zero super-block (offsets only) gets d = 0."""
+    v = values.to(torch.float32)
+    top = v.amax(dim=-1)
     d = torch.zeros_like(top)
-    sc = torch.zeros_like(s)
-    found = torch.zeros_like(top, dtype=torch.bool)
+    ints_out = torch.zeros_like(v)
+    found = (top == 0) if smallest == 0 else torch.zeros_like(top, dtype=torch.bool)
     for count in range(sub_max, 0, -1):
         cand = (top / count).to(torch.float16).to(torch.float32)
-        ints = torch.round(s / cand[:, None])
+        ints = torch.round(v / torch.where(cand > 0, cand, torch.ones_like(cand))[:, None])
         ok = (
             ~found
             & (cand > 0)
             & (cand * count == top)
-            & ((cand[:, None] * ints) == s).all(dim=-1)
-            & ((ints >= 1) & (ints <= sub_max)).all(dim=-1)
+            & ((cand[:, None] * ints) == v).all(dim=-1)
+            & ((ints >= smallest) & (ints <= sub_max)).all(dim=-1)
         )
         d = torch.where(ok, cand, d)
-        sc = torch.where(ok[:, None], ints, sc)
+        ints_out = torch.where(ok[:, None], ints, ints_out)
         found |= ok
         if bool(found.all()):
             break
-    if not bool(found.all()):
+    return (d, ints_out) if bool(found.all()) else None
+
+
+def split_double_quant_min(offset: Tensor, sub_max: int) -> tuple[Tensor, Tensor]:
+    """Inverse of `double_quant_min` for one row of super-blocks [n, per]: (fp16 dmin [n], integer m [n, per]) with
+    dmin * m == offset exactly, or ValueError. A super-block whose offsets are all zero gets dmin = 0."""
+    pair = _split(offset, sub_max, 0)
+    if pair is None:
+        raise ValueError("offsets are not dmin * m with one fp16 dmin per super-block")
+    return pair
+
+
+def split_double_quant(scale: Tensor, sub_max: int) -> tuple[Tensor, Tensor]:
+    """Inverse of `double_quant_scale` for one row of super-blocks [n, per]: (fp16 d [n], integer sc [n, per]) with
+    d * sc == scale exactly, or ValueError. Any exact pair decodes the same; the search tries the largest sc first.
+    """
+    pair = _split(scale, sub_max, 1)
+    if pair is None:
         raise ValueError("scales are not d * sc with one fp16 d per super-block")
-    return d, sc
+    return pair

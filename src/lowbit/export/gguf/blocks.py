@@ -61,7 +61,7 @@ def check_record(record: QuantizedWeight, gguf_type: GgufType) -> None:
             f"--scheme gguf:{gguf_type.name}"
         )
     if gguf_type.asymmetric:
-        offset = -(record.scale.float() * record.zero.float())
+        offset = -record.zero if scheme.min_offset else -(record.scale.float() * record.zero.float())
         if not bool(torch.equal(offset.half().float(), offset)):
             raise LowbitError(
                 f"GGUF {gguf_type.name} stores the offset -s*z in fp16, but this weight's offsets are not fp16 "
@@ -80,21 +80,24 @@ def pack_record(record: QuantizedWeight) -> np.ndarray:
     n = m * k // gguf_type.block
     codes = record.codes.cpu().numpy().astype(np.int32).reshape(n, gguf_type.block)
     if gguf_type.double_quant:
-        scales = record.scale.cpu().to(torch.float32).reshape(n, gguf_type.block // gguf_type.group)
+        per = gguf_type.block // gguf_type.group
+        scales = record.scale.cpu().to(torch.float32).reshape(n, per)
+        offsets = record.zero.cpu().to(torch.float32).reshape(n, per) if scheme.min_offset else None
         try:
-            return pack_k(codes, scales, gguf_type).reshape(m, -1)
+            return pack_k(codes, scales, gguf_type, offsets).reshape(m, -1)
         except ValueError as error:
             raise LowbitError(
                 f"a {scheme.name} weight's scales are not on the GGUF {gguf_type.name} grid ({error}): quantize with "
                 f"--scheme gguf:{gguf_type.name}"
             ) from None
     scale = record.scale.cpu().numpy().astype(np.float16).reshape(n)
-    zero = record.zero.cpu().numpy().astype(np.int32).reshape(n)
+    zero = record.zero.cpu().numpy().reshape(n)
     if scheme.kind == "sym_omni":
         codes, scale = scheme.qmax - codes, -scale
     parts = [_halves(scale)]
     if gguf_type.asymmetric:
-        parts.append(_halves((-(scale.astype(np.float32) * zero)).astype(np.float16)))
+        offset = -zero if scheme.min_offset else -(scale.astype(np.float32) * zero.astype(np.int32))
+        parts.append(_halves(offset.astype(np.float16)))
     if gguf_type.bits == 8:
         parts.append((codes - 128).astype(np.int8).view(np.uint8))
     else:

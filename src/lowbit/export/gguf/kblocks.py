@@ -1,11 +1,12 @@
-"""Pack K-quant super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) from lowbit's symmetric double-quantized records.
+"""Pack K-quant super-blocks (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) from lowbit's double-quantized records.
 
 A record's group scales are d * sc per super-block of 256 values (the quantizer's `double_quant_scale`); the pair
-is recovered exactly (`split_double_quant`), never re-fitted. Codes c are unsigned with the constant zero z:
+is recovered exactly (`split_double_quant`), never re-fitted. Codes c are unsigned:
 
 - Q6_K: int8 scales sc, `w = d*sc*(q - 32)`, q = c;  Q3_K: 6-bit scales stored as sc + 32, `w = d*sc*(q - 4)`;
-- Q2_K / Q4_K / Q5_K: unsigned scales and mins, `w = (d*sc)*q - dmin*m`, written with dmin = z*d and m = sc, so
-  `w = d*sc*(q - z)`: every product is exact in fp32, as is the difference.
+- Q2_K / Q4_K / Q5_K: unsigned scales and mins, `w = (d*sc)*q - dmin*m`. The `asym_min` kind's zeros are the
+  offsets dmin*m themselves (`double_quant_min`), split back exactly (`split_double_quant_min`); the `sym` kind is
+  written with dmin = z*d and m = sc, so `w = d*sc*(q - z)`. Every product is exact in fp32, as is the difference.
 
 Byte orders are the inverse of gguf-py's `dequantize_blocks` (ggml-common.h); tests decode with gguf-py.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lowbit.formats.gguf_types import GgufType, split_double_quant
+from lowbit.formats.gguf_types import GgufType, split_double_quant, split_double_quant_min
 
 
 def _halves(x: np.ndarray) -> np.ndarray:
@@ -56,14 +57,21 @@ def _q3_scales(sc: np.ndarray) -> np.ndarray:
     return np.concatenate([lbytes, hbytes], axis=1)
 
 
-def pack_k(codes: np.ndarray, scale: torch.Tensor, gguf_type: GgufType) -> np.ndarray:
-    """[n, 256] codes and [n, 256/group] float32 scales (one super-block per row) -> [n, type_size] bytes."""
+def pack_k(
+    codes: np.ndarray, scale: torch.Tensor, gguf_type: GgufType, offset: torch.Tensor | None = None
+) -> np.ndarray:
+    """[n, 256] codes and [n, 256/group] float32 scales (one super-block per row), and for the `asym_min` kind the
+    [n, 256/group] offsets dmin*m, -> [n, type_size] bytes."""
     d_t, sc_t = split_double_quant(scale, gguf_type.sub_scale_max)
     d = d_t.numpy().astype(np.float16)
     sc = sc_t.numpy().astype(np.int32)
     c = codes.astype(np.int32)
-    zero = 2 ** (gguf_type.bits - 1)
-    dmin = (d.astype(np.float32) * zero).astype(np.float16)  # z * d: a power-of-two multiple, exact
+    if offset is None:
+        dmin = (d.astype(np.float32) * 2 ** (gguf_type.bits - 1)).astype(np.float16)  # z * d: exact
+        mins = sc
+    else:
+        dmin_t, mins_t = split_double_quant_min(offset, gguf_type.sub_scale_max)
+        dmin, mins = dmin_t.numpy().astype(np.float16), mins_t.numpy().astype(np.int32)
     name = gguf_type.name
     if name == "q6_k":
         lo, hi = (c & 0x0F).reshape(-1, 2, 2, 64), (c >> 4).reshape(-1, 2, 4, 32)
@@ -73,12 +81,12 @@ def pack_k(codes: np.ndarray, scale: torch.Tensor, gguf_type: GgufType) -> np.nd
     elif name == "q3_k":
         parts = [_bitplane(c >> 2, 8), _crumbs(c & 3), _q3_scales(sc), _halves(d)]
     elif name == "q2_k":
-        scale_bytes = (sc | (sc << 4)).astype(np.uint8)  # m = sc
+        scale_bytes = (sc | (mins << 4)).astype(np.uint8)
         parts = [scale_bytes, _crumbs(c), _halves(d), _halves(dmin)]
     else:  # q4_k, q5_k
         lo = (c & 0x0F).reshape(-1, 4, 2, 32)
         qs = (lo[:, :, 0] | lo[:, :, 1] << 4).reshape(-1, 128)
-        parts = [_halves(d), _halves(dmin), _scales_6bit_pairs(sc, sc)]
+        parts = [_halves(d), _halves(dmin), _scales_6bit_pairs(sc, mins)]
         if name == "q5_k":
             parts.append(_bitplane(c >> 4, 8))
         parts.append(qs)

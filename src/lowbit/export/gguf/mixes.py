@@ -16,7 +16,7 @@ from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
 from lowbit.export.gguf.arch import gguf_arch
 from lowbit.formats.gguf_types import GGUF_MIXES, GGUF_TYPES
-from lowbit.scheme import QuantScheme
+from lowbit.scheme import QuantScheme, gguf_type_scheme
 
 # mix -> the type of every tensor no rule below overrides (llama_ftype_get_default_type)
 MIX_DEFAULTS = {mix: default for mix, (default, _) in GGUF_MIXES.items()}
@@ -106,10 +106,10 @@ def resolve_mix(
     }
 
 
-def type_scheme(gguf_type: str) -> QuantScheme:
-    """The exact scheme of one GGUF type (its default kind)."""
+def type_scheme(gguf_type: str, kind: str | None = None) -> QuantScheme:
+    """The exact scheme of one GGUF type: `kind` where the type stores it, else the type's default kind."""
     t = GGUF_TYPES[gguf_type]
-    return QuantScheme(bits=t.bits, group_size=t.group, kind=t.kinds[0], scale_dtype=t.scale_dtype, gguf=t.name)
+    return gguf_type_scheme(t, kind if kind in t.kinds else None)
 
 
 def mix_schemes(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> dict[str, QuantScheme]:
@@ -132,4 +132,7 @@ def mix_schemes(model: nn.Module, arch: ArchSpec, scheme: QuantScheme) -> dict[s
             linears[full] = (kind, index, int(linear.weight.shape[1]))
     n_expert = int(getattr(config, arch.experts.count_attr, 0) or 0) if arch.experts is not None else 0
     types = resolve_mix(mix, linears, len(blocks), n_gqa, n_expert)
-    return {name: type_scheme(t) for name, t in types.items()}
+    # `gguf:q4_k_m-sym` asks for the mix's K-quants with mins on their symmetric grid; other types keep their own
+    default = scheme.gguf_type.kinds[0]  # type: ignore[union-attr]
+    chosen = {t: scheme.kind if GGUF_TYPES[t].kinds[0] == default else None for t in set(types.values())}
+    return {name: type_scheme(t, chosen[t]) for name, t in types.items()}

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lowbit.quantizer import compute_qparams, fake_quant, quantize_codes
+from lowbit.quantizer import compute_qparams, decode, fake_quant, quantize_codes
 from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 
 CLIP_GRID = 20
@@ -42,7 +42,7 @@ def fake_quant_rows(w: Tensor, scheme: QuantScheme) -> Tensor:
     """Quantize-dequantize a [m, width] slice as one group per row (the slice is one quantization group)."""
     row = _row_scheme(scheme)
     scale, zero = compute_qparams(w, row, zero_grad="none")
-    return scale * (quantize_codes(w, scale, zero, row) - zero)
+    return decode(quantize_codes(w, scale, zero, row), scale, zero, row)
 
 
 @torch.no_grad()

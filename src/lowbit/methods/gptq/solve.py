@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.methods.common.gram import gram_matrix
-from lowbit.quantizer import QuantizedWeight, compute_qparams, quantize_codes, quantize_weight
+from lowbit.quantizer import QuantizedWeight, compute_qparams, decode, quantize_codes, quantize_weight
 from lowbit.scheme import ACT_BITS_OFF, QuantScheme
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def fit_qparams(w: Tensor, scheme: QuantScheme, mse: bool = False) -> tuple[Tens
     for i in range(int(MSE_MAX_SHRINK * MSE_GRID)):
         p = torch.full((w.shape[0], 1), 1 - i / MSE_GRID)
         s1, z1 = compute_qparams(w, one_group, gamma_hi=p, gamma_lo=p, zero_grad="none")
-        q = s1 * (quantize_codes(w, s1, z1, one_group) - z1)
+        q = decode(quantize_codes(w, s1, z1, one_group), s1, z1, one_group)
         err = (q - w).abs().pow(MSE_NORM).sum(dim=1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
@@ -211,7 +211,7 @@ def _column_loop(
             w = W1[:, j : j + 1]
             d = U1[j, j]
             c = quantize_codes(w, scale, zero, scheme)
-            q = scale * (c - zero)
+            q = decode(c, scale, zero, scheme)
             codes[:, col : col + 1], Q[:, col : col + 1] = c, q
             e = (w - q) / d
             loss += e.square().sum() / 2
@@ -288,7 +288,7 @@ def gptq_quantize(
     record = QuantizedWeight(
         codes=codes.round().to(torch.uint8),
         scale=scale.to(scheme.torch_scale_dtype),
-        zero=zero.round().to(torch.int32),
+        zero=zero.to(torch.float32) if scheme.min_offset else zero.round().to(torch.int32),
         scheme=scheme,
         g_idx=g_idx,
     )

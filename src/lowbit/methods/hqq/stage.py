@@ -131,6 +131,12 @@ class HQQ(BlockStage):
                 f"hqq.zero=round fits the library's fractional zero, which a {scheme.kind} scheme does not have: use "
                 f"an asymmetric scheme (w{scheme.bits}g{scheme.group_size}) or hqq.zero=integer"
             )
+        if scheme.min_offset:
+            other = scheme.gguf_type.kinds[1]  # type: ignore[union-attr]
+            raise LowbitError(
+                f"hqq fits integer zero points, not the offsets of GGUF {scheme.gguf}'s default grid: use "
+                f"--scheme gguf:{scheme.gguf}-{other} or another quantizer"
+            )
         options.params()  # raises on bad solver settings
 
     def process_block(self, ctx: BlockContext) -> None:

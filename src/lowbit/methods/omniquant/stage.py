@@ -319,7 +319,10 @@ def _validate(options: OmniQuantOptions, scheme: QuantScheme) -> None:
         (options.alpha is None or 0 <= options.alpha <= 1, "omniquant.alpha must lie in [0, 1]"),
         (options.num_threads is None or options.num_threads >= 1, "omniquant.num_threads must be >= 1"),
         (2 <= scheme.bits <= 8, f"omniquant supports 2-8 bit weights, got {scheme.bits}"),
-        (scheme.kind in ("asym", "sym_omni"), f"omniquant quantizes asym or sym_omni weights, not {scheme.kind}"),
+        (
+            scheme.kind in ("asym", "sym_omni", "asym_min"),
+            f"omniquant quantizes asym, sym_omni or GGUF asym_min weights, not {scheme.kind}",
+        ),  # fmt: skip
         (options.lwc or options.let is not False, "omniquant with lwc=false and let=false trains nothing: use rtn"),
     ]
     for ok, message in checks:
