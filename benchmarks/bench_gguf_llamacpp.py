@@ -42,7 +42,7 @@ from common import machine, run_isolated, write_json  # noqa: E402
 PROMPT = "Quantization of language models to a few bits per weight"
 SIDE_BY_SIDE = ("q4_0", "q4_1", "q4_k_m")  # the types of issue 32's comparison with auto-round
 SMOLLM2 = [("rtn", s) for s in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k_m", "q3_k_m", "q2_k_s")] + [
-    (recipe, s) for recipe in ("gptq", "awq+rtn", "signround-light") for s in SIDE_BY_SIDE
+    (recipe, s) for recipe in ("imatrix", "imatrix-wide", "gptq", "awq+rtn", "signround-light") for s in SIDE_BY_SIDE
 ]  # fmt: skip
 # auto-round 0.16.1's own GGUF exports of SmolLM2 (benchmarks/peers/peer_autoround_gguf.py, in its venv), same
 # calibration: iters=0 is its imatrix-weighted RTN, "light" its light recipe (50 steps, lr 5e-3, batch 8)
@@ -52,9 +52,10 @@ AUTOROUND = [(recipe, s) for recipe in PEERS for s in SIDE_BY_SIDE]
 GEMMA3 = [("rtn", s) for s in ("q8_0", "q4_0", "q4_k_m", "q3_k_m")] + [("gptq", "q4_k_m")]
 SYNTHETIC = [("rtn", s) for s in ("q4_k_m", "q3_k_m", "q2_k_s", "q5_k_m", "q6_k", "q4_k")] + [("gptq", "q4_k_m")]
 # lowbit's recipe and options per row label; signround-light = auto-round's light settings (as the preset)
-OPTIONS = {"rtn": {}, "gptq": {}, "awq+rtn": {}, "signround": {"signround": {"iters": 20}},
+OPTIONS = {"rtn": {}, "gptq": {}, "awq+rtn": {}, "signround": {"signround": {"iters": 20}}, "imatrix": {},
+           "imatrix-wide": {"imatrix": {"steps": 150, "step": 0.08}},
            "signround-light": {"signround": {"iters": 50, "lr": 5e-3, "batch_size": 8}}}  # fmt: skip
-RECIPES = {"signround-light": "signround"}
+RECIPES = {"signround-light": "signround", "imatrix-wide": "imatrix"}  # imatrix-wide: auto-round's candidate set
 SYNTHETIC_SHAPE = {"family": "llama", "hidden_size": 512, "intermediate_size": 1536, "num_layers": 4,
                    "num_heads": 8, "num_kv_heads": 2, "vocab_size": 49152}  # fmt: skip
 
