@@ -41,13 +41,14 @@ from common import machine, run_isolated, write_json  # noqa: E402
 
 PROMPT = "Quantization of language models to a few bits per weight"
 SIDE_BY_SIDE = ("q4_0", "q4_1", "q4_k_m")  # the types of issue 32's comparison with auto-round
+LOW_BIT_MIXES = ("q3_k_m", "q2_k_s")  # compared untuned only: lowbit's imatrix RTN vs auto-round's iters=0
 SMOLLM2 = [("rtn", s) for s in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k_m", "q3_k_m", "q2_k_s")] + [
     (recipe, s) for recipe in ("imatrix", "imatrix-wide", "gptq", "awq+rtn", "signround-light") for s in SIDE_BY_SIDE
-]  # fmt: skip
+] + [("imatrix", s) for s in LOW_BIT_MIXES]  # fmt: skip
 # auto-round 0.16.1's own GGUF exports of SmolLM2 (benchmarks/peers/peer_autoround_gguf.py, in its venv), same
 # calibration: iters=0 is its imatrix-weighted RTN, "light" its light recipe (50 steps, lr 5e-3, batch 8)
 PEERS = {"autoround-rtn": ["--iters", "0"], "autoround-light": ["--iters", "50", "--lr", "5e-3"]}
-AUTOROUND = [(recipe, s) for recipe in PEERS for s in SIDE_BY_SIDE]
+AUTOROUND = [(recipe, s) for recipe in PEERS for s in SIDE_BY_SIDE] + [("autoround-rtn", s) for s in LOW_BIT_MIXES]
 # Gemma 3 270M (SentencePiece vocabulary; widths 640/2048 are not multiples of 256: the mixes fall back per tensor)
 GEMMA3 = [("rtn", s) for s in ("q8_0", "q4_0", "q4_k_m", "q3_k_m")] + [("gptq", "q4_k_m")]
 SYNTHETIC = [("rtn", s) for s in ("q4_k_m", "q3_k_m", "q2_k_s", "q5_k_m", "q6_k", "q4_k")] + [("gptq", "q4_k_m")]
