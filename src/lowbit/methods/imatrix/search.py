@@ -8,8 +8,10 @@ input column matters (`imatrix`: the mean square of the column's calibration inp
 double quantization included) and any quantizer can start from it. The default factors are llama.cpp's:
 `nmax / (nmax + 0.1 i)` for i in -9..9, nmax = 2^(bits-1); auto-round's `search_scales` tries a wider, finer
 set (i in -150..150, step 0.08 at 4 and 5 bits), which the stage's options can ask for. An asymmetric grid also
-searches its low side alone. Factor 1 (min-max) is tried first and a candidate replaces the best only when strictly
-better, so the weighted error never exceeds min-max rounding's.
+searches its low side alone. On a symmetric grid each candidate's codes also give a least-squares scale, tried as
+one more candidate (llama.cpp's refit; lowbit then rounds to nearest at that scale). Factor 1 (min-max) is tried
+first and a candidate replaces the best only when strictly better, so the weighted error never exceeds min-max
+rounding's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowbit.quantizer import _grouped, fake_quant
+from lowbit.quantizer import _grouped, compute_qparams, fake_quant, quantize_codes
 from lowbit.scheme import QuantScheme
 
 STEPS = 9  # llama.cpp tries i in -9..9 ...
@@ -55,9 +57,21 @@ def _group_error(w: Tensor, weights: Tensor, scheme: QuantScheme, hi: Tensor, lo
     return (weights * (_grouped(q, g) - _grouped(w.float(), g)) ** 2).sum(dim=-1)
 
 
+def _refit(w: Tensor, weights: Tensor, scheme: QuantScheme, factor: Tensor) -> Tensor:
+    """llama.cpp's least-squares step for a symmetric grid: with the codes l a candidate rounds to, the scale
+    sum(W x l) / sum(W l^2) fits the group best; returned as the clipping factor that gives that scale."""
+    scale, zero = compute_qparams(w, scheme, gamma_hi=factor, gamma_lo=factor, zero_grad="none")
+    g = scheme.group_width(w.shape[1])
+    levels = _grouped(quantize_codes(w, scale, zero, scheme), g) - zero[..., None]
+    num = (weights * _grouped(w.float(), g) * levels).sum(dim=-1)
+    den = (weights * levels * levels).sum(dim=-1)
+    ratio = torch.where(den > 0, num / den.clamp(min=1e-30) / scale, torch.ones_like(scale))
+    return torch.where(ratio > 0, factor * ratio, factor)
+
+
 @torch.no_grad()
 def search_factors(
-    w: Tensor, energy: Tensor, scheme: QuantScheme, steps: int = STEPS, step: float = STEP
+    w: Tensor, energy: Tensor, scheme: QuantScheme, steps: int = STEPS, step: float = STEP, refit: bool = True
 ) -> tuple[Tensor, Tensor]:
     """Per-group clipping factors (gamma_hi, gamma_lo) [m, G] that minimize the importance-weighted error of
     rounding `w` [m, k] on `scheme`'s grid, for `quantize_weight(..., gamma_hi=, gamma_lo=)`."""
@@ -68,18 +82,26 @@ def search_factors(
     best = _group_error(w, weights, scheme, best_hi, best_lo)
     factors = candidate_factors(scheme.bits, steps, step)[1:]
 
-    def improve(hi_of, lo_of) -> None:
+    def keep(hi: Tensor, lo: Tensor) -> None:
         nonlocal best
-        for f in factors:
-            hi, lo = hi_of(f), lo_of(f)
-            err = _group_error(w, weights, scheme, hi, lo)
-            better = err < best
-            best = torch.where(better, err, best)
-            best_hi.copy_(torch.where(better, hi, best_hi))
-            best_lo.copy_(torch.where(better, lo, best_lo))
+        err = _group_error(w, weights, scheme, hi, lo)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_hi.copy_(torch.where(better, hi, best_hi))
+        best_lo.copy_(torch.where(better, lo, best_lo))
 
+    def improve(hi_of, lo_of) -> None:
+        for f in factors:
+            keep(hi_of(f), lo_of(f))
+
+    symmetric = scheme.kind in ("sym", "sym_full", "sym_omni")
+    if symmetric and refit:
+        factors = [1.0, *factors]
+        improve(lambda f: _refit(w, weights, scheme, torch.full((m, groups), f)),
+                lambda f: _refit(w, weights, scheme, torch.full((m, groups), f)))  # fmt: skip
+        factors = factors[1:]
     improve(lambda f: torch.full((m, groups), f), lambda f: torch.full((m, groups), f))
-    if scheme.kind == "asym":  # the low side alone, from the best common factor
+    if not symmetric:  # the low side alone, from the best common factor
         start_hi = best_hi.clone()
         improve(lambda f: start_hi, lambda f: torch.full((m, groups), f))
     return best_hi, best_lo

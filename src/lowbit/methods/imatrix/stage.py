@@ -52,6 +52,9 @@ class IMatrixOptions:
 
     steps: int = field(default=STEPS, metadata={"help": "candidates on each side of min-max (auto-round: 150)"})
     step: float = field(default=STEP, metadata={"help": "spacing of the candidates, in codes (auto-round: 0.08)"})
+    refit: bool = field(
+        default=True, metadata={"help": "symmetric grids: also try each candidate's least-squares scale (llama.cpp)"}
+    )
 
 
 class IMatrixRTN(BlockStage):
@@ -76,5 +79,6 @@ class IMatrixRTN(BlockStage):
         for name, linear in ctx.linears().items():
             w = linear.weight.detach()
             scheme = self.scheme_for(ctx.name, name)
-            hi, lo = search_factors(w, energy[name].to(w.device), scheme, self.options.steps, self.options.step)
+            opts = self.options
+            hi, lo = search_factors(w, energy[name].to(w.device), scheme, opts.steps, opts.step, opts.refit)
             ctx.quantized[name] = quantize_weight(w, scheme, gamma_hi=hi.to(w.device), gamma_lo=lo.to(w.device))
