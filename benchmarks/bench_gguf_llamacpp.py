@@ -43,7 +43,9 @@ PROMPT = "Quantization of language models to a few bits per weight"
 SIDE_BY_SIDE = ("q4_0", "q4_1", "q4_k_m")  # the types of issue 32's comparison with auto-round
 LOW_BIT_MIXES = ("q3_k_m", "q2_k_s")  # compared untuned only: lowbit's imatrix RTN vs auto-round's iters=0
 SMOLLM2 = [("rtn", s) for s in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k_m", "q3_k_m", "q2_k_s")] + [
-    (recipe, s) for recipe in ("imatrix", "imatrix-wide", "gptq", "awq+rtn", "signround-light") for s in SIDE_BY_SIDE
+    (recipe, s)
+    for recipe in ("imatrix", "imatrix-wide", "gptq", "awq+rtn", "signround-light", "signround-light-imatrix")
+    for s in SIDE_BY_SIDE
 ] + [("imatrix", s) for s in LOW_BIT_MIXES]  # fmt: skip
 # auto-round 0.16.1's own GGUF exports of SmolLM2 (benchmarks/peers/peer_autoround_gguf.py, in its venv), same
 # calibration: iters=0 is its imatrix-weighted RTN, "light" its light recipe (50 steps, lr 5e-3, batch 8)
@@ -52,11 +54,13 @@ AUTOROUND = [(recipe, s) for recipe in PEERS for s in SIDE_BY_SIDE] + [("autorou
 # Gemma 3 270M (SentencePiece vocabulary; widths 640/2048 are not multiples of 256: the mixes fall back per tensor)
 GEMMA3 = [("rtn", s) for s in ("q8_0", "q4_0", "q4_k_m", "q3_k_m")] + [("gptq", "q4_k_m")]
 SYNTHETIC = [("rtn", s) for s in ("q4_k_m", "q3_k_m", "q2_k_s", "q5_k_m", "q6_k", "q4_k")] + [("gptq", "q4_k_m")]
-# lowbit's recipe and options per row label; signround-light = auto-round's light settings (as the preset)
+# lowbit's recipe and options per row label; signround-light = auto-round's light settings (as the preset),
+# -imatrix starting from imatrix's ranges; imatrix-wide = auto-round's candidate set
+LIGHT = {"iters": 50, "lr": 5e-3, "batch_size": 8}
 OPTIONS = {"rtn": {}, "gptq": {}, "awq+rtn": {}, "signround": {"signround": {"iters": 20}}, "imatrix": {},
-           "imatrix-wide": {"imatrix": {"steps": 150, "step": 0.08}},
-           "signround-light": {"signround": {"iters": 50, "lr": 5e-3, "batch_size": 8}}}  # fmt: skip
-RECIPES = {"signround-light": "signround", "imatrix-wide": "imatrix"}  # imatrix-wide: auto-round's candidate set
+           "imatrix-wide": {"imatrix": {"steps": 150, "step": 0.08}}, "signround-light": {"signround": LIGHT},
+           "signround-light-imatrix": {"signround": {**LIGHT, "init": "imatrix"}}}  # fmt: skip
+RECIPES = {"signround-light": "signround", "signround-light-imatrix": "signround", "imatrix-wide": "imatrix"}
 SYNTHETIC_SHAPE = {"family": "llama", "hidden_size": 512, "intermediate_size": 1536, "num_layers": 4,
                    "num_heads": 8, "num_kv_heads": 2, "vocab_size": 49152}  # fmt: skip
 

@@ -99,3 +99,18 @@ def test_gguf_export_decodes_to_the_records(source, text_file, tmp_path):
 def test_bad_options_are_refused_before_loading():
     with pytest.raises(LowbitError, match="steps"):
         lowbit.quantize(model="/nonexistent", recipe="imatrix", options={"imatrix": {"step": 0}})
+
+
+def test_signround_can_start_from_the_searched_ranges(source, text_file):
+    """init=imatrix starts alpha/beta at the searched factors (capped at 1): with no steps the result is that start."""
+    data = {"dataset": str(text_file), "nsamples": 4, "seqlen": 32, "scheme": "w3g32"}
+    imatrix_start = {"signround": {"iters": 0, "init": "imatrix"}}
+    start = lowbit.quantize(model=str(source), recipe="signround", options=imatrix_start, **data)
+    plain = lowbit.quantize(model=str(source), recipe="signround", options={"signround": {"iters": 0}}, **data)
+    rtn = lowbit.quantize(model=str(source), recipe="rtn", **data)
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(plain.weights[name].dequantize(), rtn.weights[name].dequantize())
+    assert not torch.equal(start.weights[name].scale, plain.weights[name].scale)
+    imatrix_start["signround"]["iters"] = 3
+    tuned = lowbit.quantize(model=str(source), recipe="signround", options=imatrix_start, **data)
+    tuned.weights[name].validate()

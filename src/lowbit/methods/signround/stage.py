@@ -20,7 +20,9 @@ from lowbit.engine.block_train import block_forward
 from lowbit.engine.offload import to_device
 from lowbit.engine.precision import TuneAutocast, resolve_autocast
 from lowbit.errors import LowbitError
+from lowbit.methods.common.energy import column_energy
 from lowbit.methods.common.frozen import frozen
+from lowbit.methods.imatrix.search import search_factors
 from lowbit.methods.signround.tune import (
     TunedLinear,
     TuneResult,
@@ -88,6 +90,26 @@ class SignRoundOptions:
             "the hardware computes bf16 natively (AVX512-BF16/AMX CPU, bf16 GPU), fp32 elsewhere"
         },
     )
+    init: Literal["minmax", "imatrix"] = field(
+        default="minmax",
+        metadata={
+            "help": "start alpha/beta at 1 (min-max, the paper) or at imatrix's searched ranges (clipping part "
+            "only: alpha, beta stay <= 1)"
+        },
+    )
+
+
+def _start_from_imatrix(ctx: BlockContext, layers: list[TunedLinear]) -> None:
+    """alpha/beta start at the clipping factors imatrix RTN searches (methods/imatrix), capped at 1 as SignSGD keeps
+    them; a factor above 1 (a wider range than min-max) starts at 1."""
+    if ctx.group.distributed:
+        raise LowbitError("signround.init=imatrix does not reduce its importance over ranks yet: run in one process")
+    energy = column_energy(ctx)
+    with torch.no_grad():
+        for layer in layers:
+            hi, lo = search_factors(layer.weight, energy[layer.name].to(layer.weight.device), layer.scheme)
+            layer.alpha.copy_(hi.clamp(max=1))
+            layer.beta.copy_(lo.clamp(max=1))
 
 
 class SignRound(BlockStage):
@@ -151,6 +173,8 @@ class SignRound(BlockStage):
     def process_block(self, ctx: BlockContext) -> None:
         linears = ctx.linears()
         layers = [TunedLinear.wrap(name, linear, self.scheme_for(ctx.name, name)) for name, linear in linears.items()]
+        if self.options.init == "imatrix":
+            _start_from_imatrix(ctx, layers)
         settings = self.settings(ctx.device)
         if settings.iters > 0:
             self._tune(ctx, layers, settings)
