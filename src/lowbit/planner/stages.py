@@ -21,6 +21,7 @@ F32 = 4
 SOLVE_COPIES = 2  # gptq/solve.py: the stage hands its H over (consume_h); two of Hd, L, Hinv, U live at once
 SOLVE_WEIGHT_COPIES = 5  # gptq/solve.py: W0, its clone in _column_loop, codes (fp32), Q and one transient
 RTN_WEIGHT_COPIES = 4  # quantizer.py: the fp32 weight, its grouped view padded, codes and the dequantized weight
+IMATRIX_SEARCH_COPIES = 3  # imatrix/search.py: element weights, a candidate's fake-quant weight, its squared error
 # signround/tune.py, per weight in fp32: weight clone, V, its grad, grouped W, QDQ out, rz, codes, the leaf and its
 # grad (one copy under bf16 autocast, two in fp32), the best snapshot
 SIGNROUND_WEIGHT_COPIES = 10
@@ -140,6 +141,13 @@ def stage_state(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, 
 def _rtn(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, int]]:
     temp = _weights_bytes(_largest(facts.block), RTN_WEIGHT_COPIES)
     return {"rtn_temporaries": temp}, {"rtn_temporaries": temp}
+
+
+def _imatrix(facts: RunFacts, stage: Any) -> tuple[dict[str, int], dict[str, int]]:
+    """methods/imatrix + common/energy.py: RTN's temporaries, plus the element weights and one candidate's
+    fake-quant weight and error of the largest linear while its ranges are searched."""
+    temp = _weights_bytes(_largest(facts.block), RTN_WEIGHT_COPIES + IMATRIX_SEARCH_COPIES)
+    return {"imatrix_search": temp}, {"imatrix_search": temp}
 
 
 def gptq_solve(facts: RunFacts, subset: list[LinearShape], exact: bool = False) -> tuple[int, int]:
@@ -262,6 +270,7 @@ def model_stage_state(facts: RunFacts, stage: Any) -> dict[str, int]:
 
 _HANDLERS = {
     "rtn": _rtn,
+    "imatrix": _imatrix,
     "gptq": _gptq,
     "signround": _signround,
     "omniquant": _omniquant,

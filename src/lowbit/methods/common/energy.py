@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.engine import BlockContext
+from lowbit.engine.context import call_block
+from lowbit.engine.precision import autocast
 from lowbit.errors import LowbitError
 
 
@@ -23,14 +25,17 @@ def column_energy(ctx: BlockContext) -> dict[str, Tensor]:
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1])
-            sums[name] += (x.double() ** 2).sum(dim=0).cpu()
+            sums[name] += (x.float() ** 2).sum(dim=0, dtype=torch.float64).cpu()
             counts[name] += x.shape[0]
 
         return hook
 
     handles = [linear.register_forward_pre_hook(hook_for(name)) for name, linear in linears.items()]
-    try:
-        ctx.run(ctx.inputs)
+    kwargs = ctx.device_kwargs()
+    try:  # batch by batch, keeping no output chain: only the hooks' sums are wanted
+        with torch.no_grad(), autocast(ctx.autocast, ctx.device):
+            for part in ctx.batches():
+                call_block(ctx.block, ctx.batch(ctx.inputs, part), kwargs)
     finally:
         for handle in handles:
             handle.remove()
