@@ -52,7 +52,11 @@ SMOLLM2 = [("rtn", s) for s in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k_m", "q3_k_
 PEERS = {"autoround-rtn": ["--iters", "0"], "autoround-light": ["--iters", "50", "--lr", "5e-3"]}
 AUTOROUND = [(recipe, s) for recipe in PEERS for s in SIDE_BY_SIDE] + [("autoround-rtn", s) for s in LOW_BIT_MIXES]
 # Gemma 3 270M (SentencePiece vocabulary; widths 640/2048 are not multiples of 256: the mixes fall back per tensor)
-GEMMA3 = [("rtn", s) for s in ("q8_0", "q4_0", "q4_k_m", "q3_k_m")] + [("gptq", "q4_k_m")]
+GEMMA3 = (
+    [("rtn", s) for s in ("q8_0", "q4_0", "q4_k_m", "q3_k_m")]
+    + [("gptq", "q4_k_m")]
+    + [(recipe, s) for recipe in ("imatrix", "autoround-rtn") for s in ("q4_0", "q4_k_m")]
+)  # untuned side by side with auto-round's iters=0
 SYNTHETIC = [("rtn", s) for s in ("q4_k_m", "q3_k_m", "q2_k_s", "q5_k_m", "q6_k", "q4_k")] + [("gptq", "q4_k_m")]
 # lowbit's recipe and options per row label; signround-light = auto-round's light settings (as the preset),
 # -imatrix starting from imatrix's ranges; imatrix-wide = auto-round's candidate set
@@ -167,7 +171,7 @@ def peer_row(model: str, path: str, recipe: str, scheme: str, settings: dict) ->
     from lowbit.eval.perplexity import cut_windows
     from lowbit.models import load_model
 
-    loaded = load_model(None)
+    loaded = load_model(None if model == "smollm2" else path)
     data = load_eval(loaded.tokenizer, "builtin")
     windows = cut_windows(loaded.model, data.input_ids, seqlen=settings["eval_seqlen"],
                           max_windows=settings["eval_windows"], bos=None).ids  # fmt: skip
@@ -177,6 +181,8 @@ def peer_row(model: str, path: str, recipe: str, scheme: str, settings: dict) ->
                    "--format", f"gguf:{scheme}", *PEERS[recipe], "--nsamples", str(settings["nsamples"]),
                    "--seqlen", str(settings["seqlen"]), "--seed", str(settings["seed"]),
                    "--threads", str(settings["threads"]), "--out", tmp]  # fmt: skip
+        if model != "smollm2":
+            command += ["--model", path]
         env = {**os.environ, "PYTHONPATH": str(repo / "src")}
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default=None, help="a local model directory (default: the embedded SmolLM2)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -41,7 +42,7 @@ def main() -> None:
     from lowbit.data import load_calibration
     from lowbit.models import load_model
 
-    loaded = load_model(None)
+    loaded = load_model(args.model)
     calib = load_calibration(loaded.tokenizer, "builtin", nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     started = time.perf_counter()
     tuner = AutoRound(
