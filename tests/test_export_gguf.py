@@ -392,7 +392,7 @@ def test_mix_is_resolved_per_linear_before_tuning(mix, recipe, tmp_path, tokeniz
 # streamed runs
 
 
-@pytest.mark.parametrize("scheme,recipe", [("gguf:q4_1", "rtn"), ("gguf:q4_k_m", "gptq")])
+@pytest.mark.parametrize("scheme,recipe", [("gguf:q4_1", "rtn"), ("gguf:q4_k_m", "gptq"), ("gguf:q4_k_m", "imatrix")])
 def test_streamed_run_writes_the_same_file_as_a_resident_one(scheme, recipe, tmp_path, tokenizer, text_file):
     """A streamed run starts the file from the shapes, writes each block as it finishes: the same tensors and metadata
     as a resident run (`lowbit.settings` names engine.stream, so that one key differs)."""

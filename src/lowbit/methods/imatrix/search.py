@@ -90,18 +90,18 @@ def search_factors(
         best_hi.copy_(torch.where(better, hi, best_hi))
         best_lo.copy_(torch.where(better, lo, best_lo))
 
-    def improve(hi_of, lo_of) -> None:
-        for f in factors:
-            keep(hi_of(f), lo_of(f))
+    def full(f: float) -> Tensor:
+        return torch.full((m, groups), f)
 
     symmetric = scheme.kind in ("sym", "sym_full", "sym_omni")
-    if symmetric and refit:
-        factors = [1.0, *factors]
-        improve(lambda f: _refit(w, weights, scheme, torch.full((m, groups), f)),
-                lambda f: _refit(w, weights, scheme, torch.full((m, groups), f)))  # fmt: skip
-        factors = factors[1:]
-    improve(lambda f: torch.full((m, groups), f), lambda f: torch.full((m, groups), f))
+    if symmetric and refit:  # each candidate's least-squares scale first (min-max's too), one refit per candidate
+        for f in [1.0, *factors]:
+            fitted = _refit(w, weights, scheme, full(f))
+            keep(fitted, fitted)
+    for f in factors:
+        keep(full(f), full(f))
     if not symmetric:  # the low side alone, from the best common factor
         start_hi = best_hi.clone()
-        improve(lambda f: start_hi, lambda f: torch.full((m, groups), f))
+        for f in factors:
+            keep(start_hi, full(f))
     return best_hi, best_lo
