@@ -21,6 +21,7 @@ Each row runs in its own process; rows already in --out are kept (rerun with --f
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_gguf_llamacpp.py \
         --out benchmarks/results/gguf_llamacpp.json [--autoround-python VENV/bin/python] [--only model:recipe:type,...]
+        [--seed N]   # calibration seed, lowbit's and auto-round's (default 42); rows are kept per seed
 """
 
 from __future__ import annotations
@@ -225,8 +226,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _key(entry: dict) -> tuple[str, str, str]:
-    return entry["model"], entry["recipe"], entry["scheme"]
+def _key(entry: dict) -> tuple[str, str, str, int]:
+    return entry["model"], entry["recipe"], entry["scheme"], entry.get("seed", 42)  # rows before --seed: 42
 
 
 def main() -> None:
@@ -238,6 +239,7 @@ def main() -> None:
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    parser.add_argument("--seed", type=int, default=42, help="calibration sample seed (lowbit's and auto-round's)")
     parser.add_argument("--autoround-python", default="", help="python of a venv with auto-round 0.16.1 (its rows)")
     parser.add_argument("--only", default="", help="comma list of model:recipe:scheme rows to run (default: all)")
     parser.add_argument("--fresh", action="store_true", help="forget the rows already in --out")
@@ -246,7 +248,7 @@ def main() -> None:
     if args.table:
         print(table(json.loads(args.out.read_text())["rows"]))
         return
-    settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": 42, "eval_seqlen": args.eval_seqlen,
+    settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "eval_seqlen": args.eval_seqlen,
                 "eval_windows": args.eval_windows, "threads": args.threads, "eval_data": "builtin",
                 "autoround_python": args.autoround_python}  # fmt: skip
     import llama_cpp
@@ -266,10 +268,11 @@ def main() -> None:
         plan += [("gemma3-270m", str(gemma3_dir(args.cache)), r, s) for r, s in GEMMA3]
     only = {tuple(item.split(":")) for item in args.only.split(",") if item}
     for model, path, recipe, scheme in plan:
-        key = (model, recipe, f"gguf:{scheme}")
+        key = (model, recipe, f"gguf:{scheme}", args.seed)
         if key in done or (only and (model, recipe, scheme) not in only):
             continue
         entry = run_isolated(peer_row if recipe in PEERS else row, model, path, recipe, scheme, settings)
+        entry["seed"] = args.seed
         payload["rows"].append(entry)
         write_json(args.out, payload)
         print(json.dumps({k: entry[k] for k in ("model", "recipe", "scheme", "lowbit_ppl", "llamacpp_ppl",
