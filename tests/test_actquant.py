@@ -16,7 +16,14 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import lowbit
 from conftest import make_llama, make_opt, save_model_dir
-from lowbit.actquant import ACT_KIND, _attend, act_bits_of, activation_quant, install_activation_quant
+from lowbit.actquant import (
+    ACT_KIND,
+    _attend,
+    act_bits_of,
+    activation_quant,
+    install_activation_quant,
+    quantize_activation,
+)
 from lowbit.arch import arch_for
 from lowbit.cli import main
 from lowbit.data import load_eval
@@ -25,7 +32,6 @@ from lowbit.errors import LowbitError
 from lowbit.eval import perplexity
 from lowbit.formats.files import RECORD_FILE
 from lowbit.models import load_model
-from lowbit.quantizer import quantize_activation
 from lowbit.scheme import parse_scheme
 from stages_for_tests import RecordingRTN
 

@@ -11,7 +11,14 @@ import lowbit
 from conftest import make_llama, save_model_dir
 from lowbit.errors import LowbitError
 from lowbit.formats.files import GGUF_FILE
-from lowbit.methods.imatrix.search import _group_error, candidate_factors, element_weights, search_factors
+from lowbit.methods.imatrix.search import (
+    _codes_at,
+    _group_error,
+    _refit_offset,
+    candidate_factors,
+    element_weights,
+    search_factors,
+)
 from lowbit.quantizer import quantize_weight
 from lowbit.run import ExportSettings
 from lowbit.scheme import parse_scheme
@@ -43,9 +50,41 @@ def test_search_is_never_worse_than_min_max_and_usually_better(scheme_name):
     searched, minmax = _group_error(w, weights, scheme, hi, lo), _group_error(w, weights, scheme, ones, ones)
     if scheme.double_quant is None:  # groups are independent: every group at most min-max's error
         assert bool((searched <= minmax).all())
+    else:  # the groups of a super-block share its scales' scale: every super-block at most min-max's error
+        per = scheme.double_quant[0]
+        assert bool((searched.view(24, -1, per).sum(-1) <= minmax.view(24, -1, per).sum(-1)).all())
     assert float(searched.sum()) < 0.97 * float(minmax.sum())
     record = quantize_weight(w, scheme, gamma_hi=hi, gamma_lo=lo)
     record.validate()  # on the scheme's grid (GGUF offsets and double quantization included)
+
+
+@pytest.mark.parametrize("scheme_name", ["gguf:q4_1", "gguf:q5_1", "gguf:q4_k", "gguf:q2_k"])
+def test_joint_scale_and_offset_refit_lowers_the_error_on_offset_grids(scheme_name):
+    scheme = parse_scheme(scheme_name)
+    w, energy = _weight_and_energy()
+    weights = element_weights(w, energy, scheme)
+    errors = []
+    for refit in (False, True):
+        hi, lo = search_factors(w, energy, scheme, refit=refit)
+        errors.append(float(_group_error(w, weights, scheme, hi, lo).sum()))
+    assert errors[1] < 0.97 * errors[0]
+
+
+def test_offset_refit_is_the_weighted_least_squares_fit_of_the_codes():
+    scheme = parse_scheme("gguf:q4_1")  # no double quantization: the fit is stored as it is, up to fp16
+    w, energy = _weight_and_energy(2)
+    weights = element_weights(w, energy, scheme)
+    ones = torch.ones(24, 16)
+    _, _, codes = _codes_at(w, scheme, ones, ones)
+    hi, lo = _refit_offset(w, weights, scheme, ones, ones)
+    x, c, wt = w.double().view(24, 16, 32), codes.double(), weights.double()
+    for row, group in [(0, 0), (5, 7), (23, 15)]:
+        a = torch.stack([c[row, group], torch.ones(32, dtype=torch.float64)], dim=1) * wt[row, group, :, None].sqrt()
+        b = x[row, group] * wt[row, group].sqrt()
+        s, m = torch.linalg.lstsq(a, b[:, None]).solution[:, 0].tolist()
+        lo0, hi0 = float(x[row, group].min()), float(x[row, group].max())
+        assert float(lo[row, group]) * lo0 == pytest.approx(m, rel=1e-4, abs=1e-6)
+        assert float(hi[row, group]) * hi0 == pytest.approx(s * scheme.qmax + m, rel=1e-4, abs=1e-6)
 
 
 def test_importance_decides_which_columns_round_well():

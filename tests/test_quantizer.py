@@ -9,13 +9,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lowbit.actquant import quantize_activation
 from lowbit.errors import LowbitError
 from lowbit.quantizer import (
     QuantizedWeight,
     compute_qparams,
     dequantize,
     fake_quant,
-    quantize_activation,
     quantize_codes,
     quantize_weight,
     round_ste,

@@ -34,9 +34,11 @@ from torch.utils.hooks import RemovableHandle
 
 from lowbit.arch import ArchSpec
 from lowbit.errors import LowbitError
-from lowbit.quantizer import quantize_activation
+from lowbit.quantizer import SCALE_FLOOR, round_ste
 
 log = logging.getLogger(__name__)
+
+ACT_SCALE_CAP = 1e4
 
 ACT_KIND = "per-token asym dynamic"
 ATTENTION_NAME = "lowbit_act_quant"
@@ -49,6 +51,24 @@ _DELEGATES = ("eager", "sdpa", "lowbit_chunked_causal", None)
 # (relative to root) or "<attention>.query|key|value"; `shared` is True when a linear reused the quantization made
 # for the previous linear of the same input tensor. Used by the census test (every quantized tensor exactly once).
 Observer = Callable[[str, bool], None]
+
+
+def quantize_activation(x: Tensor, bits: int) -> Tensor:
+    """Dynamic per-token asymmetric fake quant over the last dim, STE rounding; bits >= 16 is identity.
+
+    Qparams are recomputed on every call; math is fp32 and the result is cast back to x's dtype.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+        raise LowbitError(f"activation bits={bits!r} is not valid: use an integer >= 1 (16 or more disables it)")
+    if bits >= 16:
+        return x
+    qmax = 2**bits - 1
+    x32 = x.float()
+    lo, hi = torch.aminmax(x32, dim=-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp(SCALE_FLOOR, ACT_SCALE_CAP)
+    zero = torch.round((-lo / scale).clamp(-ACT_SCALE_CAP, ACT_SCALE_CAP))
+    codes = (round_ste(x32 / scale) + zero).clamp(0, qmax)
+    return (scale * (codes - zero)).to(x.dtype)
 
 
 def activation_record(bits: int) -> dict[str, Any] | None:

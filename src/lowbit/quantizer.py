@@ -21,7 +21,6 @@ from lowbit.scheme import QuantScheme
 from lowbit.weight_checks import record_problems
 
 SCALE_FLOOR = 1e-5
-ACT_SCALE_CAP = 1e4
 _ZERO_GRAD_MODES = ("ste", "none")
 _STE_MODES = ("clamp_aware", "identity")
 
@@ -96,16 +95,19 @@ def _round_zero(x: Tensor, zero_grad: str) -> Tensor:
     return round_ste(x) if zero_grad == "ste" else torch.round(x.detach())
 
 
-def _qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme, zero_grad: str) -> tuple[Tensor, Tensor]:
+def _qparams_from_range(
+    lo: Tensor, hi: Tensor, scheme: QuantScheme, zero_grad: str, double_quant: bool = True
+) -> tuple[Tensor, Tensor]:
     """Scale and zero from the (clipped) group range lo' <= hi', per scheme kind."""
     bits, qmax = scheme.bits, scheme.qmax
+    dq = scheme.double_quant if double_quant else None
     if scheme.min_offset:  # GGUF's own asymmetric grids: the "zero" is the offset, in weight units (w = s*c - z)
         if scheme.double_quant is None:  # Q4_1/Q5_1: w = d*q + m, fp16 d and fp16 m = -z
             scale = _cast_scale(((hi - lo) / qmax).clamp(min=SCALE_FLOOR), scheme)
             return scale, _cast_scale(-lo, scheme)
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)  # K-quants: w = d*sc*q - dmin*m, the min m is unsigned
         scale = _cast_scale(((hi - lo) / qmax).clamp(min=SCALE_FLOOR), scheme)
-        return double_quant_scale(scale, *scheme.double_quant), double_quant_min(-lo, *scheme.double_quant)
+        return (scale, -lo) if dq is None else (double_quant_scale(scale, *dq), double_quant_min(-lo, *dq))
     if scheme.kind == "asym":
         scale = _cast_scale(((hi - lo) / qmax).clamp(min=SCALE_FLOOR), scheme)
         zero = _round_zero(-lo / scale, zero_grad).clamp(0, qmax)
@@ -120,8 +122,8 @@ def _qparams_from_range(lo: Tensor, hi: Tensor, scheme: QuantScheme, zero_grad: 
     amax = torch.maximum(lo.abs(), hi.abs())
     if scheme.kind == "sym":
         scale = _cast_scale((2 * amax / qmax).clamp(min=SCALE_FLOOR), scheme)
-        if scheme.double_quant is not None:  # GGUF K-quants: scale = fp16 d * integer sc per super-block
-            scale = double_quant_scale(scale, *scheme.double_quant)
+        if dq is not None:  # GGUF K-quants: scale = fp16 d * integer sc per super-block
+            scale = double_quant_scale(scale, *dq)
         return scale, torch.full_like(lo, 2 ** (bits - 1))
     scale = _cast_scale((amax / (2 ** (bits - 1) - 1)).clamp(min=SCALE_FLOOR), scheme)  # sym_omni
     return scale, torch.full_like(lo, 2 ** (bits - 1) - 1)
@@ -134,12 +136,15 @@ def compute_qparams(
     gamma_hi: Tensor | None = None,
     gamma_lo: Tensor | None = None,
     zero_grad: str = "ste",
+    double_quant: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-group (scale, zero), both fp32 [m, G], differentiable w.r.t. w and the clipping factors.
 
     The scale holds values representable in `scheme.scale_dtype`; the zero holds integers in [0, qmax].
     gamma_hi / gamma_lo (broadcastable to [m, G], None = 1) multiply hi and lo after the include_zero
     step. zero_grad="ste" lets gradients flow through the zero's rounding, "none" blocks them.
+    double_quant=False leaves a K-quant's group scales (and mins) unquantized: each group's own fit, before
+    llama.cpp's second quantization; such params are off the stored grid (searches only).
     """
     _check_matrix(w)
     if zero_grad not in _ZERO_GRAD_MODES:
@@ -155,7 +160,7 @@ def compute_qparams(
         hi = hi * gamma_hi.float()
     if gamma_lo is not None:
         lo = lo * gamma_lo.float()
-    return _qparams_from_range(lo, hi, scheme, zero_grad)
+    return _qparams_from_range(lo, hi, scheme, zero_grad, double_quant)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,9 +270,12 @@ def _fake_quant_clamp_aware(
     gamma_hi: Tensor | None,
     gamma_lo: Tensor | None,
     zero_grad: str,
+    double_quant: bool = True,
 ) -> Tensor:
     k = w32.shape[1]
-    scale, zero = compute_qparams(w32, scheme, gamma_hi=gamma_hi, gamma_lo=gamma_lo, zero_grad=zero_grad)
+    scale, zero = compute_qparams(
+        w32, scheme, gamma_hi=gamma_hi, gamma_lo=gamma_lo, zero_grad=zero_grad, double_quant=double_quant
+    )
     g = _width(k, scale.shape[1], scheme.group_size)
     s, z = scale[..., None], zero[..., None]
     vg = None if v is None else _grouped(v.float(), g)
@@ -284,12 +292,13 @@ def fake_quant(
     gamma_lo: Tensor | None = None,
     ste: str = "clamp_aware",
     zero_grad: str = "ste",
+    double_quant: bool = True,
 ) -> Tensor:
     """Quantize-dequantize w to an fp32 [m, k] tensor that a method trains or evaluates against.
 
     "clamp_aware": autograd through clamp and qparams (clipped weights get no gradient; s, z, gamma and
     v get theirs). "identity": gradient 1 w.r.t. w, qparams and v constant. Either way the value equals
-    `quantize_weight(...).dequantize()` bit for bit.
+    `quantize_weight(...).dequantize()` bit for bit (double_quant=False: see compute_qparams).
     """
     _check_matrix(w)
     if ste not in _STE_MODES:
@@ -297,9 +306,9 @@ def fake_quant(
     _check_v(v, w.shape)
     w32 = w.float()
     if ste == "clamp_aware":
-        return _fake_quant_clamp_aware(w32, scheme, v, gamma_hi, gamma_lo, zero_grad)
+        return _fake_quant_clamp_aware(w32, scheme, v, gamma_hi, gamma_lo, zero_grad, double_quant)
     with torch.no_grad():
-        q = _fake_quant_clamp_aware(w32, scheme, v, gamma_hi, gamma_lo, zero_grad)
+        q = _fake_quant_clamp_aware(w32, scheme, v, gamma_hi, gamma_lo, zero_grad, double_quant)
     # q + (w - w) is exactly q (w + (q - w) need not be), with gradient 1 w.r.t. w.
     return q + (w32 - w32.detach())
 
@@ -384,25 +393,3 @@ def quantize_weight(
             scheme=scheme,
             bias=None if bias is None else bias.detach(),
         )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# activations
-
-
-def quantize_activation(x: Tensor, bits: int) -> Tensor:
-    """Dynamic per-token asymmetric fake quant over the last dim, STE rounding; bits >= 16 is identity.
-
-    Qparams are recomputed on every call; math is fp32 and the result is cast back to x's dtype.
-    """
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
-        raise LowbitError(f"activation bits={bits!r} is not valid: use an integer >= 1 (16 or more disables it)")
-    if bits >= 16:
-        return x
-    qmax = 2**bits - 1
-    x32 = x.float()
-    lo, hi = torch.aminmax(x32, dim=-1, keepdim=True)
-    scale = ((hi - lo) / qmax).clamp(SCALE_FLOOR, ACT_SCALE_CAP)
-    zero = torch.round((-lo / scale).clamp(-ACT_SCALE_CAP, ACT_SCALE_CAP))
-    codes = (round_ste(x32 / scale) + zero).clamp(0, qmax)
-    return (scale * (codes - zero)).to(x.dtype)

@@ -25,7 +25,7 @@ class IMatrixOptions:
     steps: int = field(default=STEPS, metadata={"help": "candidates on each side of min-max (auto-round: 150)"})
     step: float = field(default=STEP, metadata={"help": "spacing of the candidates, in codes (auto-round: 0.08)"})
     refit: bool = field(
-        default=True, metadata={"help": "symmetric grids: also try each candidate's least-squares scale (llama.cpp)"}
+        default=True, metadata={"help": "also try each candidate's least-squares scale (and offset) fit (llama.cpp)"}
     )
 
 
