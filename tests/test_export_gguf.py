@@ -233,7 +233,8 @@ TUNED = [("gptq", "gguf:q4_0"), ("gptq", "gguf:q4_1"), ("awq+rtn", "gguf:q5_1"),
          ("omniquant", "gguf:q4_0-sym_omni"), ("gptq", "gguf:q4_k"), ("gptq", "gguf:q6_k"), ("signround", "gguf:q3_k"),
          ("awq+rtn", "gguf:q2_k"), ("teq+rtn", "gguf:q5_k"), ("signround", "gguf:q4_k"), ("imatrix", "gguf:q2_k"),
          ("gptq", "gguf:q5_k-sym"), ("omniquant", "gguf:q4_1"), ("gptq", "gguf:q5_1-asym"),
-         ("signround", "gguf:q5_1-asym")]  # fmt: skip
+         ("signround", "gguf:q5_1-asym"), ("gptq", "gguf:iq4_nl"), ("signround", "gguf:iq4_nl"),
+         ("awq+rtn", "gguf:iq4_nl"), ("imatrix", "gguf:iq4_nl"), ("teq+rtn", "gguf:iq4_nl")]  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe,scheme", TUNED)
@@ -355,8 +356,8 @@ MIXED = {  # hand-written from llama-quant.cpp's rules for 4 layers, GQA 4, rows
     "q4_k_m": {"attn_q": ["q5_0"] * 4, "attn_v": ["q5_0", "q5_0", "q8_0", "q8_0"],
                "ffn_down": ["q4_k", "q4_k", "q6_k", "q6_k"], "ffn_up": ["q5_0"] * 4},
     "q3_k_m": {"attn_v": ["q5_1", "q5_1", "q5_0", "q5_0"], "attn_output": ["q5_0"] * 4, "ffn_down": ["q4_k"] * 4,
-               "attn_k": ["q4_0"] * 4},
-    "q2_k_s": {"attn_v": ["q5_0"] * 4, "ffn_down": ["q2_k"] * 4, "ffn_gate": ["q4_0"] * 4},
+               "attn_k": ["iq4_nl"] * 4},
+    "q2_k_s": {"attn_v": ["q5_0"] * 4, "ffn_down": ["q2_k"] * 4, "ffn_gate": ["iq4_nl"] * 4},
 }  # fmt: skip
 KINDS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_down": "mlp.down_proj", "ffn_up": "mlp.up_proj",

@@ -50,7 +50,7 @@ def test_mix_rules(mix, kind, layer, n_layer, gqa, expected):
 
 def test_shape_fallbacks():
     assert [fallback_type(t, 576) for t in ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")] == [
-        "q4_0", "q4_0", "q5_0", "q5_1", "q8_0"]  # fmt: skip
+        "iq4_nl", "iq4_nl", "q5_0", "q5_1", "q8_0"]  # fmt: skip
     assert fallback_type("q4_k", 1536) == "q4_k" and fallback_type("q4_0", 96) == "q4_0"
     with pytest.raises(LowbitError, match="not a multiple of 32"):
         fallback_type("q4_k", 80)

@@ -23,7 +23,8 @@ from lowbit.quantizer import quantize_weight
 from lowbit.run import ExportSettings
 from lowbit.scheme import parse_scheme
 
-SCHEMES = ["w4g32", "w3g128-sym", "w2g64", "gguf:q4_0", "gguf:q5_1", "gguf:q4_k", "gguf:q6_k", "gguf:q2_k"]
+SCHEMES = ["w4g32", "w3g128-sym", "w2g64", "gguf:q4_0", "gguf:q5_1", "gguf:q4_k", "gguf:q6_k", "gguf:q2_k",
+           "gguf:iq4_nl"]  # fmt: skip
 
 
 def _weight_and_energy(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

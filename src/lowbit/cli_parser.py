@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--scheme",
         default=None,
         help="e.g. w4g128, w3g128, w2g128, w4g-1, w4g128-sym (default w4g128); for --format gguf: gguf:q4_0, q4_1, "
-        "q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k or a llama.cpp mix gguf:q4_k_m, q4_k_s, q5_k_m, q3_k_m, "
-        "q2_k_s; mixed precision under a budget: auto:3.0 or auto:3.0:w2g64,w3g128,w4g128,w8g-1[:hessian|gradient|lm]",
+        "q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl or a llama.cpp mix gguf:q4_k_m, q4_k_s, q5_k_m, "
+        "q3_k_m, q2_k_s; mixed precision under a budget: auto:3.0 or "
+        "auto:3.0:w2g64,w3g128,w4g128,w8g-1[:hessian|gradient|lm]",
     )
     quant.add_argument(
         "--scheme-plan",

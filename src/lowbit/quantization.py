@@ -143,7 +143,9 @@ def run_quantization(
         from lowbit.export.gguf.mixes import mix_schemes
 
         linear_schemes = mix_schemes(loaded.model, arch, config.scheme)
-        for stage in stages:
+        for spec, stage in zip(config.stages, stages, strict=True):  # each type the mix gives a linear, checked
+            for each in sorted(set(linear_schemes.values()), key=lambda s: s.name):
+                spec.stage_class.validate(spec.options, each)
             stage.linear_schemes = linear_schemes
     outside = {}
     if config.scheme.gguf is not None:  # token embedding / output on llama.cpp's grids, before calibration sees them

@@ -1,11 +1,8 @@
 """The integer quantizer family: pure tensor functions every method uses (see docs/methods.md).
 
 All math is fp32. Scales are rounded through the scheme's scale dtype before codes are computed, so
-the fake-quant weight a method trains against equals, bit for bit, what a loader dequantizes.
-
-Groups are handled as a [m, G, g] view of each [m, k] tensor. When g does not divide k, the row is
-padded by repeating its last column, which leaves the partial last group's min and max unchanged; the
-padding is sliced off again afterwards.
+the fake-quant weight a method trains against equals, bit for bit, what a loader dequantizes. The grid itself
+(group view, codes, decoding) is lowbit/grid.py; its functions are importable from here too.
 """
 
 from __future__ import annotations
@@ -17,69 +14,27 @@ from torch import Tensor
 
 from lowbit.errors import LowbitError
 from lowbit.formats.gguf_types import double_quant_min, double_quant_scale, fp16_offset_scale
+from lowbit.grid import (  # noqa: F401 (re-exported: methods import the grid functions from the quantizer)
+    _check_matrix,
+    _check_param,
+    _check_qparams,
+    _check_v,
+    _codes,
+    _g_idx_long,
+    _grouped,
+    _ungrouped,
+    _width,
+    decode,
+    dequantize,
+    quantize_codes,
+    round_ste,
+)
 from lowbit.scheme import QuantScheme
 from lowbit.weight_checks import record_problems
 
 SCALE_FLOOR = 1e-5
 _ZERO_GRAD_MODES = ("ste", "none")
 _STE_MODES = ("clamp_aware", "identity")
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """Round half to even with an identity gradient; the forward value is exactly round(x)."""
-    return x + (torch.round(x) - x).detach()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# grouping helpers
-
-
-def _check_matrix(w: Tensor, what: str = "weight") -> None:
-    if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
-        shape = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-        raise LowbitError(f"{what} must be a 2-D float tensor [out_features, in_features], got {shape}")
-    if w.shape[0] == 0 or w.shape[1] == 0:
-        raise LowbitError(f"{what} has an empty shape {tuple(w.shape)}: pass a non-empty [out, in] matrix")
-
-
-def _width(k: int, num_groups: int, group_size: int) -> int:
-    """Group width for a [*, k] tensor whose params have `num_groups` columns (1 group: the whole row)."""
-    if num_groups == 1:
-        return k
-    if group_size < 1 or -(-k // group_size) != num_groups:
-        raise LowbitError(
-            f"scale/zero have {num_groups} groups but {k} columns with group_size {group_size} need "
-            f"{-(-k // group_size) if group_size >= 1 else 1}: pass qparams computed for this weight"
-        )
-    return group_size
-
-
-def _grouped(x: Tensor, g: int) -> Tensor:
-    """[m, k] -> [m, G, g]; a partial last group is padded with copies of the row's last column."""
-    m, k = x.shape
-    pad = -k % g
-    if pad:
-        x = torch.cat([x, x[:, -1:].expand(m, pad)], dim=1)
-    return x.reshape(m, -1, g)
-
-
-def _ungrouped(x: Tensor, k: int) -> Tensor:
-    """[m, G, g] -> [m, k], dropping the padding of a partial last group."""
-    x = x.reshape(x.shape[0], -1)
-    return x if x.shape[1] == k else x[:, :k]
-
-
-def _check_param(t: Tensor | None, m: int, num_groups: int, name: str) -> None:
-    if t is None:
-        return
-    try:
-        shape = torch.broadcast_shapes(tuple(t.shape), (m, num_groups))
-    except RuntimeError:
-        shape = None
-    if shape != (m, num_groups):
-        raise LowbitError(
-            f"{name} has shape {tuple(t.shape)}: pass one factor per (row, group), shape [{m}, {num_groups}]"
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -114,6 +69,10 @@ def _qparams_from_range(
         if scheme.fp16_offset:  # GGUF Q4_1/Q5_1: the stored offset -s*z is fp16, so s*z must be one (straight-through)
             scale = scale + (fp16_offset_scale(scale, zero) - scale).detach()
         return scale, zero
+    if scheme.codebook is not None:  # IQ4_NL: the larger side maps to the first level (d < 0 flips the table)
+        top = torch.where(hi.abs() > lo.abs(), hi, lo) / scheme.codebook[0]
+        floored = torch.where(top < 0, top.clamp(max=-SCALE_FLOOR), top.clamp(min=SCALE_FLOOR))
+        return _cast_scale(floored, scheme), torch.zeros_like(lo)
     if scheme.kind == "sym_full":
         a_lo, a_hi = (-lo).clamp(min=0), hi.clamp(min=0)
         raw = torch.where(a_hi < a_lo, 1.0, -1.0) * torch.maximum(a_hi, a_lo) / 2 ** (bits - 1)
@@ -164,102 +123,6 @@ def compute_qparams(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# codes and dequantization
-
-
-def _codes(
-    x: Tensor, scale: Tensor, zero: Tensor, v: Tensor | None, qmax: int, ste: bool, offset: bool = False
-) -> Tensor:
-    """c = clamp(round(x / s + v) + z, 0, qmax) on broadcast-compatible tensors; with `offset` (the zero is a
-    weight-unit offset, QuantScheme.min_offset) c = clamp(round((x + z) / s + v), 0, qmax)."""
-    t = (x + zero) / scale if offset else x / scale
-    if v is not None:
-        t = t + v
-    r = round_ste(t) if ste else torch.round(t)
-    return (r if offset else r + zero).clamp(0, qmax)
-
-
-def decode(codes: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme) -> Tensor:
-    """The weights of codes on broadcast-compatible qparams: s * (c - z), or s * c - z for an offset zero (K-quants'
-    `d*sc*q - dmin*m`, which llama.cpp computes the same way, so the two agree bit for bit)."""
-    return scale * codes - zero if scheme.min_offset else scale * (codes - zero)
-
-
-def _check_v(v: Tensor | None, shape: torch.Size) -> None:
-    if v is not None and tuple(v.shape) != tuple(shape):
-        raise LowbitError(f"rounding offset v has shape {tuple(v.shape)}: pass one offset per weight, {tuple(shape)}")
-
-
-def _check_qparams(scale: Tensor, zero: Tensor, m: int) -> None:
-    if scale.dim() != 2 or scale.shape[0] != m or tuple(zero.shape) != tuple(scale.shape):
-        raise LowbitError(
-            f"scale {tuple(scale.shape)} and zero {tuple(zero.shape)} do not fit {m} rows: "
-            "pass both as [out_features, groups], e.g. from compute_qparams"
-        )
-
-
-def _g_idx_long(g_idx: Tensor, k: int, scale: Tensor) -> Tensor:
-    """Validated int64 copy of a column -> group map, on the scale's device (for index_select)."""
-    groups = scale.shape[1]
-    if g_idx.dim() != 1 or g_idx.shape[0] != k or g_idx.is_floating_point():
-        raise LowbitError(f"g_idx must be an integer tensor of shape [{k}]: pass the group of each input column")
-    if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
-        raise LowbitError(f"g_idx values must lie in [0, {groups}): pass one scale/zero column per group")
-    return g_idx.to(device=scale.device, dtype=torch.long)
-
-
-def quantize_codes(
-    w: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    scheme: QuantScheme,
-    *,
-    v: Tensor | None = None,
-    ste: bool = False,
-    g_idx: Tensor | None = None,
-) -> Tensor:
-    """Integer codes clamp(round(w/s + v) + z, 0, qmax) as fp32 [m, k]; round_ste when `ste`.
-
-    Column i uses group g_idx[i], or i // group_size when g_idx is None. Params with a single column
-    ([m, 1]) apply to every column, so GPTQ quantizes one column at a time with
-    `quantize_codes(w[:, i:i+1], scale[:, j:j+1], zero[:, j:j+1], scheme)` where j is column i's group,
-    e.g. with the qparams from `compute_qparams(w[:, j*g:(j+1)*g], scheme)`.
-    """
-    _check_matrix(w)
-    m, k = w.shape
-    _check_qparams(scale, zero, m)
-    _check_v(v, w.shape)
-    w32, v32 = w.float(), None if v is None else v.float()
-    if g_idx is not None:
-        idx = _g_idx_long(g_idx, k, scale)
-        s, z = scale.index_select(1, idx), zero.index_select(1, idx)
-        return _codes(w32, s, z, v32, scheme.qmax, ste, scheme.min_offset)
-    g = _width(k, scale.shape[1], scheme.group_size)
-    vg = None if v32 is None else _grouped(v32, g)
-    codes = _codes(_grouped(w32, g), scale[..., None], zero[..., None], vg, scheme.qmax, ste, scheme.min_offset)
-    return _ungrouped(codes, k)
-
-
-def dequantize(
-    codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, g_idx: Tensor | None = None, *, offset: bool = False
-) -> Tensor:
-    """fp32 W_hat[o, i] = scale[o, G(i)] * (codes[o, i] - zero[o, G(i)]), any input dtypes; with `offset`
-    (QuantScheme.min_offset) scale[o, G(i)] * codes[o, i] - zero[o, G(i)]."""
-    if codes.dim() != 2 or codes.numel() == 0:
-        raise LowbitError(f"codes have shape {tuple(codes.shape)}: pass a non-empty [out_features, in_features] matrix")
-    m, k = codes.shape
-    _check_qparams(scale, zero, m)
-    c32, s32, z32 = codes.to(torch.float32), scale.to(torch.float32), zero.to(torch.float32)
-    if g_idx is not None:
-        idx = _g_idx_long(g_idx, k, scale)
-        s_i, z_i = s32.index_select(1, idx), z32.index_select(1, idx)
-        return s_i * c32 - z_i if offset else s_i * (c32 - z_i)
-    g = _width(k, scale.shape[1], group_size)
-    s_g, z_g, c_g = s32[..., None], z32[..., None], _grouped(c32, g)
-    return _ungrouped(s_g * c_g - z_g if offset else s_g * (c_g - z_g), k)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # fake quantization and the export record
 
 
@@ -279,7 +142,7 @@ def _fake_quant_clamp_aware(
     g = _width(k, scale.shape[1], scheme.group_size)
     s, z = scale[..., None], zero[..., None]
     vg = None if v is None else _grouped(v.float(), g)
-    codes = _codes(_grouped(w32, g), s, z, vg, scheme.qmax, True, scheme.min_offset)
+    codes = _codes(_grouped(w32, g), s, z, vg, True, scheme)
     return _ungrouped(decode(codes, s, z, scheme), k)
 
 
@@ -331,9 +194,11 @@ class QuantizedWeight:
 
     def dequantize(self) -> Tensor:
         """The fp32 weight a loader reconstructs; equals the method's last fake-quant weight."""
+        scheme = self.scheme
         return dequantize(
-            self.codes, self.scale, self.zero, self.scheme.group_size, self.g_idx, offset=self.scheme.min_offset
-        )
+            self.codes, self.scale, self.zero, scheme.group_size, self.g_idx, offset=scheme.min_offset,
+            codebook=scheme.codebook,
+        )  # fmt: skip
 
     def validate(self) -> None:
         """Check dtypes, shapes, the symmetric zero and group use; raise ValueError naming the first violation."""

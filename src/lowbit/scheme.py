@@ -18,7 +18,8 @@ from lowbit.errors import LowbitError
 from lowbit.formats.gguf_types import GGUF_MIXES, GGUF_TYPES, GgufType, base_type
 
 SCHEME_KINDS = ("asym", "sym", "sym_full", "sym_omni")
-GGUF_ONLY_KINDS = ("asym_min",)  # GGUF's offset grids, Q4_1/Q5_1 and K-quants with mins (formats/gguf_types.py)
+# GGUF's own grids (formats/gguf_types.py): offsets (Q4_1/Q5_1, K-quants with mins) and IQ4_NL's non-uniform levels
+GGUF_ONLY_KINDS = ("asym_min", "nl")
 
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # g accepts any signed integer so that QuantScheme names a bad group (w4g-2) instead of "unknown scheme"
@@ -82,6 +83,8 @@ class QuantScheme:
                 "kind 'asym_min' is the offset grid of GGUF types (gguf:q4_1, q5_1, q2_k, q4_k, q5_k and their mixes): "
                 "use kind 'asym' for other schemes"
             )
+        if self.kind == "nl" and self.gguf is None:
+            raise LowbitError("kind 'nl' is GGUF IQ4_NL's non-uniform grid (gguf:iq4_nl): use 'sym' for other schemes")
         if self.gguf is not None:
             _check_gguf(self)
         if self.auto is not None:
@@ -102,6 +105,12 @@ class QuantScheme:
         """Whether the zero is an offset in weight units, `w = s*c - z` (GGUF Q4_1/Q5_1: z = -m; K-quants with mins:
         z = dmin*m), not an integer code, `w = s*(c - z)`."""
         return self.kind == "asym_min"
+
+    @property
+    def codebook(self) -> tuple[int, ...] | None:
+        """Non-uniform grids (kind `nl`, GGUF IQ4_NL): the level of each code, `w = s * codebook[c]`; else None."""
+        t = self.gguf_type
+        return t.codebook if self.kind == "nl" and t is not None else None
 
     @property
     def double_quant(self) -> tuple[int, int] | None:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def expected_zero(scheme: QuantScheme) -> int | None:
     """The constant zero of a symmetric scheme; None for asym."""
     half = 2 ** (scheme.bits - 1)
-    return {"sym": half, "sym_full": half, "sym_omni": half - 1}.get(scheme.kind)
+    return {"sym": half, "sym_full": half, "sym_omni": half - 1, "nl": 0}.get(scheme.kind)
 
 
 def record_problems(record: QuantizedWeight) -> list[str]:
@@ -46,8 +46,8 @@ def record_problems(record: QuantizedWeight) -> list[str]:
         problems.append(f"zeros outside [0, {scheme.qmax}]")
     if not bool(torch.isfinite(scale).all()) or bool((scale == 0).any()):
         problems.append("scales must be finite and non-zero")
-    if scheme.kind != "sym_full" and bool((scale < 0).any()):
-        problems.append("negative scales are only allowed for sym_full")
+    if scheme.kind not in ("sym_full", "nl") and bool((scale < 0).any()):
+        problems.append("negative scales are only allowed for sym_full (and GGUF IQ4_NL)")
     expected = expected_zero(scheme)
     if expected is not None and bool((zero != expected).any()):
         problems.append(f"{scheme.kind} needs a constant zero of {expected}")

@@ -34,6 +34,7 @@ class GgufType:
     type_size: int  # bytes per block
     block: int = 32  # values per GGUF block: 32, or a K-quant's super-block of 256
     sub_scale_max: int = 0  # K-quants: largest integer sub-block scale (times one fp16 d per super-block)
+    codebook: tuple[int, ...] | None = None  # non-uniform types (IQ4_NL): the value of each code, times fp16 d
 
     @property
     def asymmetric(self) -> bool:
@@ -56,6 +57,8 @@ class GgufType:
 # The layouts with mins (Q2_K, Q4_K, Q5_K) default to lowbit's `asym_min` kind, their own grid: `w = (d*sc)*q - dmin*m`
 # with the offset dmin*m a second double-quantized value per group (`double_quant_min`). Their `sym` kind (and Q3_K,
 # Q6_K) writes dmin = z * d and m_j = sc_j, so `(d*sc)*q - dmin*m = d*sc*(q - z)` exactly.
+# IQ4_NL (llama.cpp's `kvalues_iq4nl`): 16 non-uniform levels, w = d * IQ4_NL_VALUES[q], fp16 d per block of 32
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 GGUF_TYPES: dict[str, GgufType] = {
     t.name: t
     for t in (
@@ -69,6 +72,8 @@ GGUF_TYPES: dict[str, GgufType] = {
         GgufType("q4_k", 4, 32, ("asym_min", "sym"), 12, 14, 144, 256, 63),  # file type Q4_K_S
         GgufType("q5_k", 5, 32, ("asym_min", "sym"), 13, 16, 176, 256, 63),  # file type Q5_K_S
         GgufType("q6_k", 6, 16, ("sym",), 14, 18, 210, 256, 127),
+        # llama.cpp's fallback for Q2_K/Q3_K rows that are not a multiple of 256 (kind `nl`: codes index the table)
+        GgufType("iq4_nl", 4, 32, ("nl",), 20, 25, 18, codebook=IQ4_NL_VALUES),
     )
 }
 
@@ -206,3 +211,22 @@ def split_double_quant(scale: Tensor, sub_max: int) -> tuple[Tensor, Tensor]:
     if pair is None:
         raise ValueError("scales are not d * sc with one fp16 d per super-block")
     return pair
+
+
+def codebook_index(y: Tensor, table: tuple[int, ...]) -> Tensor:
+    """The continuous code of y on a non-uniform grid: piecewise linear between the table's levels, so code i sits
+    at table[i] and round() picks the nearest level (each midpoint in value is a half-integer in code). Outside the
+    table it extends its end segments; callers clamp. Differentiable in y."""
+    levels = torch.tensor(table, dtype=torch.float32, device=y.device)
+    i = torch.bucketize(y.detach(), levels[1:-1])  # segment [levels[i], levels[i+1]], 0 .. n-2
+    lo, hi = levels[i], levels[i + 1]
+    return i.to(torch.float32) + (y - lo) / (hi - lo)
+
+
+def codebook_value(codes: Tensor, table: tuple[int, ...]) -> Tensor:
+    """table[codes] for integer-valued codes in [0, n-1], exactly; piecewise linear in between, so a
+    straight-through code passes its gradient on at the segment's slope."""
+    levels = torch.tensor(table, dtype=torch.float32, device=codes.device)
+    i = codes.detach().floor().clamp(0, len(table) - 2).to(torch.long)
+    lo, hi = levels[i], levels[i + 1]
+    return lo + (codes - i.to(torch.float32)) * (hi - lo)

@@ -21,8 +21,8 @@ from lowbit.scheme import QuantScheme, gguf_type_scheme
 # mix -> the type of every tensor no rule below overrides (llama_ftype_get_default_type)
 MIX_DEFAULTS = {mix: default for mix, (default, _) in GGUF_MIXES.items()}
 
-# K type -> the legacy type llama.cpp writes when a row is not a multiple of 256 (tensor_type_fallback)
-K_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# K type -> the 32-block type llama.cpp writes when a row is not a multiple of 256 (tensor_type_fallback)
+K_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 # GGUF tensor kind (the part of `blk.N.<kind>.weight`) -> the category the rules name
 CATEGORIES = {"attn_v": "attn_v", "ffn_down": "ffn_down", "attn_output": "attn_output", "attn_qkv": "attn_qkv",

@@ -131,6 +131,11 @@ class HQQ(BlockStage):
                 f"hqq.zero=round fits the library's fractional zero, which a {scheme.kind} scheme does not have: use "
                 f"an asymmetric scheme (w{scheme.bits}g{scheme.group_size}) or hqq.zero=integer"
             )
+        if scheme.codebook is not None:
+            raise LowbitError(
+                f"hqq fits uniform grids, not the non-uniform levels of GGUF {scheme.gguf}: use another quantizer "
+                "(rtn, imatrix, gptq, signround) for this type, or a GGUF type or mix without it"
+            )
         if scheme.min_offset:
             other = scheme.gguf_type.kinds[1]  # type: ignore[union-attr]
             raise LowbitError(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowbit.quantizer import _grouped, compute_qparams, fake_quant, quantize_codes
+from lowbit.quantizer import _grouped, compute_qparams, decode, fake_quant, quantize_codes
 from lowbit.scheme import QuantScheme
 
 STEPS = 9  # llama.cpp tries i in -9..9 ...
@@ -76,7 +76,7 @@ def _refit(w: Tensor, weights: Tensor, scheme: QuantScheme, factor: Tensor) -> T
     """llama.cpp's least-squares step for a symmetric grid: with the codes l a candidate rounds to, the scale
     sum(W x l) / sum(W l^2) fits the group best; returned as the clipping factor that gives that scale."""
     scale, zero, codes = _codes_at(w, scheme, factor, factor)
-    levels = codes - zero[..., None]
+    levels = decode(codes, torch.ones_like(codes), zero[..., None], scheme)  # c - z, or IQ4_NL's level of c
     x = _grouped(w.float(), scheme.group_width(w.shape[1]))
     num = (weights * x * levels).sum(dim=-1)
     den = (weights * levels * levels).sum(dim=-1)
@@ -151,7 +151,7 @@ def search_factors(
     def full(f: float) -> Tensor:
         return torch.full((m, groups), f)
 
-    symmetric = scheme.kind in ("sym", "sym_full", "sym_omni")
+    symmetric = scheme.kind in ("sym", "sym_full", "sym_omni", "nl")
     for f in [1.0, *factors] if refit else []:  # each candidate's least-squares fit (min-max's too), one per candidate
         if symmetric:
             fitted = _refit(w, weights, scheme, full(f))
