@@ -42,12 +42,12 @@ from common import machine, run_isolated, write_json  # noqa: E402
 
 PROMPT = "Quantization of language models to a few bits per weight"
 SIDE_BY_SIDE = ("q4_0", "q4_1", "q4_k_m")  # the types of issue 32's comparison with auto-round
-LOW_BIT_MIXES = ("q3_k_m", "q2_k_s")  # compared untuned only: lowbit's imatrix RTN vs auto-round's iters=0
+LOW_BIT_MIXES = ("q3_k_m", "q2_k_s")  # lowbit's imatrix RTN and SignRound light vs auto-round's iters=0
 SMOLLM2 = [("rtn", s) for s in ("q4_0", "q4_1", "q5_0", "q8_0", "q4_k_m", "q3_k_m", "q2_k_s")] + [
     (recipe, s)
     for recipe in ("imatrix", "imatrix-wide", "gptq", "awq+rtn", "signround-light", "signround-light-imatrix")
     for s in SIDE_BY_SIDE
-] + [("imatrix", s) for s in LOW_BIT_MIXES]  # fmt: skip
+] + [(recipe, s) for recipe in ("imatrix", "signround-light") for s in LOW_BIT_MIXES]  # fmt: skip
 # auto-round 0.16.1's own GGUF exports of SmolLM2 (benchmarks/peers/peer_autoround_gguf.py, in its venv), same
 # calibration: iters=0 is its imatrix-weighted RTN, "light" its light recipe (50 steps, lr 5e-3, batch 8)
 PEERS = {"autoround-rtn": ["--iters", "0"], "autoround-light": ["--iters", "50", "--lr", "5e-3"]}
