@@ -22,6 +22,7 @@ Each row runs in its own process; rows already in --out are kept (rerun with --f
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_gguf_llamacpp.py \
         --out benchmarks/results/gguf_llamacpp.json [--autoround-python VENV/bin/python] [--only model:recipe:type,...]
         [--seed N]   # calibration seed, lowbit's and auto-round's (default 42); rows are kept per seed
+    python benchmarks/bench_gguf_llamacpp.py --seeds-table S42.json S43.json S44.json   # mean and spread per row
 """
 
 from __future__ import annotations
@@ -226,6 +227,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(rows: list[dict]) -> str:
+    """Rows of several seeds (several --out files) as llama.cpp perplexity per seed, mean and spread (max - min)."""
+    runs: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in rows:
+        runs.setdefault((r["model"], r["recipe"], r["scheme"]), {})[r.get("seed", 42)] = r["llamacpp_ppl"]
+    seeds = sorted({seed for by_seed in runs.values() for seed in by_seed})
+    lines = ["| model | recipe | scheme | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread |",
+             "|---" * (5 + len(seeds)) + "|"]  # fmt: skip
+    for (model, recipe, scheme), by_seed in runs.items():
+        values = list(by_seed.values())
+        cells = [_cell(by_seed.get(s), ".4f") for s in seeds]
+        mean = sum(values) / len(values)
+        spread = max(values) - min(values) if len(values) > 1 else None
+        lines.append(f"| {model} | {recipe} | `{scheme}` | " + " | ".join(cells) + f" | {mean:.4f} | "
+                     f"{_cell(spread, '.4f')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _key(entry: dict) -> tuple[str, str, str, int]:
     return entry["model"], entry["recipe"], entry["scheme"], entry.get("seed", 42)  # rows before --seed: 42
 
@@ -244,9 +263,16 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma list of model:recipe:scheme rows to run (default: all)")
     parser.add_argument("--fresh", action="store_true", help="forget the rows already in --out")
     parser.add_argument("--table", action="store_true", help="print --out's rows as a markdown table and stop")
+    parser.add_argument(
+        "--seeds-table", nargs="+", type=Path, default=None,
+        help="print the rows of these JSON files (one per seed) by seed, mean and spread, and stop",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())["rows"]))
+        return
+    if args.seeds_table:
+        print(seeds_table([r for path in args.seeds_table for r in json.loads(path.read_text())["rows"]]))
         return
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "eval_seqlen": args.eval_seqlen,
                 "eval_windows": args.eval_windows, "threads": args.threads, "eval_data": "builtin",

@@ -10,6 +10,11 @@ lowbit evaluated and the gap is arithmetic.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python benchmarks/investigations/gguf_activation_rounding.py \
         --scheme q2_k_s
+    # Gemma 3 270M (the PyPI GGUF parts, bench_families.py), imatrix RTN as in bench_gguf_llamacpp.py's Gemma rows
+    ... gguf_activation_rounding.py --model gemma3 --recipe imatrix --scheme q4_k_m
+
+The output matrix's input is rounded too, for its own type (a tied embedding's: Q8_0 on rows that are not a
+multiple of 256).
 """
 
 from __future__ import annotations
@@ -57,9 +62,22 @@ def install(model: nn.Module, types: dict[str, str], kv_fp16: bool) -> list:
     return handles
 
 
+def output_type(model: nn.Module, outside: dict) -> tuple[str, str] | None:
+    """(module name, GGUF type) of the output matrix as the file stores it (a tied one: the embedding's type)."""
+    head = model.get_output_embeddings()
+    name = next(n for n, m in model.named_modules() if m is head)
+    embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+    record = outside.get(name, outside.get(embed))
+    return None if record is None else (name, record.scheme.gguf)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scheme", default="q2_k_s")
+    parser.add_argument("--model", default="smollm2", help="smollm2 (embedded), gemma3 (PyPI parts) or an HF directory")
+    parser.add_argument("--recipe", default="rtn")
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=4)
     args = parser.parse_args()
@@ -68,11 +86,24 @@ def main() -> None:
     from lowbit.eval.perplexity import perplexity
     from lowbit.models import load_model
 
-    loaded = load_model(None)
+    path = None if args.model == "smollm2" else args.model
+    if args.model == "gemma3":
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from bench_families import model_dir
+
+        path = str(model_dir(Path.home() / ".cache" / "lowbit" / "models"))
+    loaded = load_model(path)
     data = load_eval(loaded.tokenizer, "builtin")
     options = {"engine": {"progress": False}}
-    result = lowbit.quantize(loaded, recipe="rtn", scheme=f"gguf:{args.scheme}", options=options)
+    result = lowbit.quantize(loaded, recipe=args.recipe, scheme=f"gguf:{args.scheme}", options=options,
+                             dataset="builtin", nsamples=args.nsamples, seqlen=args.seqlen, seed=42)  # fmt: skip
     types = {name: record.scheme.gguf for name, record in result.weights.items()}
+    head = output_type(result.model, result.outside)
+    if head is not None:
+        types[head[0]] = head[1]
     rows = {}
     for label, kv in (("lowbit", None), ("activations as llama.cpp", False), ("activations + fp16 K/V", True)):
         handles = [] if kv is None else install(result.model, types, kv)
@@ -81,7 +112,8 @@ def main() -> None:
         for handle in handles:
             handle.remove()
         rows[label] = round(ppl.ppl, 4)
-        print(json.dumps({"scheme": args.scheme, "evaluation": label, "ppl": rows[label]}), flush=True)
+        print(json.dumps({"model": args.model, "recipe": args.recipe, "scheme": args.scheme, "evaluation": label,
+                          "ppl": rows[label]}), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
