@@ -16,6 +16,7 @@ This module imports nothing of lowbit's, so `scheme.py` can read the table (bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -213,11 +214,17 @@ def split_double_quant(scale: Tensor, sub_max: int) -> tuple[Tensor, Tensor]:
     return pair
 
 
+@lru_cache(maxsize=8)
+def _levels(table: tuple[int, ...], device: torch.device) -> Tensor:
+    """The table as a float32 tensor, built once per device (the codebook functions run in training loops)."""
+    return torch.tensor(table, dtype=torch.float32, device=device)
+
+
 def codebook_index(y: Tensor, table: tuple[int, ...]) -> Tensor:
     """The continuous code of y on a non-uniform grid: piecewise linear between the table's levels, so code i sits
     at table[i] and round() picks the nearest level (each midpoint in value is a half-integer in code). Outside the
     table it extends its end segments; callers clamp. Differentiable in y."""
-    levels = torch.tensor(table, dtype=torch.float32, device=y.device)
+    levels = _levels(table, y.device)
     i = torch.bucketize(y.detach(), levels[1:-1])  # segment [levels[i], levels[i+1]], 0 .. n-2
     lo, hi = levels[i], levels[i + 1]
     return i.to(torch.float32) + (y - lo) / (hi - lo)
@@ -226,7 +233,7 @@ def codebook_index(y: Tensor, table: tuple[int, ...]) -> Tensor:
 def codebook_value(codes: Tensor, table: tuple[int, ...]) -> Tensor:
     """table[codes] for integer-valued codes in [0, n-1], exactly; piecewise linear in between, so a
     straight-through code passes its gradient on at the segment's slope."""
-    levels = torch.tensor(table, dtype=torch.float32, device=codes.device)
+    levels = _levels(table, codes.device)
     i = codes.detach().floor().clamp(0, len(table) - 2).to(torch.long)
     lo, hi = levels[i], levels[i + 1]
     return lo + (codes - i.to(torch.float32)) * (hi - lo)

@@ -152,11 +152,12 @@ def search_factors(
         return torch.full((m, groups), f)
 
     symmetric = scheme.kind in ("sym", "sym_full", "sym_omni", "nl")
-    for f in [1.0, *factors] if refit else []:  # each candidate's least-squares fit (min-max's too), one per candidate
+    fits = refit and (symmetric or scheme.min_offset)  # lowbit's integer-zero grids have no refit
+    for f in [1.0, *factors] if fits else []:  # each candidate's least-squares fit (min-max's too), one per candidate
         if symmetric:
             fitted = _refit(w, weights, scheme, full(f))
             keep(fitted, fitted)
-        elif scheme.min_offset:
+        else:
             keep(*_refit_offset(w, weights, scheme, full(f), full(f)))
     for f in factors:
         keep(full(f), full(f))
